@@ -1,0 +1,97 @@
+"""The shared base config and the config-argument parser.
+
+Every experiment file derives from `base()` and changes what differs; the
+argument after the colon in `--config=configs/X.py:ARG` selects variants.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg, choices=None, **defaults):
+  """Parses 'a=1,b,large' into a ConfigDict over `defaults`.
+
+  A bare word is True for a boolean key, or the value of the key whose
+  `choices` list it is in (so 'large' means size=large). Anything else is an
+  error, so a typo in a variant cannot pass silently.
+  """
+  choices = choices or {}
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    owner = [k for k, vals in choices.items() if key in vals]
+    if not eq and owner:
+      key, value = owner[0], key
+    elif key not in defaults:
+      words = sorted(defaults) + sorted(v for vs in choices.values() for v in vs)
+      raise ValueError(f'Unknown config argument {key!r}; expected one of '
+                       f'{", ".join(words)}.')
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() not in ('0', 'false', 'no') if value else True
+    else:
+      out[key] = kind(value)
+    if key in choices and out[key] not in choices[key]:
+      raise ValueError(f'Unknown {key} {out[key]!r}; expected one of '
+                       f'{", ".join(choices[key])}.')
+  return out
+
+
+def base():
+  """Defaults shared by every experiment; experiment files override them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'digits'  # digits, toy2d, imagenet64, imagenet128, cifar10.
+  c.dataset.image_size = 8  # Side of the (square) images; unused for toy2d.
+  c.dataset.channels = 1  # Channels of an image, or dimensions of a point.
+  c.dataset.num_classes = 10  # 0 for unconditional data.
+  c.dataset.flip = False  # Random horizontal flips (tfds datasets only).
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
+
+  c.model = ml_collections.ConfigDict()  # See models.UViTConfig / MLPConfig.
+  c.model.name = 'uvit'
+
+  c.schedule = ml_collections.ConfigDict()  # See schedules.get_logsnr_fn.
+  c.schedule.kind = 'cosine'
+  c.schedule.image_size = 8
+  c.schedule.noise_size = 8
+  c.schedule.noise_size_low = 8
+  c.schedule.noise_size_high = 8
+  c.schedule.logsnr_min = -15.
+  c.schedule.logsnr_max = 15.
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_dropout = 0.1  # Trains the null label for guidance.
+  c.loss.multiscale = False  # Simple diffusion's multiscale loss (128x128).
+
+  c.optim = ml_collections.ConfigDict()  # AdamW; spec A5 where unstated.
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1000
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.
+  c.optim.grad_clip = 1.
+  c.optim.ema_decay = 0.9999
+
+  c.batch_size = 128  # Global batch, split over all devices and hosts.
+  c.total_steps = 1000
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = ('data', 'fsdp')
+  c.mesh.shape = (-1, 1)  # -1: the remaining devices.
+
+  c.log_every = 100
+  c.ckpt_every = 1000
+  c.keep_checkpoints = 3
+  c.eval_every = 1000
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.sampler = 'addim'  # ddim or addim (analytic variance).
+  c.eval.steps = 128
+  c.eval.guidance = 0.  # Classifier-free guidance w: (1 + w) cond - w uncond.
+  c.eval.num_samples = 1800  # Samples for the metric, labels uniform.
+  c.eval.batch_size = 600
+  c.eval.grid_size = 100  # Samples in the PNG grid.
+  return c

@@ -1,0 +1,45 @@
+"""Class-conditional diffusion on the toy2d Gaussian mixture (built in).
+
+  python -m multistep_cm.main --config=configs/toy2d.py --workdir=/tmp/toy2d
+
+A residual MLP; trains in a few minutes on a 2-core CPU and reports the sliced
+Wasserstein distance to the true mixture and the mean true log-density of its
+samples, next to the same numbers for true samples (the floor).
+`configs/toy2d.py:smoke` runs a few steps in seconds.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, smoke=False)
+  c = common.base()
+  c.dataset.name = 'toy2d'
+  c.dataset.channels = 2
+  c.dataset.num_classes = 8
+  c.model = ml_collections.ConfigDict(dict(
+      name='mlp', width=256, num_blocks=4, emb_dim=128, dropout=0.,
+      dtype='float32'))
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.999
+  c.batch_size = 512
+  c.total_steps = 3000
+  c.log_every = 250
+  c.ckpt_every = 1000
+  c.eval_every = 1500
+  c.eval.num_samples = 2000
+  c.eval.batch_size = 1000
+  c.eval.grid_size = 2000  # All the points go in the scatter plot.
+  if arg.smoke:
+    c.model.width = 32
+    c.model.num_blocks = 1
+    c.model.emb_dim = 16
+    c.batch_size = 64
+    c.total_steps = 4
+    c.log_every = c.ckpt_every = c.eval_every = 2
+    c.eval.steps = 4
+    c.eval.num_samples = c.eval.batch_size = c.eval.grid_size = 256
+  return c

@@ -1,0 +1,253 @@
+"""Denoising networks: the UViT of simple diffusion and an MLP for 2-D data.
+
+Both predict v = alpha eps - sigma x from (z_t, t, label). Losses and samplers
+never see these classes: they see the plain function of `network_fn`, so any
+JAX model with that signature, or an analytic denoiser, can take their place.
+
+The modules are Flax Linen: a Linen model is a pure `apply(params, ...)` over a
+plain parameter pytree, which is exactly the interface the library exposes and
+what the sharding rules and checkpoints work on.
+"""
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One resolution level of the U: `num_blocks` blocks of `kind` ('res' for
+  convolutional ResBlocks, 'attn' for transformer blocks) at `channels`."""
+  kind: str
+  channels: int
+  num_blocks: int
+  dropout: float = 0.
+
+
+@dataclasses.dataclass(frozen=True)
+class UViTConfig:
+  """Hyper-parameters of a UViT. Stages run from the input resolution down;
+  each is followed by a 2x2 average pool, then the middle transformer runs at
+  the lowest resolution. The up path mirrors the down path."""
+  stages: Sequence[Stage]
+  mid_channels: int
+  mid_blocks: int
+  mid_dropout: float = 0.
+  mlp_ratio: int = 4
+  head_dim: int = 64
+  emb_dim: int = 1024
+  num_classes: int = 0  # 0: unconditional; else label `num_classes` is null.
+  out_channels: int = 3
+  dtype: str = 'bfloat16'
+
+
+def timestep_embedding(t, dim, max_period=10_000.):
+  """Sinusoidal features of 1000 t, the usual scale for t in [0, 1]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half) / half)
+  args = 1000. * t[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Conditioning(nn.Module):
+  """Embedding of time and (optionally) class label, shared by all blocks."""
+  emb_dim: int
+  num_classes: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, t, labels):
+    emb = timestep_embedding(t, min(self.emb_dim, 512))
+    emb = nn.Dense(self.emb_dim, dtype=self.dtype)(emb)
+    emb = nn.Dense(self.emb_dim, dtype=self.dtype)(nn.silu(emb))
+    if self.num_classes:
+      emb += nn.Embed(self.num_classes + 1, self.emb_dim, dtype=self.dtype)(
+          labels)
+    return nn.silu(emb)
+
+
+def _groups(channels):
+  return math.gcd(32, channels)
+
+
+class ResBlock(nn.Module):
+  channels: int
+  dropout: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, emb, train):
+    h = nn.silu(nn.GroupNorm(_groups(x.shape[-1]), dtype=self.dtype)(x))
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(h)
+    scale, shift = jnp.split(
+        nn.Dense(2 * self.channels, dtype=self.dtype)(emb)[:, None, None], 2,
+        axis=-1)
+    h = nn.GroupNorm(_groups(self.channels), dtype=self.dtype)(h)
+    h = nn.silu(h * (1 + scale) + shift)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    # Zero init: each block starts as the identity, which keeps deep Us stable.
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
+                kernel_init=nn.initializers.zeros)(h)
+    if x.shape[-1] != self.channels:
+      x = nn.Dense(self.channels, dtype=self.dtype)(x)
+    return x + h
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm transformer block with adaptive layer norm from the embedding."""
+  channels: int
+  head_dim: int
+  mlp_ratio: int
+  dropout: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, emb, train):
+    d, heads = self.channels, max(1, self.channels // self.head_dim)
+    mod = nn.Dense(4 * d, dtype=self.dtype,
+                   kernel_init=nn.initializers.zeros)(emb)[:, None]
+    s1, b1, s2, b2 = jnp.split(mod, 4, axis=-1)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+
+    h = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x)
+    h = h * (1 + s1) + b1
+    qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype)(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = jax.nn.dot_product_attention(q, k, v)
+    h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
+                        kernel_init=nn.initializers.zeros)(h)
+    x = x + drop(h)
+
+    h = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x)
+    h = h * (1 + s2) + b2
+    h = nn.gelu(nn.Dense(self.mlp_ratio * d, dtype=self.dtype)(h))
+    h = drop(h)
+    h = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+    return x + drop(h)
+
+
+class UViT(nn.Module):
+  """U-Net whose low-resolution levels are transformers (simple diffusion)."""
+  config: UViTConfig
+
+  def _block(self, kind, channels, dropout, dtype):
+    if kind == 'res':
+      return ResBlock(channels, dropout, dtype)
+    return TransformerBlock(channels, self.config.head_dim,
+                            self.config.mlp_ratio, dropout, dtype)
+
+  @nn.compact
+  def __call__(self, z, t, labels, train=False):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels)
+    h = nn.Conv(cfg.stages[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
+
+    skips = []
+    for i, st in enumerate(cfg.stages):
+      h = self._enter(h, st.kind, st.channels, dtype, f'down_in_{i}')
+      for _ in range(st.num_blocks):
+        h = self._apply(self._block(st.kind, st.channels, st.dropout, dtype),
+                        h, emb, train)
+        skips.append(h)
+      h = nn.avg_pool(h, (2, 2), (2, 2))
+
+    h = self._enter(h, 'attn', cfg.mid_channels, dtype, 'mid_in')
+    for _ in range(cfg.mid_blocks):
+      h = self._apply(self._block('attn', cfg.mid_channels, cfg.mid_dropout,
+                                  dtype), h, emb, train)
+
+    for i, st in reversed(list(enumerate(cfg.stages))):
+      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      h = nn.Dense(st.channels, dtype=dtype, name=f'up_in_{i}')(h)
+      for _ in range(st.num_blocks):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = nn.Dense(st.channels, dtype=dtype)(h)
+        h = self._apply(self._block(st.kind, st.channels, st.dropout, dtype),
+                        h, emb, train)
+
+    h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=dtype)(h))
+    out = nn.Conv(cfg.out_channels, (3, 3), dtype=dtype,
+                  kernel_init=nn.initializers.zeros)(h)
+    return out.astype(jnp.float32)
+
+  def _enter(self, h, kind, channels, dtype, name):
+    """Projects to a stage's width; transformer stages also get a learned
+    position embedding, since attention alone cannot tell positions apart."""
+    h = nn.Dense(channels, dtype=dtype, name=name)(h)
+    if kind == 'attn':
+      pos = self.param(f'{name}_pos', nn.initializers.normal(0.02),
+                       h.shape[1:], jnp.float32)
+      h = h + pos.astype(dtype)
+    return h
+
+  @staticmethod
+  def _apply(block, h, emb, train):
+    if isinstance(block, TransformerBlock):
+      b, hh, ww, c = h.shape
+      return block(h.reshape(b, hh * ww, c), emb, train).reshape(h.shape)
+    return block(h, emb, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+  """A residual MLP denoiser for low-dimensional data such as toy2d."""
+  width: int = 256
+  num_blocks: int = 4
+  emb_dim: int = 128
+  num_classes: int = 0
+  out_channels: int = 2
+  dropout: float = 0.
+  dtype: str = 'float32'
+
+
+class MLP(nn.Module):
+  config: MLPConfig
+
+  @nn.compact
+  def __call__(self, z, t, labels, train=False):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels)
+    h = nn.Dense(cfg.width, dtype=dtype)(z.astype(dtype))
+    for _ in range(cfg.num_blocks):
+      g = nn.LayerNorm(dtype=dtype)(h) + nn.Dense(cfg.width, dtype=dtype)(emb)
+      g = nn.Dense(cfg.width, dtype=dtype)(nn.silu(g))
+      g = nn.Dropout(cfg.dropout, deterministic=not train)(nn.silu(g))
+      h = h + nn.Dense(cfg.width, dtype=dtype)(g)
+    out = nn.Dense(cfg.out_channels, dtype=dtype,
+                   kernel_init=nn.initializers.zeros)(nn.silu(h))
+    return out.astype(jnp.float32)
+
+
+def create_model(model_config):
+  """Builds the Linen module named by a config's `model` section."""
+  cfg = dict(model_config)
+  name = cfg.pop('name')
+  if name == 'uvit':
+    cfg['stages'] = tuple(Stage(*s) for s in cfg['stages'])
+    return UViT(UViTConfig(**cfg))
+  if name == 'mlp':
+    return MLP(MLPConfig(**cfg))
+  raise ValueError(f'Unknown model {name!r}: expected uvit or mlp.')
+
+
+def network_fn(model):
+  """The plain function `(params, z_t, t, labels, rng) -> v_prediction` that
+  losses and samplers take. `rng=None` means evaluation mode (no dropout)."""
+  def fn(params, z_t, t, labels, rng=None):
+    train = rng is not None
+    rngs = {'dropout': rng} if train else {}
+    return model.apply({'params': params}, z_t, t, labels, train=train,
+                       rngs=rngs)
+  return fn
+
+
+def count_params(params):
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))

@@ -1,0 +1,48 @@
+"""Sampling mode: loads the newest checkpoint of a workdir and writes N
+samples as a PNG grid and an ADM-layout .npz (uint8 NHWC `arr_0`, `arr_1`)."""
+
+import os
+
+from absl import logging
+import jax
+
+from multistep_cm import checkpoint
+from multistep_cm import images
+from multistep_cm import models
+from multistep_cm import train
+
+
+def sample_checkpoint(config, workdir, num_samples, use_ema=True):
+  """Returns the paths of the written PNG and .npz."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 config.ckpt_every, config.keep_checkpoints)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {workdir}/checkpoints: train first with '
+        f'--mode=train and the same --workdir.')
+  mesh = train.make_mesh(config)
+  model = train.create_model(config)
+  network = models.network_fn(model)
+  tx = train.make_optimizer(config.optim)
+  state, shardings = train.restore_or_init(config, model, tx, mesh, ckpt)
+  ckpt.close()
+  params, sh = ((state.ema_params, shardings.ema_params) if use_ema else
+                (state.params, shardings.params))
+  sampler = train.make_sampler(config, network, sh, mesh)
+  samples, labels = train.generate(config, sampler, params, mesh, num_samples,
+                                   config.seed + 2)
+  scores = train.sample_metrics(config, samples, labels) if (
+      num_samples >= 360 or config.dataset.name != 'digits') else {}
+  base = os.path.join(workdir, f'samples_step{step}_{config.eval.sampler}'
+                      f'{config.eval.steps}_n{num_samples}')
+  if jax.process_index() == 0:
+    images.save_samples_png(base + '.png', samples[:config.eval.grid_size],
+                            labels[:config.eval.grid_size],
+                            config.dataset.num_classes)
+    images.save_npz(base + '.npz', samples, labels)
+  logging.info('Wrote %s.png and .npz (%d samples, %s %d steps)%s', base,
+               num_samples, config.eval.sampler, config.eval.steps,
+               '; ' + ', '.join(f'{k} {v:.4g}' for k, v in scores.items())
+               if scores else '')
+  return base + '.png', base + '.npz'

@@ -1,0 +1,77 @@
+"""The device mesh, parameter sharding rules and global batch assembly.
+
+The mesh is described in the config as named axes with sizes, -1 meaning "the
+remaining devices", e.g. axes ('data', 'fsdp') with shape (-1, 1). The batch is
+split over every axis; parameters are sharded over 'fsdp' (FSDP: each weight
+split along its largest divisible dimension) and replicated over 'data'.
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Weights smaller than this stay replicated: sharding them saves no memory
+# worth the extra collective.
+MIN_FSDP_SIZE = 2**14
+
+
+def make_mesh(axes, shape, devices=None):
+  """Builds the mesh from named axes and sizes (one size may be -1)."""
+  devices = jax.devices() if devices is None else devices
+  shape = list(shape)
+  if len(axes) != len(shape):
+    raise ValueError(f'mesh axes {axes} and shape {shape} differ in length.')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh shape {shape} has more than one -1.')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices do not fill mesh shape {shape}.')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f'mesh shape {shape} needs {math.prod(shape)} devices, '
+                     f'there are {len(devices)}.')
+  # Auto axes: the compiler propagates shardings from the explicit in/out
+  # shardings of each jitted function, so model code needs no annotations.
+  auto = (jax.sharding.AxisType.Auto,) * len(axes)
+  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto,
+                       devices=devices)
+
+
+def batch_spec(mesh):
+  """The batch dimension is split over all mesh axes."""
+  return P(tuple(mesh.axis_names))
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, batch_spec(mesh))
+
+
+def param_spec(shape, mesh, axis='fsdp'):
+  """FSDP rule: shard the largest dimension divisible by the 'fsdp' size."""
+  size = mesh.shape.get(axis, 1)
+  if size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = axis
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(abstract_tree, mesh):
+  """NamedShardings for a pytree of ShapeDtypeStructs (params, EMA, opt state)."""
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), abstract_tree)
+
+
+def global_batch(local_batch, mesh):
+  """Assembles this process's numpy batch into one global jax.Array."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)

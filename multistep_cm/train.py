@@ -1,0 +1,338 @@
+"""The train loop of the diffusion teacher, and the pieces sampling shares
+with it (model, state, mesh, checkpoint restore)."""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+import flax
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from multistep_cm import checkpoint
+from multistep_cm import data
+from multistep_cm import digits_classifier
+from multistep_cm import images
+from multistep_cm import losses
+from multistep_cm import metrics as metrics_lib
+from multistep_cm import models
+from multistep_cm import samplers
+from multistep_cm import schedules
+from multistep_cm import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly: one pytree, one checkpoint."""
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------
+# Building blocks, from the config.
+# ----------------------------------------------------------------------------
+
+
+def create_model(config):
+  cfg = dict(config.model)
+  cfg['num_classes'] = config.dataset.num_classes
+  cfg['out_channels'] = config.dataset.channels
+  return models.create_model(cfg)
+
+
+def logsnr_fn(config):
+  return schedules.get_logsnr_fn(**config.schedule)
+
+
+def data_shape(config):
+  """Shape of one example: (H, W, C) images, or (C,) points for toy2d."""
+  if config.model.name == 'mlp':
+    return (config.dataset.channels,)
+  s = config.dataset.image_size
+  return (s, s, config.dataset.channels)
+
+
+def learning_rate_fn(optim):
+  """Linear warmup, then constant: fine for the paper's fine-tuning (spec A5),
+  and it makes a run's schedule independent of its length."""
+  return optax.linear_schedule(0., optim.lr, max(1, optim.warmup_steps))
+
+
+def make_optimizer(optim):
+  return optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(learning_rate_fn(optim), b1=optim.b1, b2=optim.b2,
+                  eps=optim.eps, weight_decay=optim.weight_decay))
+
+
+def make_mesh(config):
+  return sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+
+
+def init_state(config, model, tx, mesh):
+  """Creates the train state already sharded: shapes, then shardings, then a
+  jitted init that writes each array straight into its shards."""
+  shape = (1,) + data_shape(config)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,)),
+                        jnp.zeros((1,), jnp.int32))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params))
+
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.tree_shardings(abstract, mesh)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def restore_or_init(config, model, tx, mesh, ckpt):
+  """The newest checkpoint in the workdir if there is one, else a fresh state."""
+  state, shardings = init_state(config, model, tx, mesh)
+  step = ckpt.latest_step()
+  if step is not None:
+    logging.info('Resuming from the checkpoint of step %d.', step)
+    state = ckpt.restore(checkpoint.abstract_like(state, shardings), step)
+  return state, shardings
+
+
+def ema_decay(step, decay):
+  """EMA decay warmed up as (1 + n) / (10 + n): early averages are not
+  dominated by the random initialisation."""
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1. + n) / (10. + n))
+
+
+def make_train_step(config, network, tx, state_shardings, mesh):
+  """The jitted train step: compiled once with explicit shardings, the state
+  donated, randomness from (seed, step) so a resumed run repeats itself."""
+  lfn = logsnr_fn(config)
+  lr_fn = learning_rate_fn(config.optim)
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    loss_fn = functools.partial(
+        losses.diffusion_loss, network, x=batch['x'], labels=batch['label'],
+        rng=rng, logsnr_fn=lfn, label_dropout=config.loss.label_dropout,
+        num_classes=config.dataset.num_classes,
+        multiscale=config.loss.multiscale)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(state.step, config.optim.ema_decay)
+    ema = jax.tree.map(lambda e, p: d * e + (1. - d) * p, state.ema_params,
+                       params)
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
+                           opt_state=opt_state)
+    out = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+           'lr': lr_fn(state.step)}
+    return new_state, out
+
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------
+# Sampling and evaluation.
+# ----------------------------------------------------------------------------
+
+
+def eval_labels(config, n):
+  """Labels cycling through the classes: uniform, and one class per grid column."""
+  k = config.dataset.num_classes
+  return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
+
+
+def make_sampler(config, network, param_shardings, mesh, steps=None,
+                 kind=None, guidance=None):
+  """A jitted `(params, rng, labels) -> samples` with the batch sharded."""
+  lfn = logsnr_fn(config)
+  steps = config.eval.steps if steps is None else steps
+  kind = config.eval.sampler if kind is None else kind
+  guidance = config.eval.guidance if guidance is None else guidance
+  if kind not in ('ddim', 'addim'):
+    raise ValueError(f'Unknown sampler {kind!r}: expected ddim or addim.')
+  batch_sh = sharding.batch_sharding(mesh)
+  shape = data_shape(config)
+
+  def sample(params, rng, labels):
+    noise = jax.lax.with_sharding_constraint(
+        jax.random.normal(rng, labels.shape + shape), batch_sh)
+    return samplers.diffusion_sample(
+        network, params, noise, labels, lfn, steps, kind, guidance,
+        config.dataset.num_classes)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  return jax.jit(sample, in_shardings=(param_shardings, replicated, batch_sh),
+                 out_shardings=batch_sh)
+
+
+def generate(config, sampler, params, mesh, n, seed):
+  """n samples in batches of config.eval.batch_size (padded to fit the mesh)."""
+  labels = eval_labels(config, n)
+  bs = config.eval.batch_size
+  bs += -bs % mesh.size
+  out = []
+  for i in range(0, n, bs):
+    chunk = labels[i:i + bs]
+    padded = np.pad(chunk, (0, bs - len(chunk)))
+    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i),
+                sharding.global_batch(padded, mesh))
+    out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True))[
+        :len(chunk)])
+  return np.concatenate(out), labels
+
+
+def sample_metrics(config, samples, labels):
+  """The quality metrics of the dataset, or {} where none is built in."""
+  if config.dataset.name == 'digits':
+    return digits_classifier.evaluate(samples, labels)
+  if config.dataset.name == 'toy2d':
+    return metrics_lib.toy2d_metrics(samples)
+  return {}
+
+
+def floor_metrics(config):
+  if config.dataset.name == 'digits':
+    return digits_classifier.floor()
+  if config.dataset.name == 'toy2d':
+    return metrics_lib.toy2d_floor(config.eval.num_samples)
+  return {}
+
+
+def evaluate(config, sampler, params, mesh, step, workdir, writer):
+  """Samples with the EMA parameters, logs the metrics, writes a PNG grid."""
+  t0 = time.time()
+  samples, labels = generate(config, sampler, params, mesh,
+                             config.eval.num_samples, config.seed + 1)
+  scores = sample_metrics(config, samples, labels)
+  if jax.process_index() == 0:
+    n = config.eval.grid_size
+    path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
+    images.save_samples_png(path, samples[:n], labels[:n],
+                            config.dataset.num_classes, title=f'step {step}')
+    logging.info('Step %d: wrote %s; %s (%.1fs, %d samples, %s %d steps)',
+                 step, path, _fmt(scores), time.time() - t0, len(samples),
+                 config.eval.sampler, config.eval.steps)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
+  return scores
+
+
+def _fmt(d):
+  return ', '.join(f'{k} {v:.4g}' for k, v in d.items())
+
+
+# ----------------------------------------------------------------------------
+# Progress.
+# ----------------------------------------------------------------------------
+
+
+class Progress:
+  """Steps per second and ETA between log points."""
+
+  def __init__(self, start_step, total_steps):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.time()
+
+  def update(self, step):
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(rate, 1e-9)
+    return rate, eta
+
+
+def format_eta(seconds):
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from the workdir if it holds a checkpoint) and evaluates.
+
+  Returns the final train state and the last evaluation's metrics.
+  """
+  data.check_available(config.dataset)  # Fail before anything is compiled.
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = make_mesh(config)
+  model = create_model(config)
+  network = models.network_fn(model)
+  tx = make_optimizer(config.optim)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 config.ckpt_every, config.keep_checkpoints)
+  state, state_sh = restore_or_init(config, model, tx, mesh, ckpt)
+  start = int(jax.device_get(state.step))
+  logging.info('Mesh %s; %d parameters; starting at step %d of %d.',
+               dict(mesh.shape), models.count_params(state.params), start,
+               config.total_steps)
+
+  train_step = make_train_step(config, network, tx, state_sh, mesh)
+  sampler = make_sampler(config, network, state_sh.ema_params, mesh)
+  batches = data.train_batches(config.dataset, config.batch_size, config.seed,
+                               start)
+  floor = floor_metrics(config)
+  if floor:
+    logging.info('Real held-out data scores (the floor): %s', _fmt(floor))
+    writer.write_scalars(start, {f'eval/floor_{k}': v for k, v in floor.items()})
+
+  progress = Progress(start, config.total_steps)
+  pending, scores = [], {}
+  for step in range(start + 1, config.total_steps + 1):
+    state, out = train_step(state, sharding.global_batch(next(batches), mesh))
+    pending.append(out)
+    last = step == config.total_steps
+    if step % config.log_every == 0 or last:
+      logged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                for k in pending[0]}
+      pending = []
+      if not np.isfinite(logged['loss']):
+        raise FloatingPointError(f'Loss is {logged["loss"]} at step {step}.')
+      rate, eta = progress.update(step)
+      writer.write_scalars(step, {**{f'train/{k}': v for k, v in
+                                     logged.items()},
+                                  'train/steps_per_sec': rate})
+      # The scalars reach the console through the writer; this adds progress.
+      logging.info('Step %d/%d (%.0f%%), %.2f steps/s, ETA %s', step,
+                   config.total_steps, 100 * step / config.total_steps, rate,
+                   format_eta(eta))
+    ckpt.save(step, state, force=last)
+    if ckpt.reached_preemption(step):
+      ckpt.wait()
+      raise SystemExit(f'Preempted: saved step {step}; rerun to resume.')
+    if step % config.eval_every == 0 or last:
+      scores = evaluate(config, sampler, state.ema_params, mesh, step, workdir,
+                        writer)
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  if start == config.total_steps and not scores:
+    logging.info('The checkpoint already has all %d steps; evaluating it.',
+                 config.total_steps)
+    scores = evaluate(config, sampler, state.ema_params, mesh, start, workdir,
+                      writer)
+  return state, {**scores, **{f'floor_{k}': v for k, v in floor.items()}}

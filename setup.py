@@ -1,0 +1,32 @@
+"""multistep_cm: Multistep Consistency Models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='multistep_cm',
+    version='0.1.0',
+    description='Multistep Consistency Models (Heek, Hoogeboom, Salimans 2024) '
+                'in JAX/Flax: diffusion teachers, distillation, samplers.',
+    packages=setuptools.find_packages(include=['multistep_cm', 'multistep_cm.*',
+                                               'configs']),
+    package_data={'multistep_cm': ['assets/*.npz']},
+    python_requires='>=3.11',
+    # Lower bounds are the versions this was tested with.
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'tensorflow-datasets>=4.9.10',
+        'tensorflow-cpu>=2.21.0',  # For tfds and clu's TensorBoard writer.
+        'tensorboard>=2.21.0',
+        'ml-collections>=1.1.0',
+        'clu>=0.0.12',
+        'numpy>=2.4.6',
+        'scipy>=1.17.1',
+        'scikit-learn>=1.9.1',  # Ships the 8x8 digits.
+        'matplotlib>=3.11.2',
+        'pillow>=13.0.0',
+    ],
+    extras_require={'test': ['pytest>=9.2.0']},
+)

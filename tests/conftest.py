@@ -1,0 +1,14 @@
+"""Tests run on 8 fake CPU devices: the flag must be set before jax starts."""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Tiny models: compile time dominates, and optimisations barely pay back.
+jax.config.update('jax_disable_most_optimizations', True)

@@ -1,0 +1,59 @@
+"""The entry point as a user meets it: bad input ends in one clear line."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-m', 'multistep_cm.main', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def _last_line(proc):
+  return proc.stderr.strip().splitlines()[-1]
+
+
+def test_mistyped_config_field(tmp_path):
+  proc = _run('--config=configs/digits.py:smoke', f'--workdir={tmp_path}',
+              '--config.optim.lrr=0.1')
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  line = _last_line(proc)
+  assert line.startswith('error: no such config field'), line
+  assert 'Did you mean "lr"' in line and '--config.optim.lrr=0.1' in line
+
+
+def test_mistyped_variant(tmp_path):
+  proc = _run('--config=configs/digits.py:smok', f'--workdir={tmp_path}')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert "Unknown config argument 'smok'" in proc.stderr
+
+
+def test_missing_dataset(tmp_path):
+  proc = _run('--config=configs/imagenet64.py:smoke', f'--workdir={tmp_path}',
+              f'--config.dataset.data_dir={tmp_path}/tfds')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  line = _last_line(proc)
+  assert line.startswith("error: Dataset 'imagenet_resized/64x64' is not "
+                         'prepared'), line
+  assert 'tfds build imagenet_resized/64x64' in line
+  assert 'TFDS_DATA_DIR' in line
+
+
+def test_sample_without_checkpoint(tmp_path):
+  proc = _run('--config=configs/digits.py:smoke', f'--workdir={tmp_path}',
+              '--mode=sample')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert _last_line(proc).startswith('error: No checkpoint in')
+
+
+def test_missing_config_file(tmp_path):
+  proc = _run('--config=configs/nope.py', f'--workdir={tmp_path}')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert _last_line(proc) == ("error: cannot load --config: [Errno 2] No such "
+                              "file or directory: 'configs/nope.py'")

@@ -1,0 +1,61 @@
+import itertools
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from configs import imagenet64
+from multistep_cm import data
+from multistep_cm import toy2d
+
+
+def test_digits_split():
+  xtr, ytr = data.digits('train')
+  xte, yte = data.digits('test')
+  assert xtr.shape == (1797 - 360, 8, 8, 1) and xte.shape == (360, 8, 8, 1)
+  assert xtr.min() >= -1 and xtr.max() <= 1 and xtr.dtype == np.float32
+  assert set(np.unique(ytr)) == set(range(10)) == set(np.unique(yte))
+  # No held-out image appears in the train split.
+  train_rows = {r.tobytes() for r in xtr.reshape(len(xtr), -1)}
+  overlap = sum(r.tobytes() in train_rows for r in xte.reshape(len(xte), -1))
+  assert overlap <= 2  # A couple of digits are pixel-identical duplicates.
+
+
+def test_digits_batches_resume_and_process_shares():
+  it = data._digits_batches(32, seed=0, start_step=0, pidx=0, pcount=1)
+  first = list(itertools.islice(it, 100))
+  resumed = next(data._digits_batches(32, seed=0, start_step=57, pidx=0,
+                                      pcount=1))
+  np.testing.assert_array_equal(resumed['x'], first[57]['x'])
+  # One epoch covers every training image exactly once.
+  n = 1797 - 360
+  seen = np.concatenate([b['x'].reshape(32, -1) for b in first])[:n]
+  assert len({r.tobytes() for r in seen}) >= n - 5
+  # Two processes draw from disjoint shares.
+  a = next(data._digits_batches(16, 0, 0, pidx=0, pcount=2))['x']
+  b = next(data._digits_batches(16, 0, 0, pidx=1, pcount=2))['x']
+  rows_a = {r.tobytes() for r in a.reshape(16, -1)}
+  assert not rows_a & {r.tobytes() for r in b.reshape(16, -1)}
+
+
+def test_toy2d_density_is_the_mixture():
+  x, _ = toy2d.sample(np.random.default_rng(0), 50)
+  comps = [scipy.stats.multivariate_normal(m, toy2d.STD**2)
+           for m in toy2d.means()]
+  expected = np.log(np.mean([c.pdf(x) for c in comps], axis=0))
+  np.testing.assert_allclose(toy2d.log_density(x), expected, rtol=1e-6)
+
+
+def test_missing_tfds_dataset(tmp_path):
+  cfg = imagenet64.get_config('small').dataset
+  cfg.data_dir = str(tmp_path)
+  with pytest.raises(data.DatasetNotPreparedError,
+                     match=r'tfds build imagenet_resized/64x64.*TFDS_DATA_DIR'):
+    data.check_available(cfg)
+
+
+def test_unknown_dataset():
+  cfg = imagenet64.get_config('small').dataset
+  cfg.name = 'imagenet65'
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    data.check_available(cfg)

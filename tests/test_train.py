@@ -1,0 +1,142 @@
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import digits
+from configs import imagenet64
+from configs import toy2d
+from multistep_cm import data
+from multistep_cm import models
+from multistep_cm import sample
+from multistep_cm import sharding
+from multistep_cm import train
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_train_and_evaluate_digits_smoke(tmp_path):
+  config = digits.get_config('smoke')
+  state, scores = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.total_steps
+  assert np.isfinite(scores['fd_digits']) and 0 <= scores['class_accuracy'] <= 1
+  assert scores['floor_class_accuracy'] > 0.95
+  assert os.path.exists(tmp_path / 'samples' / 'step_0000004.png')
+  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+  assert os.path.isdir(tmp_path / 'checkpoints' / '4')
+  # Sampling mode reads the checkpoint back and writes the ADM layout.
+  png, npz = sample.sample_checkpoint(config, str(tmp_path), 20)
+  assert os.path.exists(png)
+  with np.load(npz) as f:
+    assert f['arr_0'].shape == (20, 8, 8, 1) and f['arr_0'].dtype == np.uint8
+    np.testing.assert_array_equal(f['arr_1'], np.arange(20) % 10)
+
+
+def test_train_toy2d_smoke(tmp_path):
+  state, scores = train.train_and_evaluate(toy2d.get_config('smoke'),
+                                           str(tmp_path))
+  assert int(state.step) == 4 and np.isfinite(scores['swd'])
+  assert os.path.exists(tmp_path / 'samples' / 'step_0000004.png')
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+  """4 steps straight == 2 steps, a restart from the checkpoint, 2 more."""
+  config = digits.get_config('smoke')
+  config.eval_every = 1000  # Evaluation is not what this test is about.
+  straight, _ = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  config.total_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+
+  starts = []
+  real = data.train_batches
+  monkeypatch.setattr(data, 'train_batches',
+                      lambda *a: starts.append(a[3]) or real(*a))
+  config.total_steps = 4
+  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert starts == [2]  # It did continue from the checkpoint.
+  assert int(resumed.step) == int(straight.step) == 4
+  assert _leaves_equal(straight.params, resumed.params)
+  assert _leaves_equal(straight.ema_params, resumed.ema_params)
+  assert _leaves_equal(straight.opt_state, resumed.opt_state)
+
+
+def test_train_step_never_recompiles():
+  config = digits.get_config('smoke')
+  mesh = train.make_mesh(config)
+  model = train.create_model(config)
+  tx = train.make_optimizer(config.optim)
+  state, shardings = train.init_state(config, model, tx, mesh)
+  step_fn = train.make_train_step(config, models.network_fn(model), tx,
+                                  shardings, mesh)
+  batches = data.train_batches(config.dataset, config.batch_size, 0)
+  compiles = []
+  for i in range(5):
+    if i == 1:  # The first call compiles; count from the second on.
+      jax.monitoring.register_event_duration_secs_listener(
+          lambda event, _, **kw: compiles.append(event)
+          if 'backend_compile' in event else None)
+    state, out = step_fn(state, sharding.global_batch(next(batches), mesh))
+    jax.block_until_ready(out)
+  jax.monitoring.clear_event_listeners()
+  assert int(state.step) == 5
+  assert not compiles, compiles
+
+
+def test_shardings_on_a_2x4_mesh():
+  config = digits.get_config()
+  config.mesh.shape = (2, 4)
+  mesh = train.make_mesh(config)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  model = train.create_model(config)
+  state, _ = train.init_state(config, model, train.make_optimizer(config.optim),
+                              mesh)
+  sharded = 0
+  for path, p in jax.tree_util.tree_leaves_with_path(state.params):
+    spec = p.sharding.spec
+    assert p.sharding.mesh.shape == mesh.shape, path
+    if p.size >= sharding.MIN_FSDP_SIZE and any(d % 4 == 0 for d in p.shape):
+      dim = spec.index('fsdp')
+      assert p.shape[dim] == max(d for d in p.shape if d % 4 == 0), path
+      assert p.addressable_shards[0].data.shape[dim] == p.shape[dim] // 4
+      sharded += 1
+    else:
+      assert spec == P(), path
+  assert sharded > 5
+  # The EMA and Adam moments follow the parameters' layout.
+  mu = state.opt_state[1][0].mu
+  for p, m, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu),
+                     jax.tree.leaves(state.ema_params)):
+    assert p.sharding == m.sharding == e.sharding
+  batch = sharding.global_batch(
+      next(data.train_batches(config.dataset, 16, 0)), mesh)
+  for x in batch.values():
+    assert x.sharding.spec == P(('data', 'fsdp'))
+    assert {s.data.shape[0] for s in x.addressable_shards} == {2}
+
+
+def test_mesh_errors():
+  with pytest.raises(ValueError, match='do not fill'):
+    sharding.make_mesh(('data', 'fsdp'), (-1, 3))
+  with pytest.raises(ValueError, match='needs 4 devices'):
+    sharding.make_mesh(('data', 'fsdp'), (2, 2))
+
+
+def test_imagenet_pipeline_on_mock_data(tmp_path, monkeypatch):
+  """The real tfds code path (split per process, preprocessing, flips) on
+  tfds's generated mock examples, through one train-and-evaluate run."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = imagenet64.get_config('smoke')
+  # mock_data fakes the reading, not the "prepared" check in front of it.
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda _: True)
+  with tfds.testing.mock_data(num_examples=16):
+    batch = next(data.train_batches(config.dataset, 8, 0))
+    assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
+    assert -1 <= batch['x'].min() and batch['x'].max() <= 1
+    state, _ = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
