@@ -8,8 +8,11 @@ import os
 import sys
 
 # TensorFlow (behind tfds and the TensorBoard writer) must keep its C++ start-up
-# chatter to itself; set before anything imports it.
+# chatter to itself; set before anything imports it. It only decodes and
+# resizes images here, so its oneDNN kernels (which announce themselves) bring
+# nothing.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app
 from absl import flags
@@ -32,11 +35,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _initialize_distributed():
-  """Joins the other hosts when there are some; a single host needs nothing."""
+  """Joins the other hosts. Only "no coordinator found" means a single host:
+  any other failure is raised, since hosts that each trained alone would
+  waste the whole job."""
   try:
     jax.distributed.initialize()
-  except (ValueError, RuntimeError) as e:
-    logging.info('Single process (jax.distributed not initialised: %s).', e)
+  except ValueError as e:
+    if 'coordinator_address' not in str(e):
+      raise
+    logging.info('Single process: no multi-host environment detected.')
 
 
 class _QuietLibraries(py_logging.Filter):

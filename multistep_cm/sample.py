@@ -32,8 +32,7 @@ def sample_checkpoint(config, workdir, num_samples, use_ema=True):
   sampler = train.make_sampler(config, network, sh, mesh)
   samples, labels = train.generate(config, sampler, params, mesh, num_samples,
                                    config.seed + 2)
-  scores = train.sample_metrics(config, samples, labels) if (
-      num_samples >= 360 or config.dataset.name != 'digits') else {}
+  scores = train.sample_metrics(config, samples, labels)
   base = os.path.join(workdir, f'samples_step{step}_{config.eval.sampler}'
                       f'{config.eval.steps}_n{num_samples}')
   if jax.process_index() == 0:

@@ -50,3 +50,8 @@ def test_toy2d_metrics():
   # mixture by 20% moves its modes by 0.4 and scores ~0.3.
   assert good['swd'] < 0.15 < blurred['swd']
   assert good['log_density'] > blurred['log_density']
+
+
+def test_fd_digits_needs_the_held_out_count():
+  x, y = data.digits('test')
+  assert set(digits_classifier.evaluate(x[:100], y[:100])) == {'class_accuracy'}
