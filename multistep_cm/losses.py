@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 
+from multistep_cm import ddim
 from multistep_cm import schedules
 
 
@@ -52,3 +53,186 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
   if multiscale:
     loss = 0.5 * (loss + _mean_per_example(jnp.square(_avg_pool2(v_err))))
   return jnp.mean(loss)
+
+
+# ----------------------------------------------------------------------------
+# Multistep consistency (Algorithm 1 of the paper, spec section 3).
+# ----------------------------------------------------------------------------
+
+
+def teacher_step_count(iteration, start=64., end=1280., anneal_steps=100_000):
+  """N(i): log-linear from `start` to `end` over `anneal_steps`, then constant."""
+  frac = jnp.clip(jnp.asarray(iteration, jnp.float32) / anneal_steps, 0., 1.)
+  return jnp.exp(jnp.log(start) + frac * (jnp.log(end) - jnp.log(start)))
+
+
+def segment_grid(iteration, student_steps, start=64., end=1280.,
+                 anneal_steps=100_000):
+  """(n_seg, T): teacher steps per segment, round(N / S) and at least 1, and
+  the total T = n_seg S. Traced int32, so annealing never recompiles."""
+  n = teacher_step_count(iteration, start, end, anneal_steps)
+  n_seg = jnp.maximum(1, jnp.round(n / student_steps)).astype(jnp.int32)
+  return n_seg, n_seg * student_steps
+
+
+def segment_of(t, student_steps):
+  """The segment k of t, with t in (k/S, (k+1)/S]: its top belongs to it."""
+  k = jnp.ceil(jnp.asarray(t, jnp.float32) * student_steps) - 1
+  return jnp.clip(k, 0, student_steps - 1).astype(jnp.int32)
+
+
+def sample_times(rng, batch, student_steps, n_seg):
+  """Per example: a segment, a grid time t inside it and s = t - 1/T.
+
+  Times are exact grid fractions i/T of integers, so t = k/S lands on the
+  segment boundary exactly. Returns (t, s, t_step) in float32.
+  """
+  k_step, k_n = jax.random.split(rng)
+  total = (n_seg * student_steps).astype(jnp.float32)
+  step = jax.random.randint(k_step, (batch,), 0, student_steps)
+  n_rel = jax.random.randint(k_n, (batch,), 1, n_seg + 1)
+  i_t = step * n_seg + n_rel
+  return i_t / total, (i_t - 1) / total, (step * n_seg) / total
+
+
+def pseudo_huber(err, delta, norm='rms'):
+  """sqrt(||e||^2 + delta^2) - delta per example: an l2 (not squared) distance
+  made smooth at 0. `norm`: 'rms' normalises ||e||^2 by the dimension (spec
+  A1, the default), 'sum' does not, 'elementwise' applies it per dimension
+  and averages (close to l1 for small delta; for comparison only)."""
+  sq = jnp.square(err)
+  if norm == 'rms':
+    return jnp.sqrt(_mean_per_example(sq) + delta**2) - delta
+  if norm == 'sum':
+    return jnp.sqrt(jnp.sum(sq, axis=tuple(range(1, err.ndim))) + delta**2
+                    ) - delta
+  if norm == 'elementwise':
+    return _mean_per_example(jnp.sqrt(sq + delta**2) - delta)
+  raise ValueError(f'Unknown norm {norm!r}: expected rms, sum or elementwise.')
+
+
+def _ab(logsnr_fn, t):
+  return schedules.alpha_sigma(logsnr_fn(t))
+
+
+def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
+  alpha, sigma = _ab(logsnr_fn, t)
+  return ddim.x_from_v(network(params, z, t, labels, rng), z, alpha, sigma)
+
+
+def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
+              num_classes=0):
+  """The teacher's x prediction (guided when `guidance` > 0) and its plain
+  conditional prediction, which sets the aDDIM variance (spec A9). Dropout off."""
+  alpha, sigma = _ab(logsnr_fn, t)
+  if guidance and num_classes:
+    null = jnp.full_like(labels, num_classes)
+    v = teacher(teacher_params, jnp.concatenate([z, z]),
+                jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(v, 2)
+    guided = (1. + guidance) * cond - guidance * uncond
+    return (ddim.x_from_v(guided, z, alpha, sigma),
+            ddim.x_from_v(cond, z, alpha, sigma))
+  x = ddim.x_from_v(teacher(teacher_params, z, t, labels), z, alpha, sigma)
+  return x, x
+
+
+def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
+                           s, t_step, logsnr_fn, dropout_rng=None, mode='cd',
+                           teacher=None, teacher_params=None, xvar_frac=0.75,
+                           huber_delta=1e-4, norm='rms',
+                           weighting='snr_plus_one', guidance=0.,
+                           num_classes=0):
+  """Per-example multistep consistency loss for given draws (Alg. 1, 4-12).
+
+  `t`, `s`, `t_step` are (batch,) times with s = t - 1/T and t_step the
+  segment's lower boundary. `mode` 'cd' steps z_t -> z_s with aDDIM on the
+  teacher's prediction; 'ct' uses the forward process with the same eps. The
+  reference comes from `target_params` (the student's own parameters, or
+  their EMA) under stop-gradient, with the same dropout rng as the student
+  ("synchronized dropout"). Target construction is float32.
+  """
+  x = x.astype(jnp.float32)
+  (a_t, s_t), (a_s, s_s), (a_0, s_0) = (_ab(logsnr_fn, u) for u in (t, s,
+                                                                    t_step))
+  e = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))
+  z_t = e(a_t) * x + e(s_t) * eps
+  if mode == 'cd':
+    x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, labels,
+                              logsnr_fn, guidance, num_classes)
+    x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
+    z_s = ddim.addim_step(x_tea, z_t, a_t, s_t, a_s, s_s, x_var)
+  elif mode == 'ct':
+    z_s = e(a_s) * x + e(s_s) * eps
+  else:
+    raise ValueError(f'Unknown mode {mode!r}: expected cd or ct.')
+  z_s = jax.lax.stop_gradient(z_s)
+
+  x_ref = _x_pred(student, target_params, z_s, s, labels, dropout_rng,
+                  logsnr_fn)
+  z_ref = ddim.ddim_step(x_ref, z_s, a_s, s_s, a_0, s_0)
+  x_tgt = jax.lax.stop_gradient(
+      ddim.inverse_ddim(z_ref, z_t, a_t, s_t, a_0, s_0))
+  x_hat = _x_pred(student, params, z_t, t, labels, dropout_rng, logsnr_fn)
+
+  snr_plus_one = jnp.exp(logsnr_fn(t)) + 1.
+  if weighting == 'snr_plus_one':  # The algorithm box, literally (spec A2).
+    return snr_plus_one * pseudo_huber(x_hat - x_tgt, huber_delta, norm)
+  if weighting == 'v_space':  # The distance of v predictions instead.
+    return pseudo_huber(e(jnp.sqrt(snr_plus_one)) * (x_hat - x_tgt),
+                        huber_delta, norm)
+  raise ValueError(f'Unknown weighting {weighting!r}: expected snr_plus_one '
+                   'or v_space.')
+
+
+def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
+                               student_steps, iteration, target_params=None,
+                               anneal_start=64., anneal_end=1280.,
+                               anneal_steps=100_000, label_dropout=0., **kw):
+  """Algorithm 1: draws segments, grid times and noise, returns the batch
+  mean of `consistency_loss_terms` and {'n_seg': teacher steps per segment}.
+
+  `target_params` defaults to `params` (the paper's stop-gradient target);
+  `kw` goes to `consistency_loss_terms` (mode, teacher, teacher_params,
+  xvar_frac, huber_delta, norm, weighting, guidance, num_classes).
+  """
+  k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
+  n_seg, _ = segment_grid(iteration, student_steps, anneal_start, anneal_end,
+                          anneal_steps)
+  t, s, t_step = sample_times(k_t, x.shape[0], student_steps, n_seg)
+  eps = jax.random.normal(k_eps, x.shape)
+  labels = drop_labels(k_label, labels, label_dropout, kw.get('num_classes', 0))
+  target = params if target_params is None else target_params
+  terms = consistency_loss_terms(student, params, target, x, labels, eps, t, s,
+                                 t_step, logsnr_fn, k_drop, **kw)
+  return jnp.mean(terms), {'n_seg': n_seg}
+
+
+def progressive_distillation_loss(student, params, teacher, teacher_params, x,
+                                  labels, rng, logsnr_fn, student_steps,
+                                  xvar_frac=0.75, guidance=0., num_classes=0):
+  """Progressive distillation (Salimans & Ho 2022) with an aDDIM teacher, the
+  paper's Table 3 baseline: one student step of 1/S matches two teacher
+  steps of 1/(2S). Squared error in x, weighted by SNR + 1 (the v-loss).
+  """
+  k_t, k_eps, k_drop = jax.random.split(rng, 3)
+  x = x.astype(jnp.float32)
+  b = x.shape[0]
+  t = jax.random.randint(k_t, (b,), 1, student_steps + 1) / student_steps
+  half = 0.5 / student_steps
+  eps = jax.random.normal(k_eps, x.shape)
+  (a_t, s_t) = _ab(logsnr_fn, t)
+  e = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))
+  z = e(a_t) * x + e(s_t) * eps
+  z_t = z
+  for u0, u1 in ((t, t - half), (t - half, t - 2 * half)):
+    x_tea, x_cond = teacher_x(teacher, teacher_params, z, u0, labels,
+                              logsnr_fn, guidance, num_classes)
+    x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
+    z = ddim.addim_step(x_tea, z, *_ab(logsnr_fn, u0), *_ab(logsnr_fn, u1),
+                        x_var)
+  a_s, s_s = _ab(logsnr_fn, t - 2 * half)
+  x_tgt = jax.lax.stop_gradient(ddim.inverse_ddim(z, z_t, a_t, s_t, a_s, s_s))
+  x_hat = _x_pred(student, params, z_t, t, labels, k_drop, logsnr_fn)
+  w = jnp.exp(logsnr_fn(t)) + 1.
+  return jnp.mean(w * _mean_per_example(jnp.square(x_hat - x_tgt)))
