@@ -52,7 +52,7 @@ def main(argv):
   holder = [state]
 
   def framework():
-    holder[0], out = step_fn(holder[0], batch)
+    holder[0], out = step_fn(holder[0], batch, None)
     return out['loss']
 
   t = jnp.full((config.batch_size,), 0.5)

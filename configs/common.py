@@ -75,6 +75,27 @@ def base():
   c.optim.grad_clip = 1.
   c.optim.ema_decay = 0.9999
 
+  # What to train: 'teacher' (diffusion), 'cd' / 'ct' (multistep consistency
+  # distillation / training) or 'pd' (one progressive-distillation phase:
+  # student_steps from a teacher sampled with twice as many).
+  c.stage = 'teacher'
+  c.student_steps = 8  # S, the student's sampling steps.
+  # Students start from this teacher (a workdir, its checkpoints/ directory or
+  # one step directory), for CD, CT and PD alike.
+  c.teacher_checkpoint = ml_collections.config_dict.placeholder(str)
+  c.teacher_params = 'ema_params'  # Or 'params': the online weights.
+
+  c.consistency = ml_collections.ConfigDict()  # Spec section 3 and 8.
+  c.consistency.anneal_start = 64.  # Teacher steps N, log-linear from ...
+  c.consistency.anneal_end = 1280.  # ... to this ...
+  c.consistency.anneal_steps = 100_000  # ... over this many iterations.
+  c.consistency.xvar_frac = 0.75  # aDDIM's eta.
+  c.consistency.huber_delta = 1e-4
+  c.consistency.norm = 'rms'  # A1: rms, sum or elementwise.
+  c.consistency.weighting = 'snr_plus_one'  # A2: snr_plus_one or v_space.
+  c.consistency.target = 'online'  # A3: online (stop-grad theta) or ema.
+  c.consistency.guidance = 0.  # Guidance of the teacher (CD, PD); A9.
+
   c.batch_size = 128  # Global batch, split over all devices and hosts.
   c.total_steps = 1000
 

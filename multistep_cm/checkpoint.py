@@ -56,3 +56,60 @@ def abstract_like(tree, shardings):
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose parameters do not fit the configured model."""
+
+
+def _locate(path):
+  """(checkpoint directory, step or None) for a workdir, a checkpoints
+  directory or one step's directory."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(name)
+  return path, None
+
+
+def _shapes(tree):
+  return {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(path, abstract_params, key='ema_params'):
+  """Restores only `key` ('ema_params' or 'params') of a train-state
+  checkpoint onto `abstract_params` (ShapeDtypeStructs with the shardings to
+  restore into). Raises CheckpointMismatchError, in one line, if the saved
+  parameters do not have exactly the expected names and shapes."""
+  directory, step = _locate(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoint at {path}: give a workdir, its '
+                            'checkpoints/ directory or one step directory.')
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint at {path}: {directory} holds no '
+                            'finished step.')
+  saved = _shapes(manager.item_metadata(step)[key])
+  wanted = _shapes(abstract_params)
+  if saved != wanted:
+    diffs = sorted(set(saved) ^ set(wanted)) or sorted(
+        k for k in wanted if saved[k] != wanted[k])
+    first = diffs[0]
+    detail = (f'{first} has shape {saved[first]} there and {wanted[first]} in '
+              'the config' if first in saved and first in wanted else
+              f'{first} is only in the {"checkpoint" if first in saved else "config"}')
+    raise CheckpointMismatchError(
+        f'Checkpoint {path} (step {step}) does not match config.model: '
+        f'{len(diffs)} parameter(s) differ, e.g. {detail}.')
+  target = {key: abstract_params}
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          target), partial_restore=True))
+  manager.close()
+  return restored[key], step

@@ -88,6 +88,7 @@ def main(argv):
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
+  from multistep_cm import checkpoint  # pylint: disable=g-import-not-at-top
   from multistep_cm import sample  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
   _initialize_distributed()
@@ -99,7 +100,8 @@ def main(argv):
       train.train_and_evaluate(config, FLAGS.workdir)
     else:
       sample.sample_checkpoint(config, FLAGS.workdir, FLAGS.num_samples)
-  except (data.DatasetNotPreparedError, FileNotFoundError) as e:
+  except (data.DatasetNotPreparedError, FileNotFoundError,
+          checkpoint.CheckpointMismatchError, train.ConfigError) as e:
     sys.exit(f'error: {e}')
 
 

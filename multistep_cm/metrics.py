@@ -20,7 +20,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   singular product can make it fail; the usual remedy is a small diagonal
   offset.
   """
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     offset = np.eye(sigma1.shape[0]) * 1e-6
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

@@ -33,15 +33,16 @@ def sample_checkpoint(config, workdir, num_samples, use_ema=True):
   samples, labels = train.generate(config, sampler, params, mesh, num_samples,
                                    config.seed + 2)
   scores = train.sample_metrics(config, samples, labels)
-  base = os.path.join(workdir, f'samples_step{step}_{config.eval.sampler}'
-                      f'{config.eval.steps}_n{num_samples}')
+  kind, steps = train.eval_sampler(config)
+  base = os.path.join(workdir, f'samples_step{step}_{kind}{steps}'
+                      f'_n{num_samples}')
   if jax.process_index() == 0:
     images.save_samples_png(base + '.png', samples[:config.eval.grid_size],
                             labels[:config.eval.grid_size],
                             config.dataset.num_classes)
     images.save_npz(base + '.npz', samples, labels)
   logging.info('Wrote %s.png and .npz (%d samples, %s %d steps)%s', base,
-               num_samples, config.eval.sampler, config.eval.steps,
+               num_samples, kind, steps,
                '; ' + ', '.join(f'{k} {v:.4g}' for k, v in scores.items())
                if scores else '')
   return base + '.png', base + '.npz'

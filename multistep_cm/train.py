@@ -78,9 +78,9 @@ def make_mesh(config):
   return sharding.make_mesh(config.mesh.axes, config.mesh.shape)
 
 
-def init_state(config, model, tx, mesh):
-  """Creates the train state already sharded: shapes, then shardings, then a
-  jitted init that writes each array straight into its shards."""
+def state_layout(config, model, tx, mesh):
+  """(init, abstract state, shardings): the state's shapes, then shardings,
+  without allocating anything."""
   shape = (1,) + data_shape(config)
 
   def init(rng):
@@ -90,20 +90,97 @@ def init_state(config, model, tx, mesh):
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params))
 
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.tree_shardings(abstract, mesh)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  return init, abstract, sharding.tree_shardings(abstract, mesh)
 
 
-def restore_or_init(config, model, tx, mesh, ckpt):
-  """The newest checkpoint in the workdir if there is one, else a fresh state."""
-  state, shardings = init_state(config, model, tx, mesh)
+def init_state(config, model, tx, mesh):
+  """A fresh state, created already sharded: a jitted init writes each array
+  straight into its shards."""
+  init, _, shardings = state_layout(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  return state, shardings
+
+
+def restore_or_init(config, model, tx, mesh, ckpt, init_params=None):
+  """The newest checkpoint in the workdir if there is one; else a fresh state,
+  whose parameters (and EMA) are `init_params` when given (a student starts
+  as its teacher)."""
+  _, abstract, shardings = state_layout(config, model, tx, mesh)
   step = ckpt.latest_step()
   if step is not None:
     logging.info('Resuming from the checkpoint of step %d.', step)
-    state = ckpt.restore(checkpoint.abstract_like(state, shardings), step)
+    return ckpt.restore(checkpoint.abstract_like(abstract, shardings),
+                        step), shardings
+  if init_params is None:
+    return init_state(config, model, tx, mesh)
+  state = jax.jit(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                           ema_params=jax.tree.map(jnp.copy, p),
+                           opt_state=tx.init(p)),
+      out_shardings=shardings)(init_params)
   return state, shardings
+
+
+STAGES = ('teacher', 'cd', 'ct', 'pd')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, reported to the user in one line."""
+
+
+def check_stage(config):
+  if config.stage not in STAGES:
+    raise ConfigError(f'Unknown stage {config.stage!r}: expected one of '
+                     f'{", ".join(STAGES)}.')
+  if config.stage != 'teacher' and not config.teacher_checkpoint:
+    raise ConfigError(f'Stage {config.stage!r} starts from a teacher: set '
+                     'config.teacher_checkpoint to its workdir.')
+
+
+def load_teacher(config, model, tx, mesh):
+  """The teacher's parameters, restored straight into the student's
+  parameter shardings."""
+  _, abstract, shardings = state_layout(config, model, tx, mesh)
+  params, step = checkpoint.load_params(
+      config.teacher_checkpoint,
+      checkpoint.abstract_like(abstract.params, shardings.params),
+      config.teacher_params)
+  logging.info('Teacher: %s of %s, step %d.', config.teacher_params,
+               config.teacher_checkpoint, step)
+  return params
+
+
+def make_loss_fn(config, network):
+  """`(params, state, teacher_params, batch, rng) -> (loss, aux)` of the stage."""
+  lfn = logsnr_fn(config)
+  k = config.dataset.num_classes
+  cc = config.consistency
+  if config.stage == 'teacher':
+    def loss_fn(params, state, teacher_params, batch, rng):
+      del state, teacher_params
+      return losses.diffusion_loss(
+          network, params, batch['x'], batch['label'], rng, lfn,
+          config.loss.label_dropout, k, config.loss.multiscale), {}
+  elif config.stage in ('cd', 'ct'):
+    def loss_fn(params, state, teacher_params, batch, rng):
+      target = state.ema_params if cc.target == 'ema' else None
+      return losses.multistep_consistency_loss(
+          network, params, batch['x'], batch['label'], rng, lfn,
+          config.student_steps, state.step, target_params=target,
+          anneal_start=cc.anneal_start, anneal_end=cc.anneal_end,
+          anneal_steps=cc.anneal_steps, mode=config.stage, teacher=network,
+          teacher_params=teacher_params, xvar_frac=cc.xvar_frac,
+          huber_delta=cc.huber_delta, norm=cc.norm, weighting=cc.weighting,
+          guidance=cc.guidance, num_classes=k)
+  else:
+    def loss_fn(params, state, teacher_params, batch, rng):
+      del state
+      return losses.progressive_distillation_loss(
+          network, params, network, teacher_params, batch['x'],
+          batch['label'], rng, lfn, config.student_steps, cc.xvar_frac,
+          cc.guidance, k), {}
+  return loss_fn
 
 
 def ema_decay(step, decay):
@@ -114,21 +191,20 @@ def ema_decay(step, decay):
 
 
 def make_train_step(config, network, tx, state_shardings, mesh):
-  """The jitted train step: compiled once with explicit shardings, the state
-  donated, randomness from (seed, step) so a resumed run repeats itself."""
-  lfn = logsnr_fn(config)
+  """The jitted `(state, batch, teacher_params) -> (state, metrics)`: compiled
+  once with explicit shardings, the state donated, randomness from
+  (seed, step) so a resumed run repeats itself. `teacher_params` is None for
+  stages without a teacher network (teacher, ct)."""
+  loss_fn = make_loss_fn(config, network)
   lr_fn = learning_rate_fn(config.optim)
   batch_sh = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  teacher_sh = state_shardings.params if needs_teacher(config) else None
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, teacher_params):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    loss_fn = functools.partial(
-        losses.diffusion_loss, network, x=batch['x'], labels=batch['label'],
-        rng=rng, logsnr_fn=lfn, label_dropout=config.loss.label_dropout,
-        num_classes=config.dataset.num_classes,
-        multiscale=config.loss.multiscale)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, teacher_params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, config.optim.ema_decay)
@@ -137,12 +213,17 @@ def make_train_step(config, network, tx, state_shardings, mesh):
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
                            opt_state=opt_state)
     out = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-           'lr': lr_fn(state.step)}
+           'lr': lr_fn(state.step), **aux}
     return new_state, out
 
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, teacher_sh),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
+
+
+def needs_teacher(config):
+  """Whether the stage evaluates the teacher network during training."""
+  return config.stage in ('cd', 'pd')
 
 
 # ----------------------------------------------------------------------------
@@ -156,12 +237,21 @@ def eval_labels(config, n):
   return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
 
 
+def eval_sampler(config):
+  """(kind, steps) a stage is evaluated with: the configured diffusion
+  sampler for a teacher; S plain DDIM steps (Alg. 2) for a student."""
+  if config.stage == 'teacher':
+    return config.eval.sampler, config.eval.steps
+  return 'ddim', config.student_steps
+
+
 def make_sampler(config, network, param_shardings, mesh, steps=None,
                  kind=None, guidance=None):
   """A jitted `(params, rng, labels) -> samples` with the batch sharded."""
   lfn = logsnr_fn(config)
-  steps = config.eval.steps if steps is None else steps
-  kind = config.eval.sampler if kind is None else kind
+  default_kind, default_steps = eval_sampler(config)
+  steps = default_steps if steps is None else steps
+  kind = default_kind if kind is None else kind
   guidance = config.eval.guidance if guidance is None else guidance
   if kind not in ('ddim', 'addim'):
     raise ValueError(f'Unknown sampler {kind!r}: expected ddim or addim.')
@@ -226,7 +316,7 @@ def evaluate(config, sampler, params, mesh, step, workdir, writer):
                             config.dataset.num_classes, title=f'step {step}')
     logging.info('Step %d: wrote %s; %s (%.1fs, %d samples, %s %d steps)',
                  step, path, _fmt(scores), time.time() - t0, len(samples),
-                 config.eval.sampler, config.eval.steps)
+                 *eval_sampler(config))
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
   return scores
 
@@ -271,7 +361,8 @@ def train_and_evaluate(config, workdir):
 
   Returns the final train state and the last evaluation's metrics.
   """
-  data.check_available(config.dataset)  # Fail before anything is compiled.
+  check_stage(config)  # Fail before anything is compiled.
+  data.check_available(config.dataset)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -285,7 +376,12 @@ def train_and_evaluate(config, workdir):
   tx = make_optimizer(config.optim)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  config.ckpt_every, config.keep_checkpoints)
-  state, state_sh = restore_or_init(config, model, tx, mesh, ckpt)
+  teacher = None
+  if config.stage != 'teacher':
+    teacher = load_teacher(config, model, tx, mesh)
+  state, state_sh = restore_or_init(config, model, tx, mesh, ckpt, teacher)
+  if not needs_teacher(config):
+    teacher = None  # CT starts from the teacher but never evaluates it.
   start = int(jax.device_get(state.step))
   logging.info('Mesh %s; %d parameters; starting at step %d of %d.',
                dict(mesh.shape), models.count_params(state.params), start,
@@ -303,7 +399,8 @@ def train_and_evaluate(config, workdir):
   progress = Progress(start, config.total_steps)
   pending, scores = [], {}
   for step in range(start + 1, config.total_steps + 1):
-    state, out = train_step(state, sharding.global_batch(next(batches), mesh))
+    state, out = train_step(state, sharding.global_batch(next(batches), mesh),
+                            teacher)
     pending.append(out)
     last = step == config.total_steps
     if step % config.log_every == 0 or last:

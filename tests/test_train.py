@@ -81,7 +81,8 @@ def test_train_step_never_recompiles():
       jax.monitoring.register_event_duration_secs_listener(
           lambda event, _, **kw: compiles.append(event)
           if 'backend_compile' in event else None)
-    state, out = step_fn(state, sharding.global_batch(next(batches), mesh))
+    state, out = step_fn(state, sharding.global_batch(next(batches), mesh),
+                         None)
     jax.block_until_ready(out)
   jax.monitoring.clear_event_listeners()
   assert int(state.step) == 5

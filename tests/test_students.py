@@ -1,0 +1,102 @@
+"""Student stages (CD, CT, PD) started from a teacher checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from multistep_cm import checkpoint
+from multistep_cm import data
+from multistep_cm import models
+from multistep_cm import sharding
+from multistep_cm import train
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  config = digits.get_config('smoke')
+  config.eval_every = 1000
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _student(stage, teacher_dir, steps=2):
+  config = digits.get_config('smoke')
+  config.stage = stage
+  config.student_steps = steps
+  config.teacher_checkpoint = teacher_dir
+  return config
+
+
+def _teacher_ema(teacher_dir, like):
+  abstract = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
+      like)
+  return checkpoint.load_params(teacher_dir, abstract)[0]
+
+
+def test_student_starts_as_the_teacher(teacher_dir, tmp_path):
+  config = _student('cd', teacher_dir)
+  config.total_steps = 0
+  state, _ = train.train_and_evaluate(config, str(tmp_path))
+  ema = _teacher_ema(teacher_dir, state.params)
+  for a, b, c in zip(*(jax.tree.leaves(t) for t in (state.params,
+                                                    state.ema_params, ema))):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+  assert int(state.step) == 0
+
+
+@pytest.mark.parametrize('stage', ['cd', 'ct', 'pd'])
+def test_student_stages_train(teacher_dir, tmp_path, stage):
+  config = _student(stage, teacher_dir)
+  state, scores = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.total_steps
+  assert np.isfinite(scores['fd_digits'])
+  ema = _teacher_ema(teacher_dir, state.params)
+  moved = [float(np.abs(a - b).max()) for a, b in
+           zip(jax.tree.leaves(state.params), jax.tree.leaves(ema))]
+  assert max(moved) > 0  # It trained away from the teacher.
+
+
+def test_mismatched_teacher(teacher_dir, tmp_path):
+  config = _student('cd', teacher_dir)
+  config.model.mid_channels = 48
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r'does not match config.model: \d+ parameter'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_missing_teacher(tmp_path):
+  config = _student('cd', str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='No checkpoint at'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+  config.teacher_checkpoint = None
+  with pytest.raises(train.ConfigError, match='teacher_checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+def test_no_recompilation_while_n_anneals(teacher_dir):
+  config = _student('cd', teacher_dir, steps=4)
+  config.consistency.anneal_steps = 4  # N changes at every step.
+  mesh = train.make_mesh(config)
+  model = train.create_model(config)
+  tx = train.make_optimizer(config.optim)
+  state, shardings = train.init_state(config, model, tx, mesh)
+  step_fn = train.make_train_step(config, models.network_fn(model), tx,
+                                  shardings, mesh)
+  teacher = state.params  # Not donated: the same arrays serve every step.
+  batches = data.train_batches(config.dataset, config.batch_size, 0)
+  compiles, n_seg = [], []
+  for i in range(5):
+    if i == 1:
+      jax.monitoring.register_event_duration_secs_listener(
+          lambda event, _, **kw: compiles.append(event)
+          if 'backend_compile' in event else None)
+    state, out = step_fn(state, sharding.global_batch(next(batches), mesh),
+                         teacher)
+    n_seg.append(int(out['n_seg']))
+  jax.monitoring.clear_event_listeners()
+  assert n_seg == [round(64 * 20**min(i / 4, 1) / 4) for i in range(5)]
+  assert not compiles, compiles
