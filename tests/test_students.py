@@ -86,7 +86,8 @@ def test_no_recompilation_while_n_anneals(teacher_dir):
   state, shardings = train.init_state(config, model, tx, mesh)
   step_fn = train.make_train_step(config, models.network_fn(model), tx,
                                   shardings, mesh)
-  teacher = state.params  # Not donated: the same arrays serve every step.
+  # Its own buffers: the state's are donated to the step.
+  teacher = jax.tree.map(jax.numpy.copy, state.params)
   batches = data.train_batches(config.dataset, config.batch_size, 0)
   compiles, n_seg = [], []
   for i in range(5):
