@@ -96,6 +96,20 @@ def base():
   c.consistency.target = 'online'  # A3: online (stop-grad theta) or ema.
   c.consistency.guidance = 0.  # Guidance of the teacher (CD, PD); A9.
 
+  # A student stage replaces the teacher's schedule with this one.
+  c.student = ml_collections.ConfigDict()
+  c.student.total_steps = 200_000
+  c.student.lr = 1e-4
+  c.student.warmup_steps = 1000
+  c.student.eval_every = 10_000
+
+  # Stages the main command runs in turn, each in WORKDIR/<stage> (students
+  # distil the teacher trained there), followed by a comparison of the student
+  # with the teacher's samplers. Empty: run config.stage alone in WORKDIR.
+  c.pipeline = ()
+  c.compare = ml_collections.ConfigDict()
+  c.compare.teacher_steps = (8, 512)  # aDDIM and DDIM at each.
+
   c.batch_size = 128  # Global batch, split over all devices and hosts.
   c.total_steps = 1000
 

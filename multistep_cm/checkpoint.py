@@ -90,7 +90,7 @@ def load_params(path, abstract_params, key='ema_params'):
                             'checkpoints/ directory or one step directory.')
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(read_only=True))
+      options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint at {path}: {directory} holds no '

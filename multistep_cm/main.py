@@ -89,6 +89,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
   from multistep_cm import checkpoint  # pylint: disable=g-import-not-at-top
+  from multistep_cm import pipeline  # pylint: disable=g-import-not-at-top
   from multistep_cm import sample  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
   _initialize_distributed()
@@ -96,7 +97,9 @@ def main(argv):
                jax.process_count(), jax.devices())
   config = FLAGS.config
   try:
-    if FLAGS.mode == 'train':
+    if FLAGS.mode == 'train' and config.pipeline:
+      pipeline.run(config, FLAGS.workdir)
+    elif FLAGS.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir)
     else:
       sample.sample_checkpoint(config, FLAGS.workdir, FLAGS.num_samples)
