@@ -99,7 +99,9 @@ def main(argv):
   try:
     if FLAGS.mode == 'train' and config.pipeline:
       pipeline.run(config, FLAGS.workdir)
-    elif FLAGS.mode == 'train':
+      return
+    config = pipeline.stage_config(config, config.stage)
+    if FLAGS.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir)
     else:
       sample.sample_checkpoint(config, FLAGS.workdir, FLAGS.num_samples)

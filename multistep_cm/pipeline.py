@@ -24,15 +24,15 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def stage_config(config, stage, workdir):
-  """The config of one stage: students start from WORKDIR/teacher and train
-  on the `config.student` schedule."""
+def stage_config(config, stage, teacher_checkpoint=None):
+  """The config of one stage. A student trains on the `config.student`
+  schedule, from `teacher_checkpoint` when given (else the configured one)."""
   c = config.copy_and_resolve_references()
   c.unlock()
   c.stage = stage
   c.pipeline = ()
   if stage != 'teacher':
-    c.teacher_checkpoint = os.path.join(workdir, 'teacher')
+    c.teacher_checkpoint = teacher_checkpoint or config.teacher_checkpoint
     c.total_steps = config.student.total_steps
     c.optim.lr = config.student.lr
     c.optim.warmup_steps = config.student.warmup_steps
@@ -47,7 +47,8 @@ def stage_dir(workdir, config):
   return os.path.join(workdir, f'{config.stage}_s{config.student_steps}')
 
 
-def _ema_params(config, directory, mesh):
+def load_ema_params(config, directory, mesh):
+  """(model, EMA parameters, their shardings) of a finished stage."""
   model = train.create_model(config)
   _, abstract, shardings = train.state_layout(
       config, model, train.make_optimizer(config.optim), mesh)
@@ -69,7 +70,7 @@ def compare(config, workdir, student):
   runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
            student, stage_dir(workdir, student), 'ddim',
            student.student_steps)]
-  teacher = stage_config(config, 'teacher', workdir)
+  teacher = stage_config(config, 'teacher')
   for steps in config.compare.teacher_steps:
     for kind in ('addim', 'ddim'):
       runs.append((f'teacher {kind} {steps}', teacher,
@@ -78,7 +79,7 @@ def compare(config, workdir, student):
   for name, cfg, directory, kind, steps in runs:
     if name in done and os.path.exists(_grid_path(workdir, name)):
       continue
-    model, params, sh = _ema_params(cfg, directory, mesh)
+    model, params, sh = load_ema_params(cfg, directory, mesh)
     sampler = train.make_sampler(cfg, models.network_fn(model), sh, mesh,
                                  steps=steps, kind=kind)
     samples, labels = train.generate(cfg, sampler, params, mesh,
@@ -149,7 +150,7 @@ def run(config, workdir):
   """Runs `config.pipeline`'s stages in turn, then the comparison."""
   student = None
   for stage in config.pipeline:
-    c = stage_config(config, stage, workdir)
+    c = stage_config(config, stage, os.path.join(workdir, 'teacher'))
     logging.info('=== Stage %s in %s ===', stage, stage_dir(workdir, c))
     train.train_and_evaluate(c, stage_dir(workdir, c))
     if stage != 'teacher':

@@ -13,3 +13,24 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Tiny models: compile time dominates, and optimisations barely pay back.
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def count_compiles():
+  """A context manager collecting every XLA compilation that happens in it."""
+  @contextlib.contextmanager
+  def counting():
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: events.append(event)
+        if 'backend_compile' in event else None)
+    try:
+      yield events
+    finally:
+      jax.monitoring.clear_event_listeners()
+  return counting

@@ -77,7 +77,7 @@ def test_missing_teacher(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
 
 
-def test_no_recompilation_while_n_anneals(teacher_dir):
+def test_no_recompilation_while_n_anneals(teacher_dir, count_compiles):
   config = _student('cd', teacher_dir, steps=4)
   config.consistency.anneal_steps = 4  # N changes at every step.
   mesh = train.make_mesh(config)
@@ -89,15 +89,13 @@ def test_no_recompilation_while_n_anneals(teacher_dir):
   # Its own buffers: the state's are donated to the step.
   teacher = jax.tree.map(jax.numpy.copy, state.params)
   batches = data.train_batches(config.dataset, config.batch_size, 0)
-  compiles, n_seg = [], []
-  for i in range(5):
-    if i == 1:
-      jax.monitoring.register_event_duration_secs_listener(
-          lambda event, _, **kw: compiles.append(event)
-          if 'backend_compile' in event else None)
-    state, out = step_fn(state, sharding.global_batch(next(batches), mesh),
-                         teacher)
-    n_seg.append(int(out['n_seg']))
-  jax.monitoring.clear_event_listeners()
+  step = lambda s: step_fn(s, sharding.global_batch(next(batches), mesh),
+                           teacher)
+  state, out = step(state)  # The first call compiles.
+  n_seg = [int(out['n_seg'])]
+  with count_compiles() as compiles:
+    for _ in range(4):
+      state, out = step(state)
+      n_seg.append(int(out['n_seg']))
   assert n_seg == [round(64 * 20**min(i / 4, 1) / 4) for i in range(5)]
   assert not compiles, compiles

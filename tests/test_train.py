@@ -66,7 +66,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert _leaves_equal(straight.opt_state, resumed.opt_state)
 
 
-def test_train_step_never_recompiles():
+def test_train_step_never_recompiles(count_compiles):
   config = digits.get_config('smoke')
   mesh = train.make_mesh(config)
   model = train.create_model(config)
@@ -75,16 +75,12 @@ def test_train_step_never_recompiles():
   step_fn = train.make_train_step(config, models.network_fn(model), tx,
                                   shardings, mesh)
   batches = data.train_batches(config.dataset, config.batch_size, 0)
-  compiles = []
-  for i in range(5):
-    if i == 1:  # The first call compiles; count from the second on.
-      jax.monitoring.register_event_duration_secs_listener(
-          lambda event, _, **kw: compiles.append(event)
-          if 'backend_compile' in event else None)
-    state, out = step_fn(state, sharding.global_batch(next(batches), mesh),
-                         None)
+  step = lambda s: step_fn(s, sharding.global_batch(next(batches), mesh), None)
+  state, _ = step(state)  # The first call compiles.
+  with count_compiles() as compiles:
+    for _ in range(4):
+      state, out = step(state)
     jax.block_until_ready(out)
-  jax.monitoring.clear_event_listeners()
   assert int(state.step) == 5
   assert not compiles, compiles
 

@@ -1,0 +1,70 @@
+"""Sampling speed: the multistep student at S = 1...16 against the teacher's
+512-step aDDIM sampler, on the same network and batch, in one run.
+
+  python benchmarks/sampling.py --config=configs/digits.py
+
+Timing needs no trained weights, so the network is freshly initialised. Each
+sampler is one compiled program (a lax loop); times exclude compilation.
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from multistep_cm import models
+from multistep_cm import samplers
+from multistep_cm import sharding
+from multistep_cm import train
+
+config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
+flags.DEFINE_integer('batch', None, 'Samples per call; default eval.batch_size.')
+flags.DEFINE_integer('teacher_steps', 512, 'Steps of the teacher sampler.')
+flags.DEFINE_integer('repeats', 3, 'Timed calls per sampler.')
+FLAGS = flags.FLAGS
+
+
+def _seconds(fn, repeats):
+  jax.block_until_ready(fn())  # Compile and warm up.
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  batch = FLAGS.batch or config.eval.batch_size
+  mesh = train.make_mesh(config)
+  batch += -batch % mesh.size
+  model = train.create_model(config)
+  network = models.network_fn(model)
+  state, shardings = train.init_state(config, model,
+                                      train.make_optimizer(config.optim), mesh)
+  labels = sharding.global_batch(train.eval_labels(config, batch), mesh)
+  key = jax.random.key(0)
+  runs = [('teacher aDDIM', 'addim', FLAGS.teacher_steps)] + [
+      (f'student S={s}', 'ddim', s) for s in (1, 2, 4, 8, 16)]
+  rows = []
+  for name, kind, steps in runs:
+    sampler = train.make_sampler(config, network, shardings.ema_params, mesh,
+                                 steps=steps, kind=kind, guidance=0.)
+    sec = _seconds(lambda: sampler(state.ema_params, key, labels),
+                   FLAGS.repeats)
+    rows.append((name, samplers.nfe(steps), sec))
+  teacher_sec = rows[0][2]
+  print(f'\n{models.count_params(state.params):,} parameters, batch {batch}, '
+        f'{jax.device_count()} x {jax.devices()[0].device_kind}\n')
+  print('| sampler | NFE | latency (s/batch) | samples/s | speed-up vs teacher |')
+  print('|---|---|---|---|---|')
+  for name, n, sec in rows:
+    print(f'| {name} | {n} | {sec:.3f} | {batch / sec:.0f} | '
+          f'{teacher_sec / sec:.1f}x |')
+
+
+if __name__ == '__main__':
+  app.run(main)

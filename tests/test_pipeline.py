@@ -1,0 +1,56 @@
+"""The embedded default end to end, and the S-sweep, on smoke configs."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from configs import digits
+from configs import toy2d
+from multistep_cm import pipeline
+from multistep_cm import sweep
+
+
+def test_digits_pipeline_and_resume(tmp_path, capsys):
+  config = digits.get_config('smoke')
+  rows = pipeline.run(config, str(tmp_path))
+  names = [r['name'] for r in rows]
+  assert names == ['student (CD, S=8)', 'teacher addim 2', 'teacher ddim 2',
+                   'teacher addim 4', 'teacher ddim 4']
+  assert [r['nfe'] for r in rows] == [8, 2, 2, 4, 4]
+  assert all(np.isfinite(r['fd_digits']) for r in rows)
+  table = capsys.readouterr().out
+  assert '| student (CD, S=8) | 8 |' in table and 'real held-out digits' in table
+  assert os.path.isdir(tmp_path / 'teacher' / 'checkpoints' / '4')
+  assert os.path.isdir(tmp_path / 'cd_s8' / 'checkpoints' / '2')
+  w, h = Image.open(tmp_path / 'comparison.png').size
+  assert w > 4 * h  # Five panels side by side.
+
+  # A rerun finds every stage finished and every row computed: same table.
+  mtime = os.path.getmtime(tmp_path / 'comparison.json')
+  again = pipeline.run(config, str(tmp_path))
+  assert again == rows
+  assert os.path.getmtime(tmp_path / 'comparison.json') == mtime
+
+
+def test_toy2d_pipeline(tmp_path):
+  rows = pipeline.run(toy2d.get_config('smoke'), str(tmp_path))
+  assert rows[0]['name'] == 'student (CD, S=8)'
+  assert all(np.isfinite(r['swd']) for r in rows)
+
+
+def test_sweep(tmp_path):
+  config = digits.get_config('smoke')
+  steps, stages = [1, 2], ['cd', 'ct', 'pd']
+  results = sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2)
+  assert sorted(results) == sorted(f'{m}_s{s}' for m in stages for s in steps)
+  # The PD chain: S = 2 from the teacher, S = 1 from the S = 2 student.
+  with open(tmp_path / 'sweep' / 'pd_s1' / 'config.json') as f:
+    assert json.load(f)['teacher_checkpoint'].endswith('sweep/pd_s2')
+  with open(tmp_path / 'sweep' / 'pd_s2' / 'config.json') as f:
+    assert json.load(f)['teacher_checkpoint'].endswith('/teacher')
+  sweep.write_report(results, str(tmp_path), steps, stages,
+                     {'fd_digits': 4.5})
+  assert (tmp_path / 'sweep.png').exists()
+  assert '| CD |' in (tmp_path / 'sweep.md').read_text()
