@@ -233,3 +233,25 @@ def test_empirical_x_var():
   t = 1. - jnp.arange(8) / 8
   _, s = schedules.alpha_sigma(schedules.cosine_logsnr(t))
   np.testing.assert_allclose(v, s**2, rtol=0.05)
+
+
+def test_guided_teacher_step():
+  """Spec A9: the guided prediction drives the aDDIM step; the variance comes
+  from the plain conditional prediction."""
+  def teacher(params, z, t, labels, rng=None):
+    # x_hat = label value (null = 4) everywhere: v = (alpha z - x) / sigma.
+    a, s = schedules.alpha_sigma(schedules.cosine_logsnr(t))
+    x = jnp.broadcast_to(labels[:, None].astype(jnp.float32), z.shape)
+    return (a[:, None] * z - x) / s[:, None]
+  z = jax.random.normal(jax.random.key(0), (3, 2))
+  t = jnp.full((3,), 0.5)
+  labels = jnp.array([0, 1, 2])
+  guided, cond = losses.teacher_x(teacher, None, z, t, labels,
+                                  schedules.cosine_logsnr, guidance=2.,
+                                  num_classes=4)
+  np.testing.assert_allclose(cond[:, 0], [0, 1, 2], atol=1e-5)
+  np.testing.assert_allclose(guided[:, 0], 3. * np.array([0, 1, 2]) - 2. * 4,
+                             atol=1e-4)
+  plain, same = losses.teacher_x(teacher, None, z, t, labels,
+                                 schedules.cosine_logsnr)
+  np.testing.assert_array_equal(plain, same)
