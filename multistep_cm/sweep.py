@@ -124,7 +124,9 @@ def write_report(results, workdir, steps, stages, floor):
         ax.plot(*zip(*pts), marker='o', label=stage.upper())
     if m in floor:
       ax.axhline(floor[m], color='gray', ls='--', label='real held-out')
-    ax.set(xscale='log', xlabel='student steps S', ylabel=m)
+    # Distances span orders of magnitude between 1 and 16 steps.
+    ax.set(xscale='log', xlabel='student steps S', ylabel=m,
+           yscale='log' if m in ('fd_digits', 'swd') else 'linear')
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.legend()
   fig.tight_layout()
