@@ -120,21 +120,31 @@ def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
   return ddim.x_from_v(network(params, z, t, labels, rng), z, alpha, sigma)
 
 
+def guided_v(network, params, z, t, labels, guidance=0., num_classes=0,
+             rng=None):
+  """(guided, conditional) v predictions: classifier-free guidance
+  (1 + w) cond - w uncond in one batched call, or the plain prediction twice
+  when unguided. Linear in v, so it guides x and eps alike."""
+  if not (guidance and num_classes):
+    v = network(params, z, t, labels, rng)
+    return v, v
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+  null = jnp.full_like(labels, num_classes)
+  v = network(params, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
+              jnp.concatenate([labels, null]), rng)
+  cond, uncond = jnp.split(v, 2)
+  return (1. + guidance) * cond - guidance * uncond, cond
+
+
 def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
               num_classes=0):
   """The teacher's x prediction (guided when `guidance` > 0) and its plain
   conditional prediction, which sets the aDDIM variance (spec A9). Dropout off."""
   alpha, sigma = _ab(logsnr_fn, t)
-  if guidance and num_classes:
-    null = jnp.full_like(labels, num_classes)
-    v = teacher(teacher_params, jnp.concatenate([z, z]),
-                jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
-    cond, uncond = jnp.split(v, 2)
-    guided = (1. + guidance) * cond - guidance * uncond
-    return (ddim.x_from_v(guided, z, alpha, sigma),
-            ddim.x_from_v(cond, z, alpha, sigma))
-  x = ddim.x_from_v(teacher(teacher_params, z, t, labels), z, alpha, sigma)
-  return x, x
+  guided, cond = guided_v(teacher, teacher_params, z, t, labels, guidance,
+                          num_classes)
+  return (ddim.x_from_v(guided, z, alpha, sigma),
+          ddim.x_from_v(cond, z, alpha, sigma))
 
 
 def consistency_loss_terms(student, params, target_params, x, labels, eps, t,

@@ -6,24 +6,19 @@ import jax
 import jax.numpy as jnp
 
 from multistep_cm import ddim
+from multistep_cm import losses
 from multistep_cm import schedules
 
 
 def guided_network(network, guidance, num_classes):
-  """Classifier-free guidance on the prediction: (1 + w) cond - w uncond.
-
-  The prediction is linear in v, x and eps alike, so guiding v guides all of
-  them. `w = 0` is the plain conditional network and costs one evaluation.
-  """
+  """The network under classifier-free guidance, (1 + w) cond - w uncond
+  (`losses.guided_v`). `w = 0` is the plain network: one evaluation."""
   if guidance == 0. or not num_classes:
     return network
 
   def fn(params, z_t, t, labels, rng=None):
-    null = jnp.full_like(labels, num_classes)
-    v = network(params, jnp.concatenate([z_t, z_t]), t,
-                jnp.concatenate([labels, null]), rng)
-    cond, uncond = jnp.split(v, 2)
-    return (1. + guidance) * cond - guidance * uncond
+    return losses.guided_v(network, params, z_t, t, labels, guidance,
+                           num_classes, rng)[0]
   return fn
 
 
