@@ -129,4 +129,28 @@ def base():
   c.eval.num_samples = 1800  # Samples for the metric, labels uniform.
   c.eval.batch_size = 600
   c.eval.grid_size = 100  # Samples in the PNG grid.
+
+  # --mode=evaluate (and FID during training). Empty or negative fields take
+  # the stage's own: S-step consistency sampling for a student, eval.sampler
+  # at eval.steps for a teacher, eval.guidance.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.sampler = ''  # student, ddim or addim.
+  c.evaluate.steps = 0
+  c.evaluate.guidance = -1.
+  c.evaluate.ema = True  # EMA weights, else the online ones.
+  c.evaluate.num_samples = 50_000
+  c.evaluate.chunk_size = 5_000  # The unit of resumption.
+  c.evaluate.batch_size = 500  # Per sampling / Inception call, all devices.
+  c.evaluate.seed = 0
+  # Image datasets: the converted FID Inception weights (local or gs://; see
+  # multistep_cm/convert_inception.py; $MULTISTEP_CM_INCEPTION if empty), the
+  # SHA-256 they must have ('' = unchecked), and the reference: an ADM
+  # reference batch (VIRTUAL_imagenet64_labeled.npz) or --mode=reference's.
+  c.evaluate.inception_weights = ''
+  c.evaluate.inception_sha256 = ''
+  c.evaluate.reference = ''
+  c.evaluate.precision_recall = True  # Needs the reference's arr_0 images.
+  # FID during training at every eval_every, on this many samples, when the
+  # weights and reference are set (0: off).
+  c.evaluate.train_samples = 5_000
   return c

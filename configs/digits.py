@@ -43,6 +43,10 @@ def get_config(arg=None):
   c.eval_every = 2000
   c.eval.num_samples = 1080  # Three chunks of the held-out size (360).
   c.eval.batch_size = 540
+  # --mode=evaluate: three chunks of the held-out size, as FD-digits averages.
+  c.evaluate.num_samples = 1080
+  c.evaluate.chunk_size = 360
+  c.evaluate.batch_size = 360
 
   c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
   c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()

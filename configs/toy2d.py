@@ -37,6 +37,9 @@ def get_config(arg=None):
   c.eval.num_samples = 2000
   c.eval.batch_size = 1000
   c.eval.grid_size = 2000  # All the points go in the scatter plot.
+  c.evaluate.num_samples = 2000
+  c.evaluate.chunk_size = 1000
+  c.evaluate.batch_size = 1000
   c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
   c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()
   c.student_steps = arg.steps

@@ -139,3 +139,43 @@ def train_batches(cfg, global_batch, seed, start_step=0):
   if cfg.name == 'toy2d':
     return _toy2d_batches(local_batch, seed, start_step, pidx)
   return _tfds_batches(cfg, 'train', local_batch, seed, start_step)
+
+
+def one_pass(cfg, split, global_batch):
+  """This process's share of a split, once, in order: batches of
+  (uint8 images, labels, mask) of the local batch size, the last one padded
+  (mask False). Every process yields the same number of batches, as the
+  sharded computations they feed require."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm import images  # pylint: disable=g-import-not-at-top
+  pidx, pcount = jax.process_index(), jax.process_count()
+  local_batch = global_batch // pcount
+  check_available(cfg)
+  if cfg.name == 'toy2d':
+    raise ValueError('toy2d has points, not images: it has no image statistics.')
+  if cfg.name == 'digits':
+    x, y = digits(split)
+    n = len(y) // pcount  # The same count on every process.
+    x, y = x[pidx::pcount][:n], y[pidx::pcount][:n]
+    batches = ((x[i:i + local_batch], y[i:i + local_batch])
+               for i in range(0, n, local_batch))
+  else:
+    batches = _tfds_pass(cfg, split, local_batch)
+  for x, y in batches:
+    pad = local_batch - len(y)
+    yield (np.pad(images.to_uint8(x), ((0, pad),) + ((0, 0),) * 3),
+           np.pad(y, (0, pad)), np.arange(local_batch) < len(y))
+
+
+def _tfds_pass(cfg, split, local_batch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  builder = _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir)
+  # drop_remainder gives every process the same count; it drops fewer
+  # examples than there are processes.
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(
+      split, drop_remainder=True), shuffle_files=False)
+  ds = ds.map(_preprocess(cfg.name, cfg.image_size), tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
+  yield from tfds.as_numpy(ds)

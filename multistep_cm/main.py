@@ -27,9 +27,12 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'samples; a run resumes from the checkpoints it holds.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate',
+                                    'reference'],
                   'train: train and evaluate; sample: write samples of the '
-                  'newest checkpoint.')
+                  'newest checkpoint; evaluate: score N samples of it '
+                  '(config.evaluate); reference: FID statistics of the '
+                  'dataset\'s train split, written to the workdir.')
 flags.DEFINE_integer('num_samples', 100, 'Samples to write in sample mode.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -89,6 +92,9 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
   from multistep_cm import checkpoint  # pylint: disable=g-import-not-at-top
+  from multistep_cm import evaluation  # pylint: disable=g-import-not-at-top
+  from multistep_cm import fid  # pylint: disable=g-import-not-at-top
+  from multistep_cm import inception  # pylint: disable=g-import-not-at-top
   from multistep_cm import pipeline  # pylint: disable=g-import-not-at-top
   from multistep_cm import sample  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
@@ -103,10 +109,15 @@ def main(argv):
     config = pipeline.stage_config(config, config.stage)
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == 'evaluate':
+      evaluation.run(config, FLAGS.workdir)
+    elif FLAGS.mode == 'reference':
+      fid.compute_reference(config, FLAGS.workdir)
     else:
       sample.sample_checkpoint(config, FLAGS.workdir, FLAGS.num_samples)
   except (data.DatasetNotPreparedError, FileNotFoundError,
-          checkpoint.CheckpointMismatchError, train.ConfigError) as e:
+          checkpoint.CheckpointMismatchError, train.ConfigError,
+          inception.InceptionWeightsError, fid.ReferenceError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -75,3 +75,11 @@ def global_batch(local_batch, mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
+
+
+def batch_from_full(x, mesh):
+  """The global batch-sharded array of `x`, a numpy array every process holds
+  in full (eval labels, images to score): each device takes its own rows."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh),
+                                      lambda index: x[index])

@@ -19,6 +19,7 @@ import optax
 from multistep_cm import checkpoint
 from multistep_cm import data
 from multistep_cm import digits_classifier
+from multistep_cm import fid
 from multistep_cm import images
 from multistep_cm import losses
 from multistep_cm import metrics as metrics_lib
@@ -280,7 +281,7 @@ def generate(config, sampler, params, mesh, n, seed):
     chunk = labels[i:i + bs]
     padded = np.pad(chunk, (0, bs - len(chunk)))
     x = sampler(params, jax.random.fold_in(jax.random.key(seed), i),
-                sharding.global_batch(padded, mesh))
+                sharding.batch_from_full(padded, mesh))
     out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True))[
         :len(chunk)])
   return np.concatenate(out), labels
@@ -303,12 +304,15 @@ def floor_metrics(config):
   return {}
 
 
-def evaluate(config, sampler, params, mesh, step, workdir, writer):
+def evaluate(config, sampler, params, mesh, step, workdir, writer,
+             training_fid=None):
   """Samples with the EMA parameters, logs the metrics, writes a PNG grid."""
   t0 = time.time()
   samples, labels = generate(config, sampler, params, mesh,
                              config.eval.num_samples, config.seed + 1)
   scores = sample_metrics(config, samples, labels)
+  if training_fid is not None:
+    scores['fid'] = training_fid(params)  # On evaluate.train_samples.
   if jax.process_index() == 0:
     n = config.eval.grid_size
     path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
@@ -391,6 +395,12 @@ def train_and_evaluate(config, workdir):
   sampler = make_sampler(config, network, state_sh.ema_params, mesh)
   batches = data.train_batches(config.dataset, config.batch_size, config.seed,
                                start)
+  training_fid = None
+  if fid.TrainingFID.enabled(config):
+    training_fid = fid.TrainingFID(config, sampler, state_sh.ema_params, mesh)
+  elif config.dataset.name not in data.EMBEDDED:
+    logging.info('No FID during training: set config.evaluate.'
+                 'inception_weights and config.evaluate.reference for it.')
   floor = floor_metrics(config)
   if floor:
     logging.info('Real held-out data scores (the floor): %s', _fmt(floor))
@@ -423,7 +433,7 @@ def train_and_evaluate(config, workdir):
       raise SystemExit(f'Preempted: saved step {step}; rerun to resume.')
     if step % config.eval_every == 0 or last:
       scores = evaluate(config, sampler, state.ema_params, mesh, step, workdir,
-                        writer)
+                        writer, training_fid)
   ckpt.wait()
   ckpt.close()
   writer.flush()
@@ -431,5 +441,5 @@ def train_and_evaluate(config, workdir):
     logging.info('The checkpoint already has all %d steps; evaluating it.',
                  config.total_steps)
     scores = evaluate(config, sampler, state.ema_params, mesh, start, workdir,
-                      writer)
+                      writer, training_fid)
   return state, {**scores, **{f'floor_{k}': v for k, v in floor.items()}}

@@ -1,0 +1,290 @@
+"""Evaluation mode: N samples of a checkpoint, scored, with the protocol on
+record.
+
+  python -m multistep_cm.main --config=... --workdir=RUN --mode=evaluate
+
+Samples are generated in chunks under RUN/eval/<protocol>/; a chunk is
+written whole (atomically) or not at all, so a preempted run continues from
+the last finished chunk and recomputes nothing before it. The noise of sample
+i depends only on (seed, i), so the samples do not depend on the mesh, the
+number of hosts or where a run was interrupted.
+
+Outputs, next to the chunks: `samples.npz` in the ADM layout (`arr_0` uint8
+NHWC, `arr_1` labels) for the reference evaluator, `grid.png`, and
+`protocol.json` with the sampler, steps, NFE, guidance, EMA, seed, reference,
+N and the metric values. Metrics: FID, Inception Score and precision/recall
+for image datasets (Inception features computed on the devices right after
+sampling); FD-digits and class accuracy for digits; the toy2d distances.
+"""
+
+import glob
+import json
+import os
+import time
+import zipfile
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from multistep_cm import checkpoint
+from multistep_cm import digits_classifier
+from multistep_cm import fid
+from multistep_cm import images
+from multistep_cm import inception
+from multistep_cm import metrics
+from multistep_cm import models
+from multistep_cm import samplers
+from multistep_cm import sharding
+from multistep_cm import train
+
+SAMPLERS = ('student', 'ddim', 'addim')
+
+
+def metric_kind(config):
+  if config.dataset.name in ('digits', 'toy2d'):
+    return config.dataset.name
+  return 'inception'
+
+
+def protocol(config, step):
+  """What is evaluated, resolved from config.evaluate (empty fields: the
+  stage's own sampler, steps and guidance)."""
+  ev = config.evaluate
+  kind = ev.sampler or ('student' if config.stage != 'teacher' else
+                        config.eval.sampler)
+  if kind not in SAMPLERS:
+    raise train.ConfigError(f'Unknown config.evaluate.sampler {kind!r}: '
+                            f'expected one of {", ".join(SAMPLERS)}.')
+  if kind == 'student' and config.stage == 'teacher':
+    raise train.ConfigError('config.evaluate.sampler=student needs a student '
+                            'stage (cd, ct, pd); a teacher samples with ddim '
+                            'or addim.')
+  steps = ev.steps or (config.student_steps if kind == 'student' else
+                       config.eval.steps)
+  guidance = config.eval.guidance if ev.guidance < 0 else ev.guidance
+  return {
+      'stage': config.stage, 'checkpoint_step': step, 'dataset':
+          config.dataset.name, 'sampler': kind, 'steps': steps,
+      'nfe': samplers.nfe(steps, guidance, config.dataset.num_classes),
+      'guidance': guidance, 'ema': ev.ema, 'seed': ev.seed,
+      'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
+      'labels': 'sample i has class i mod num_classes (uniform; 50 per class '
+                'for 50k ImageNet samples)',
+      'uint8': 'clip to [-1, 1], round((x + 1) * 127.5)',
+  }
+
+
+def protocol_name(p):
+  return (f'step{p["checkpoint_step"]}_{p["sampler"]}{p["steps"]}'
+          f'_w{p["guidance"]:g}_{"ema" if p["ema"] else "online"}'
+          f'_n{p["num_samples"]}_seed{p["seed"]}')
+
+
+def make_generator(config, network, param_shardings, mesh, p, inc_params):
+  """A jitted `(params, inception params, rng, labels) -> outputs`: samples
+  (uint8 for images), and for image datasets their Inception features and
+  logits, computed where the samples are."""
+  kind = 'ddim' if p['sampler'] == 'student' else p['sampler']
+  sampler = train.make_sampler(config, network, param_shardings, mesh,
+                               steps=p['steps'], kind=kind,
+                               guidance=p['guidance'])
+  images_out = len(train.data_shape(config)) == 3
+
+  def fn(params, inc, rng, labels):
+    x = sampler(params, rng, labels)
+    if not images_out:
+      return {'samples': x}
+    u8 = fid.to_uint8(x)
+    out = {'samples': u8}
+    if inc is not None:
+      out['features'], out['logits'] = inception.features_fn(inc)(u8)
+    return out
+
+  batch = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  return jax.jit(fn, in_shardings=(param_shardings, replicated, replicated,
+                                   batch), out_shardings=batch)
+
+
+def generate_chunk(gen, params, inc_params, mesh, labels, start, seed, bs):
+  """Outputs for samples [start, start + len(labels)), gathered to host."""
+  out = []
+  for i in range(0, len(labels), bs):
+    chunk = labels[i:i + bs]
+    padded = np.pad(chunk, (0, bs - len(chunk)))
+    rng = jax.random.fold_in(jax.random.key(seed), start + i)
+    res = gen(params, inc_params, rng, sharding.batch_from_full(padded, mesh))
+    out.append({k: np.asarray(multihost_utils.process_allgather(
+        v, tiled=True))[:len(chunk)] for k, v in res.items()})
+  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def _chunk_path(directory, c):
+  return os.path.join(directory, f'chunk_{c:05d}.npz')
+
+
+def _save_atomic(path, **arrays):
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def write_adm_npz(path, chunk_paths):
+  """Streams the chunks' samples and labels into one ADM-layout .npz
+  (`arr_0`, `arr_1`) without holding all samples in memory."""
+  metas = []
+  for cp in chunk_paths:
+    with np.load(cp) as f:
+      metas.append((f['samples'].shape, f['samples'].dtype))
+  n = sum(m[0][0] for m in metas)
+  tmp = path + '.tmp'
+  with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, key, shape, dtype in (
+        ('arr_0', 'samples', (n,) + metas[0][0][1:], metas[0][1]),
+        ('arr_1', 'labels', (n,), np.dtype(np.int32))):
+      with zf.open(name + '.npy', 'w', force_zip64=True) as out:
+        np.lib.format.write_array_header_1_0(out, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            'fortran_order': False, 'shape': shape})
+        for cp in chunk_paths:
+          with np.load(cp) as f:
+            out.write(np.ascontiguousarray(f[key].astype(dtype)).tobytes())
+  os.replace(tmp, path)
+
+
+def _load_checkpoint_params(config, workdir, use_ema):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 config.ckpt_every, config.keep_checkpoints)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {workdir}/checkpoints: train first with '
+        '--mode=train and the same --workdir.')
+  mesh = train.make_mesh(config)
+  model = train.create_model(config)
+  state, shardings = train.restore_or_init(
+      config, model, train.make_optimizer(config.optim), mesh, ckpt)
+  ckpt.close()
+  if use_ema:
+    return mesh, model, state.ema_params, shardings.ema_params, step
+  return mesh, model, state.params, shardings.params, step
+
+
+def run(config, workdir):
+  """Evaluates the newest checkpoint of `workdir`; returns the protocol
+  record (also written as protocol.json)."""
+  ev = config.evaluate
+  kind = metric_kind(config)
+  if config.stage not in train.STAGES:  # No teacher needed to evaluate.
+    raise train.ConfigError(f'Unknown stage {config.stage!r}: expected one '
+                            f'of {", ".join(train.STAGES)}.')
+  if ev.num_samples < 1 or ev.chunk_size < 1:
+    raise train.ConfigError('config.evaluate.num_samples and chunk_size must '
+                            'be positive.')
+  # Everything that can be missing is checked before any sampling.
+  mesh, model, params, param_sh, step = _load_checkpoint_params(
+      config, workdir, ev.ema)
+  p = protocol(config, step)
+  inc_params = mu_sigma = ref_features = None
+  if kind == 'inception':
+    inc_params, ref, mu_sigma, ref_features = fid.features_and_reference(
+        config, mesh)
+    p['reference'] = {'path': ref.path, 'sha256': ref.sha256,
+                      'statistics': 'file mu/sigma' if ref.mu is not None
+                                    else 'computed from its arr_0'}
+    p['inception'] = {
+        'weights': inception.resolve_path(ev.inception_weights),
+        'sha256': ev.inception_sha256 or '(not checked)',
+        'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
+                 'centres) -> (x - 128) / 128; HIGHEST precision',
+        'logits': '1008-way, without the output bias'}
+  directory = os.path.join(workdir, 'eval', protocol_name(p))
+  _check_spec(directory, p)
+
+  gen = make_generator(config, models.network_fn(model), param_sh, mesh, p,
+                       inc_params)
+  labels = train.eval_labels(config, ev.num_samples)
+  bs = ev.batch_size + (-ev.batch_size % mesh.size)
+  n_chunks = -(-ev.num_samples // ev.chunk_size)
+  paths = [_chunk_path(directory, c) for c in range(n_chunks)]
+  # Process 0's view of the finished chunks decides, so all hosts run the
+  # same sharded computations.
+  done = multihost_utils.broadcast_one_to_all(
+      np.array([os.path.exists(q) for q in paths]))
+  todo = [c for c in range(n_chunks) if not done[c]]
+  if len(todo) < n_chunks:
+    logging.info('Resuming %s: %d of %d chunks already done.', directory,
+                 n_chunks - len(todo), n_chunks)
+  t0, made = time.time(), 0
+  for c in todo:
+    lo, hi = c * ev.chunk_size, min((c + 1) * ev.chunk_size, ev.num_samples)
+    out = generate_chunk(gen, params, inc_params, mesh, labels[lo:hi], lo,
+                         ev.seed, bs)
+    if jax.process_index() == 0:
+      _save_atomic(paths[c], labels=labels[lo:hi], **out)
+    made += hi - lo
+    rate = made / (time.time() - t0)
+    left = sum(min(ev.chunk_size, ev.num_samples - k * ev.chunk_size)
+               for k in todo[todo.index(c) + 1:])
+    logging.info('Chunk %d/%d: %d samples, %.2f samples/s, ETA %s', c + 1,
+                 n_chunks, hi, rate, train.format_eta(left / rate))
+  multihost_utils.sync_global_devices('evaluation chunks written')
+  if jax.process_index() != 0:
+    return p
+  p['metrics'] = _score(kind, paths, mu_sigma, ref_features)
+  p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
+  p['samples_npz'] = os.path.join(directory, 'samples.npz')
+  write_adm_npz(p['samples_npz'], paths)
+  with np.load(paths[0]) as f:
+    n = min(config.eval.grid_size, len(f['labels']))
+    grid = f['samples'][:n]
+    if grid.dtype == np.uint8:
+      grid = grid.astype(np.float32) / 127.5 - 1.
+    images.save_samples_png(os.path.join(directory, 'grid.png'), grid,
+                            f['labels'][:n], config.dataset.num_classes,
+                            title=protocol_name(p))
+  with open(os.path.join(directory, 'protocol.json'), 'w') as f:
+    json.dump(p, f, indent=2)
+  logging.info('Evaluation %s: %s. Wrote %s/{samples.npz,grid.png,'
+               'protocol.json}.', protocol_name(p), ', '.join(
+                   f'{k} {v:.4g}' for k, v in p['metrics'].items()), directory)
+  return p
+
+
+def _check_spec(directory, p):
+  """Chunks of another protocol must never be mixed in."""
+  path = os.path.join(directory, 'spec.json')
+  spec = {k: v for k, v in p.items() if k not in ('reference', 'inception')}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != json.loads(json.dumps(spec)):
+      raise train.ConfigError(
+          f'{directory} holds chunks of a different protocol ({path}); '
+          'move it away to start over.')
+  elif jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(spec, f, indent=2)
+  for stale in glob.glob(os.path.join(directory, '*.tmp*')):
+    os.remove(stale)  # A write cut short by a crash.
+
+
+def _score(kind, paths, mu_sigma, ref_features):
+  def gather(key):
+    out = []
+    for q in paths:
+      with np.load(q) as f:
+        out.append(f[key])
+    return np.concatenate(out)
+
+  if kind == 'inception':
+    return fid.scores(gather('features'), gather('logits'), mu_sigma,
+                      ref_features)
+  samples, labels = gather('samples'), gather('labels')
+  if kind == 'digits':
+    return digits_classifier.evaluate(
+        samples.astype(np.float32) / 127.5 - 1., labels)
+  return metrics.toy2d_metrics(samples)

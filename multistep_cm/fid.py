@@ -1,0 +1,223 @@
+"""FID-family metrics of images: Inception features on the mesh, reference
+statistics (the ADM reference batches, or computed from this project's own
+input pipeline), and the scores of a set of features against a reference."""
+
+import dataclasses
+import hashlib
+import io
+import os
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from multistep_cm import data
+from multistep_cm import inception
+from multistep_cm import metrics
+from multistep_cm import sharding
+
+ADM_REFERENCES = ('https://openaipublic.blob.core.windows.net/diffusion/'
+                  'jul-2021/ref_batches/imagenet/{64,128}/'
+                  'VIRTUAL_imagenet{64,128}_labeled.npz')
+
+
+class ReferenceError(RuntimeError):
+  """Missing or unusable reference statistics."""
+
+
+@dataclasses.dataclass
+class Reference:
+  path: str
+  sha256: str
+  mu: np.ndarray | None  # float64 pool_3 mean over the reference set.
+  sigma: np.ndarray | None
+  images: np.ndarray | None  # uint8 NHWC, for precision/recall (ADM: 10k).
+
+
+def load_reference(path):
+  """An ADM-layout reference .npz (local or gs://): `mu`/`sigma` when present
+  (the ADM files hold full-train-set statistics), and `arr_0`, the images
+  precision/recall compares with."""
+  if not path:
+    raise ReferenceError(
+        'No FID reference: set config.evaluate.reference to an ADM reference '
+        f'batch ({ADM_REFERENCES}) or to the output of --mode=reference.')
+  try:
+    blob = inception._read_bytes(path)  # pylint: disable=protected-access
+  except (OSError, ValueError) as e:
+    raise ReferenceError(f'Cannot read the FID reference {path} '
+                         f'({type(e).__name__}).') from None
+  try:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+      got = {k: f[k] for k in f.files if k in ('mu', 'sigma', 'arr_0')}
+  except (OSError, ValueError) as e:
+    raise ReferenceError(f'{path} is not a readable .npz ({e}).') from None
+  if 'mu' not in got and 'arr_0' not in got:
+    raise ReferenceError(f'{path} has neither mu/sigma nor arr_0 images: not '
+                         'an ADM-layout reference.')
+  images = got.get('arr_0')
+  if images is not None and (images.dtype != np.uint8 or images.ndim != 4):
+    raise ReferenceError(f'{path}: arr_0 must be uint8 NHWC images, not '
+                         f'{images.dtype} {images.shape}.')
+  mu, sigma = got.get('mu'), got.get('sigma')
+  return Reference(path, hashlib.sha256(blob).hexdigest(),
+                   None if mu is None else mu.astype(np.float64),
+                   None if sigma is None else sigma.astype(np.float64), images)
+
+
+def make_feature_fn(mesh):
+  """A jitted `(inception_params, uint8 images) -> (features, logits)` over
+  the batch sharding: the weights replicated, each device its rows."""
+  batch = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  return jax.jit(lambda p, x: inception.features_fn(p)(x),
+                 in_shardings=(replicated, batch), out_shardings=batch)
+
+
+def image_features(images, inception_params, mesh, batch_size):
+  """(features, logits) of uint8 images held by every process, as numpy."""
+  fn = make_feature_fn(mesh)
+  bs = batch_size + (-batch_size % mesh.size)
+  feats, logits = [], []
+  for i in range(0, len(images), bs):
+    chunk = images[i:i + bs]
+    padded = np.pad(chunk, ((0, bs - len(chunk)),) + ((0, 0),) * 3)
+    f, l = fn(inception_params, sharding.batch_from_full(padded, mesh))
+    feats.append(np.asarray(multihost_utils.process_allgather(f, tiled=True))[
+        :len(chunk)])
+    logits.append(np.asarray(multihost_utils.process_allgather(
+        l, tiled=True))[:len(chunk)])
+  return np.concatenate(feats), np.concatenate(logits)
+
+
+def reference_stats(ref, inception_params, mesh, batch_size):
+  """(mu, sigma) of a reference: its own, or computed from its images."""
+  if ref.mu is not None:
+    return ref.mu, ref.sigma
+  logging.info('%s has no mu/sigma; computing them from its %d images.',
+               ref.path, len(ref.images))
+  feats, _ = image_features(ref.images, inception_params, mesh, batch_size)
+  return metrics.gaussian_stats(feats)
+
+
+def scores(features, logits, mu_sigma, ref_features=None):
+  """FID (float64 statistics, scipy sqrtm), IS over 10 splits, and
+  precision/recall (k=3) when reference features are given."""
+  stats = metrics.FeatureStats(features.shape[1])
+  stats.add(features)
+  out = {'fid': metrics.frechet_distance(*stats.mu_sigma(), *mu_sigma)}
+  out['inception_score'], out['inception_score_std'] = (
+      metrics.inception_score(logits))
+  if ref_features is not None:
+    out['precision'], out['recall'] = metrics.precision_recall(
+        ref_features, features)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# --mode=reference: statistics of a dataset split through our own pipeline.
+# ----------------------------------------------------------------------------
+
+
+def compute_reference(config, workdir, split='train', keep_images=10_000):
+  """Writes WORKDIR/reference_<dataset>_<split>.npz in the ADM layout: `mu`,
+  `sigma` (float64, over the whole split) and `arr_0`, the first
+  `keep_images` images (uint8) for precision/recall. Returns its path."""
+  cfg = config.dataset
+  params = inception.load_params(config.evaluate.inception_weights,
+                                 config.evaluate.inception_sha256)
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  bs = config.evaluate.batch_size + (-config.evaluate.batch_size % mesh.size)
+  fn = make_feature_fn(mesh)
+  stats = metrics.FeatureStats(inception.FEATURES)
+  kept, n, t0 = [], 0, time.time()
+  local_keep = keep_images // jax.process_count()
+  for i, (x, _, mask) in enumerate(data.one_pass(cfg, split, bs)):
+    feats, _ = fn(params, sharding.global_batch(x, mesh))
+    global_mask = np.asarray(multihost_utils.process_allgather(mask,
+                                                               tiled=True))
+    stats.add(feats, global_mask)
+    have = sum(len(k) for k in kept)
+    if have < local_keep:
+      kept.append(x[mask][:local_keep - have])
+    n += int(global_mask.sum())
+    if (i + 1) % 50 == 0:
+      logging.info('%d images, %.1f images/s', n, n / (time.time() - t0))
+  mu, sigma = stats.mu_sigma()  # Collective: every process calls it.
+  images = np.asarray(multihost_utils.process_allgather(
+      np.concatenate(kept), tiled=True))
+  path = os.path.join(workdir, f'reference_{cfg.name}_{split}.npz')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, arr_0=images,
+             num_images=np.int64(n))
+  logging.info('Wrote %s: statistics of %d %s images, %d kept for '
+               'precision/recall (%.0f s).', path, n, split, len(images),
+               time.time() - t0)
+  return path
+
+
+def features_and_reference(config, mesh):
+  """(inception params, (mu, sigma), reference features or None): what an
+  image evaluation needs, each piece checked before sampling starts."""
+  ev = config.evaluate
+  params = inception.load_params(ev.inception_weights, ev.inception_sha256)
+  ref = load_reference(ev.reference)
+  mu_sigma = reference_stats(ref, params, mesh, ev.batch_size)
+  ref_features = None
+  if ref.images is not None and ev.precision_recall:
+    ref_features, _ = image_features(ref.images, params, mesh, ev.batch_size)
+  return params, ref, mu_sigma, ref_features
+
+
+def to_uint8(x):
+  """jnp twin of images.to_uint8: clip to [-1, 1], round((x + 1) * 127.5)."""
+  return jnp.clip(jnp.round((x + 1.) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class TrainingFID:
+  """FID on a few samples at each evaluation of a training run. The Inception
+  network runs in the same jitted call as the sampler, on the devices that
+  hold the samples, so only 2048 floats per sample reach the host."""
+
+  def __init__(self, config, sampler, param_shardings, mesh):
+    ev = config.evaluate
+    self.params = inception.load_params(ev.inception_weights,
+                                        ev.inception_sha256)
+    self.mu_sigma = reference_stats(load_reference(ev.reference), self.params,
+                                    mesh, ev.batch_size)
+    self.n, self.mesh, self.seed = ev.train_samples, mesh, config.seed + 3
+    self.bs = ev.batch_size + (-ev.batch_size % mesh.size)
+    k = config.dataset.num_classes
+    self.labels = (np.arange(self.n) % k if k else np.zeros(self.n)).astype(
+        np.int32)
+    batch = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def fn(params, inc, rng, labels):
+      return inception.features_fn(inc)(to_uint8(sampler(params, rng,
+                                                         labels)))[0]
+
+    self.fn = jax.jit(fn, in_shardings=(param_shardings, replicated,
+                                        replicated, batch), out_shardings=batch)
+
+  @staticmethod
+  def enabled(config):
+    ev = config.evaluate
+    return (config.dataset.name not in data.EMBEDDED and ev.train_samples > 0
+            and bool(inception.resolve_path(ev.inception_weights))
+            and bool(ev.reference))
+
+  def __call__(self, params):
+    stats = metrics.FeatureStats(inception.FEATURES)
+    for i in range(0, self.n, self.bs):
+      chunk = self.labels[i:i + self.bs]
+      padded = np.pad(chunk, (0, self.bs - len(chunk)))
+      feats = self.fn(params, self.params,
+                      jax.random.fold_in(jax.random.key(self.seed), i),
+                      sharding.batch_from_full(padded, self.mesh))
+      stats.add(feats, np.arange(self.bs) < len(chunk))
+    return metrics.frechet_distance(*stats.mu_sigma(), *self.mu_sigma)
