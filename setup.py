@@ -28,5 +28,10 @@ setuptools.setup(
         'matplotlib>=3.11.2',
         'pillow>=13.0.0',
     ],
-    extras_require={'test': ['pytest>=9.2.0']},
+    extras_require={
+        # Only for converting pytorch-fid's Inception weights, once.
+        'convert': ['torch>=2.13.0'],
+        # torch writes the .pth the converter test reads.
+        'test': ['pytest>=9.2.0', 'torch>=2.13.0'],
+    },
 )

@@ -152,7 +152,7 @@ def one_pass(cfg, split, global_batch):
   local_batch = global_batch // pcount
   check_available(cfg)
   if cfg.name == 'toy2d':
-    raise ValueError('toy2d has points, not images: it has no image statistics.')
+    raise ValueError("toy2d has points, not images.")
   if cfg.name == 'digits':
     x, y = digits(split)
     n = len(y) // pcount  # The same count on every process.

@@ -184,13 +184,15 @@ def run(config, workdir):
     raise train.ConfigError('config.evaluate.num_samples and chunk_size must '
                             'be positive.')
   # Everything that can be missing is checked before any sampling.
+  inc_params = mu_sigma = ref_features = None
+  if kind == 'inception':
+    inc_params, ref = fid.load_weights_and_reference(config)
   mesh, model, params, param_sh, step = _load_checkpoint_params(
       config, workdir, ev.ema)
   p = protocol(config, step)
-  inc_params = mu_sigma = ref_features = None
   if kind == 'inception':
-    inc_params, ref, mu_sigma, ref_features = fid.features_and_reference(
-        config, mesh)
+    mu_sigma = fid.reference_stats(ref, inc_params, mesh, ev.batch_size)
+    ref_features = fid.reference_features(ref, inc_params, mesh, config)
     p['reference'] = {'path': ref.path, 'sha256': ref.sha256,
                       'statistics': 'file mu/sigma' if ref.mu is not None
                                     else 'computed from its arr_0'}

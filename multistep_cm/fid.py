@@ -3,6 +3,7 @@ statistics (the ADM reference batches, or computed from this project's own
 input pipeline), and the scores of a set of features against a reference."""
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -68,6 +69,7 @@ def load_reference(path):
                    None if sigma is None else sigma.astype(np.float64), images)
 
 
+@functools.lru_cache(maxsize=4)
 def make_feature_fn(mesh):
   """A jitted `(inception_params, uint8 images) -> (features, logits)` over
   the batch sharding: the weights replicated, each device its rows."""
@@ -127,6 +129,8 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   `sigma` (float64, over the whole split) and `arr_0`, the first
   `keep_images` images (uint8) for precision/recall. Returns its path."""
   cfg = config.dataset
+  if cfg.name == 'toy2d':
+    raise ReferenceError('toy2d has points, not images: no FID statistics.')
   params = inception.load_params(config.evaluate.inception_weights,
                                  config.evaluate.inception_sha256)
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
@@ -160,17 +164,20 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   return path
 
 
-def features_and_reference(config, mesh):
-  """(inception params, (mu, sigma), reference features or None): what an
-  image evaluation needs, each piece checked before sampling starts."""
+def load_weights_and_reference(config):
+  """The Inception parameters and the reference file: read (and checked)
+  before anything is sampled."""
   ev = config.evaluate
-  params = inception.load_params(ev.inception_weights, ev.inception_sha256)
-  ref = load_reference(ev.reference)
-  mu_sigma = reference_stats(ref, params, mesh, ev.batch_size)
-  ref_features = None
-  if ref.images is not None and ev.precision_recall:
-    ref_features, _ = image_features(ref.images, params, mesh, ev.batch_size)
-  return params, ref, mu_sigma, ref_features
+  return (inception.load_params(ev.inception_weights, ev.inception_sha256),
+          load_reference(ev.reference))
+
+
+def reference_features(ref, inception_params, mesh, config):
+  """Features of the reference's images for precision/recall, or None."""
+  if ref.images is None or not config.evaluate.precision_recall:
+    return None
+  return image_features(ref.images, inception_params, mesh,
+                        config.evaluate.batch_size)[0]
 
 
 def to_uint8(x):
@@ -185,10 +192,8 @@ class TrainingFID:
 
   def __init__(self, config, sampler, param_shardings, mesh):
     ev = config.evaluate
-    self.params = inception.load_params(ev.inception_weights,
-                                        ev.inception_sha256)
-    self.mu_sigma = reference_stats(load_reference(ev.reference), self.params,
-                                    mesh, ev.batch_size)
+    self.params, ref = load_weights_and_reference(config)
+    self.mu_sigma = reference_stats(ref, self.params, mesh, ev.batch_size)
     self.n, self.mesh, self.seed = ev.train_samples, mesh, config.seed + 3
     self.bs = ev.batch_size + (-ev.batch_size % mesh.size)
     k = config.dataset.num_classes

@@ -57,3 +57,27 @@ def test_missing_config_file(tmp_path):
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert _last_line(proc) == ("error: cannot load --config: [Errno 2] No such "
                               "file or directory: 'configs/nope.py'")
+
+
+def test_evaluate_without_inception_weights(tmp_path):
+  env_free = os.environ.pop('MULTISTEP_CM_INCEPTION', None)
+  try:
+    proc = _run('--config=configs/imagenet64.py:smoke', f'--workdir={tmp_path}',
+                '--mode=evaluate')
+  finally:
+    if env_free is not None:
+      os.environ['MULTISTEP_CM_INCEPTION'] = env_free
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  line = _last_line(proc)
+  assert line.startswith('error: No Inception weights configured.'), line
+  assert 'python -m multistep_cm.convert_inception' in line
+
+
+def test_reference_of_wrong_weights_file(tmp_path):
+  bogus = tmp_path / 'inception.npz'
+  bogus.write_bytes(b'not an npz')
+  proc = _run('--config=configs/digits.py:smoke', f'--workdir={tmp_path}',
+              '--mode=reference',
+              f'--config.evaluate.inception_weights={bogus}')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert 'is not a readable .npz' in _last_line(proc)

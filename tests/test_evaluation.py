@@ -1,0 +1,158 @@
+"""Evaluation mode: resumable chunked generation, the protocol record, the
+embedded datasets' metrics, and the Inception metrics end to end (reference
+statistics, FID during training, --mode=evaluate) on tfds mock ImageNet."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import digits
+from configs import imagenet64
+from configs import toy2d
+from multistep_cm import convert_inception
+from multistep_cm import evaluation
+from multistep_cm import data
+from multistep_cm import fid
+from multistep_cm import sharding
+from multistep_cm import train
+from tests import inception_golden
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  config = digits.get_config('smoke')
+  workdir = str(tmp_path_factory.mktemp('digits'))
+  train.train_and_evaluate(config, workdir)
+  config.evaluate.num_samples = 30
+  config.evaluate.chunk_size = 10
+  config.evaluate.batch_size = 8
+  return config, workdir
+
+
+def test_resumed_evaluation_equals_uninterrupted(digits_run, tmp_path,
+                                                 monkeypatch):
+  config, trained = digits_run
+  full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
+  shutil.copytree(trained, full_dir)
+  shutil.copytree(trained, cut_dir)
+  full = evaluation.run(config, full_dir)
+
+  calls = []
+  real = evaluation.generate_chunk
+
+  def preempted_after_two(*args, **kwargs):
+    if len(calls) == 2:
+      raise KeyboardInterrupt('preempted')
+    calls.append(args[5])  # The chunk's first sample index.
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(evaluation, 'generate_chunk', preempted_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    evaluation.run(config, cut_dir)
+  calls.clear()
+  resumed = evaluation.run(config, cut_dir)
+  assert calls == [20]  # Only the unfinished chunk is generated again.
+
+  assert resumed['metrics'] == full['metrics']
+  with np.load(full['samples_npz']) as a, np.load(resumed['samples_npz']) as b:
+    assert a['arr_0'].shape == (30, 8, 8, 1) and a['arr_0'].dtype == np.uint8
+    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
+    np.testing.assert_array_equal(b['arr_1'], np.arange(30) % 10)
+  record = json.load(open(os.path.join(os.path.dirname(
+      resumed['samples_npz']), 'protocol.json')))
+  assert record['sampler'] == 'addim' and record['nfe'] == 4
+  assert record['num_samples'] == 30 and record['ema'] is True
+  assert set(record['metrics']) == {'class_accuracy'}  # < 360: no FD-digits.
+
+
+def test_protocols_never_mix(digits_run, tmp_path):
+  config, trained = digits_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir)
+  evaluation.run(config, workdir)
+  other = config.copy_and_resolve_references()
+  other.evaluate.chunk_size = 15  # Same directory name, other chunks.
+  with pytest.raises(train.ConfigError, match='different protocol'):
+    evaluation.run(other, workdir)
+  other = config.copy_and_resolve_references()
+  other.evaluate.sampler = 'student'
+  with pytest.raises(train.ConfigError, match='student stage'):
+    evaluation.run(other, workdir)
+  other.evaluate.sampler = 'ddim'
+  other.evaluate.steps = 3
+  record = evaluation.run(other, workdir)
+  assert record['sampler'] == 'ddim' and record['nfe'] == 3
+  assert '_ddim3_' in record['samples_npz']
+
+
+def test_evaluate_digits_fd_and_toy2d(tmp_path):
+  config = toy2d.get_config('smoke')
+  train.train_and_evaluate(config, str(tmp_path))
+  config.evaluate.num_samples = 300
+  config.evaluate.chunk_size = 200
+  record = evaluation.run(config, str(tmp_path))
+  assert np.isfinite(record['metrics']['swd'])
+  with np.load(record['samples_npz']) as f:
+    assert f['arr_0'].shape == (300, 2) and f['arr_0'].dtype == np.float32
+
+
+def _random_inception_npz(path):
+  arrays = convert_inception.convert_state_dict(
+      inception_golden.random_state_dict())
+  convert_inception.write_npz(path, arrays)
+  return convert_inception.sha256_of(path)
+
+
+def test_imagenet_fid_end_to_end_on_mock_data(tmp_path, monkeypatch):
+  """The real tfds code path (split per process, preprocessing, flips) on
+  tfds's generated mock examples: reference statistics, a training run with
+  FID at its evaluation, then --mode=evaluate."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # mock_data fakes the reading, not the "prepared" check in front of it.
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda _: True)
+  weights = str(tmp_path / 'inception.npz')
+  config = imagenet64.get_config('smoke')
+  config.evaluate.inception_weights = weights
+  config.evaluate.inception_sha256 = _random_inception_npz(weights)
+  config.evaluate.batch_size = 8
+  with tfds.testing.mock_data(num_examples=12):
+    batch = next(data.train_batches(config.dataset, 8, 0))
+    assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
+    assert -1 <= batch['x'].min() and batch['x'].max() <= 1
+    ref_path = fid.compute_reference(config, str(tmp_path / 'refs'),
+                                     keep_images=8)
+    with np.load(ref_path) as f:
+      assert int(f['num_images']) == 12  # All of them, the last batch padded.
+      assert f['arr_0'].shape == (8, 64, 64, 3) and f['mu'].shape == (2048,)
+      assert f['sigma'].dtype == np.float64
+
+    config.evaluate.reference = ref_path
+    config.evaluate.train_samples = 8
+    workdir = str(tmp_path / 'run')
+    state, scores = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 2
+    assert np.isfinite(scores['fid']) and scores['fid'] > 0
+
+  config.evaluate.num_samples = 12
+  config.evaluate.chunk_size = 8
+  record = evaluation.run(config, workdir)
+  m = record['metrics']
+  assert np.isfinite(m['fid']) and m['inception_score'] >= 1.
+  assert 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
+  assert record['reference']['path'] == ref_path
+  assert record['inception']['sha256'] == config.evaluate.inception_sha256
+  with np.load(record['samples_npz']) as f:
+    assert f['arr_0'].shape == (12, 64, 64, 3) and f['arr_0'].dtype == np.uint8
+    np.testing.assert_array_equal(f['arr_1'], np.arange(12) % 1000)
+  # The features were computed from exactly the uint8 images written: what
+  # the ADM evaluator reads from samples.npz.
+  params, _ = fid.load_weights_and_reference(config)
+  mesh = sharding.make_mesh(('data', 'fsdp'), (-1, 1))
+  chunk = os.path.join(os.path.dirname(record['samples_npz']),
+                       'chunk_00000.npz')
+  with np.load(record['samples_npz']) as f, np.load(chunk) as c:
+    feats, _ = fid.image_features(f['arr_0'][:8], params, mesh, 8)
+    np.testing.assert_allclose(feats, c['features'], rtol=1e-5, atol=1e-6)
