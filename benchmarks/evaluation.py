@@ -1,0 +1,73 @@
+"""Evaluation cost: the FID Inception's throughput on this machine, and its
+FLOPs per image against the sampler's, for a config's network.
+
+  python benchmarks/evaluation.py --config=configs/imagenet64.py
+
+Needs no weights (random ones time the same). FLOPs come from XLA's cost
+analysis of the lowered programs, so the large ImageNet networks are counted
+without being run; throughput is measured on the Inception alone.
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from multistep_cm import inception
+from multistep_cm import models
+from multistep_cm import samplers
+from multistep_cm import train
+
+config_flags.DEFINE_config_file('config', 'configs/imagenet64.py',
+                                'Config file.')
+flags.DEFINE_integer('batch', 32, 'Images per Inception call.')
+flags.DEFINE_integer('repeats', 3, 'Timed calls.')
+FLAGS = flags.FLAGS
+
+
+def _flops(fn, *args):
+  return jax.jit(fn).lower(*args).cost_analysis()['flops']
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  size = config.dataset.image_size
+  images = np.random.default_rng(0).integers(
+      0, 256, (FLAGS.batch, size, size, 3), np.uint8)
+  params = jax.jit(inception.InceptionV3().init)(
+      jax.random.key(0), jnp.zeros((1, 299, 299, 3)))['params']
+  fn = jax.jit(lambda p, x: inception.features_fn(p)(x))
+  jax.block_until_ready(fn(params, images))
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.repeats):
+    jax.block_until_ready(fn(params, images))
+  rate = FLAGS.batch * FLAGS.repeats / (time.perf_counter() - t0)
+  inc = _flops(lambda p, x: inception.features_fn(p)(x), params,
+               jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+
+  model = train.create_model(config)
+  net = models.network_fn(model)
+  shape = (1,) + train.data_shape(config)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape),
+                            jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  one = _flops(lambda p, z: net(p['params'], z, jnp.full((1,), .5),
+                                jnp.zeros((1,), jnp.int32)),
+               abstract, jax.ShapeDtypeStruct(shape, jnp.float32))
+  print(f'{jax.devices()[0].device_kind}: Inception {rate:.1f} images/s at '
+        f'batch {FLAGS.batch} ({size}x{size} inputs resized to 299)')
+  print(f'Inception {inc / 1e9:.2f} GFLOP/image; network '
+        f'({models.count_params(abstract["params"]) / 1e6:.0f}M parameters) '
+        f'{one / 1e9:.2f} GFLOP per evaluation')
+  for steps in (1, 2, 4, 8):
+    nfe = samplers.nfe(steps, config.eval.guidance, config.dataset.num_classes)
+    print(f'  S={steps}: sampling {nfe * one / 1e9:.1f} GFLOP/sample, '
+          f'Inception adds {100 * inc / (nfe * one):.0f}%')
+
+
+if __name__ == '__main__':
+  app.run(main)
