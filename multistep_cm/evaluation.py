@@ -28,7 +28,6 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from multistep_cm import checkpoint
 from multistep_cm import digits_classifier
 from multistep_cm import fid
 from multistep_cm import images
@@ -64,11 +63,22 @@ def protocol(config, step):
   steps = ev.steps or (config.student_steps if kind == 'student' else
                        config.eval.steps)
   guidance = config.eval.guidance if ev.guidance < 0 else ev.guidance
+  sampling_guidance = guidance
+  if kind == 'student':
+    # One student per guidance scale (A9): guided at distillation, sampled
+    # without guidance, one network evaluation per step.
+    if ev.guidance > 0:
+      raise train.ConfigError(
+          'A student cannot be guided at sampling: its guidance was fixed at '
+          'distillation (config.consistency.guidance).')
+    guidance, sampling_guidance = config.consistency.guidance, 0.
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
           config.dataset.name, 'sampler': kind, 'steps': steps,
-      'nfe': samplers.nfe(steps, guidance, config.dataset.num_classes),
-      'guidance': guidance, 'ema': ev.ema, 'seed': ev.seed,
+      'nfe': samplers.nfe(steps, sampling_guidance,
+                          config.dataset.num_classes),
+      'guidance': guidance, 'sampling_guidance': sampling_guidance,
+      'ema': ev.ema, 'seed': ev.seed,
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
       'labels': 'sample i has class i mod num_classes (uniform; 50 per class '
                 'for 50k ImageNet samples)',
@@ -89,7 +99,7 @@ def make_generator(config, network, param_shardings, mesh, p, inc_params):
   kind = 'ddim' if p['sampler'] == 'student' else p['sampler']
   sampler = train.make_sampler(config, network, param_shardings, mesh,
                                steps=p['steps'], kind=kind,
-                               guidance=p['guidance'])
+                               guidance=p['sampling_guidance'])
   images_out = len(train.data_shape(config)) == 3
 
   def fn(params, inc, rng, labels):
@@ -154,24 +164,6 @@ def write_adm_npz(path, chunk_paths):
   os.replace(tmp, path)
 
 
-def _load_checkpoint_params(config, workdir, use_ema):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 config.ckpt_every, config.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {workdir}/checkpoints: train first with '
-        '--mode=train and the same --workdir.')
-  mesh = train.make_mesh(config)
-  model = train.create_model(config)
-  state, shardings = train.restore_or_init(
-      config, model, train.make_optimizer(config.optim), mesh, ckpt)
-  ckpt.close()
-  if use_ema:
-    return mesh, model, state.ema_params, shardings.ema_params, step
-  return mesh, model, state.params, shardings.params, step
-
-
 def run(config, workdir):
   """Evaluates the newest checkpoint of `workdir`; returns the protocol
   record (also written as protocol.json)."""
@@ -187,7 +179,7 @@ def run(config, workdir):
   inc_params = mu_sigma = ref_features = None
   if kind == 'inception':
     inc_params, ref = fid.load_weights_and_reference(config)
-  mesh, model, params, param_sh, step = _load_checkpoint_params(
+  mesh, model, params, param_sh, step = train.restore_for_sampling(
       config, workdir, ev.ema)
   p = protocol(config, step)
   if kind == 'inception':
@@ -198,7 +190,8 @@ def run(config, workdir):
                                     else 'computed from its arr_0'}
     p['inception'] = {
         'weights': inception.resolve_path(ev.inception_weights),
-        'sha256': ev.inception_sha256 or '(not checked)',
+        'sha256': inception.file_sha256(
+            inception.resolve_path(ev.inception_weights)),
         'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
                  'centres) -> (x - 128) / 128; HIGHEST precision',
         'logits': '1008-way, without the output bias'}
@@ -256,9 +249,10 @@ def run(config, workdir):
 
 
 def _check_spec(directory, p):
-  """Chunks of another protocol must never be mixed in."""
+  """Chunks of another protocol (or Inception) must never be mixed in; the
+  reference may change, as the chunks do not depend on it."""
   path = os.path.join(directory, 'spec.json')
-  spec = {k: v for k, v in p.items() if k not in ('reference', 'inception')}
+  spec = {k: v for k, v in p.items() if k != 'reference'}
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)

@@ -287,6 +287,11 @@ def resolve_path(path):
   return path or os.environ.get(WEIGHTS_ENV, '')
 
 
+@functools.lru_cache(maxsize=8)
+def file_sha256(path):
+  return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
 @functools.lru_cache(maxsize=2)
 def load_params(path='', sha256=''):
   """The network's parameters from a converted `.npz` (local or gs://),

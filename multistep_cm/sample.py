@@ -6,7 +6,6 @@ import os
 from absl import logging
 import jax
 
-from multistep_cm import checkpoint
 from multistep_cm import images
 from multistep_cm import models
 from multistep_cm import train
@@ -14,21 +13,9 @@ from multistep_cm import train
 
 def sample_checkpoint(config, workdir, num_samples, use_ema=True):
   """Returns the paths of the written PNG and .npz."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 config.ckpt_every, config.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {workdir}/checkpoints: train first with '
-        f'--mode=train and the same --workdir.')
-  mesh = train.make_mesh(config)
-  model = train.create_model(config)
+  mesh, model, params, sh, step = train.restore_for_sampling(
+      config, workdir, use_ema)
   network = models.network_fn(model)
-  tx = train.make_optimizer(config.optim)
-  state, shardings = train.restore_or_init(config, model, tx, mesh, ckpt)
-  ckpt.close()
-  params, sh = ((state.ema_params, shardings.ema_params) if use_ema else
-                (state.params, shardings.params))
   sampler = train.make_sampler(config, network, sh, mesh)
   samples, labels = train.generate(config, sampler, params, mesh, num_samples,
                                    config.seed + 2)

@@ -156,3 +156,18 @@ def test_imagenet_fid_end_to_end_on_mock_data(tmp_path, monkeypatch):
   with np.load(record['samples_npz']) as f, np.load(chunk) as c:
     feats, _ = fid.image_features(f['arr_0'][:8], params, mesh, 8)
     np.testing.assert_allclose(feats, c['features'], rtol=1e-5, atol=1e-6)
+
+
+def test_protocol_of_a_guided_student():
+  config = digits.get_config('stage=cd,steps=4')
+  config.consistency.guidance = 1.5
+  p = evaluation.protocol(config, step=7)
+  assert (p['sampler'], p['steps'], p['nfe']) == ('student', 4, 4)
+  assert p['guidance'] == 1.5 and p['sampling_guidance'] == 0.
+  assert evaluation.protocol_name(p) == 'step7_student4_w1.5_ema_n1080_seed0'
+  config.evaluate.guidance = 2.
+  with pytest.raises(train.ConfigError, match='cannot be guided'):
+    evaluation.protocol(config, step=7)
+  config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights.
+  p = evaluation.protocol(config, step=7)
+  assert p['nfe'] == 2 * p['steps'] and p['guidance'] == 2.
