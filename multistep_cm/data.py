@@ -152,7 +152,7 @@ def one_pass(cfg, split, global_batch):
   local_batch = global_batch // pcount
   check_available(cfg)
   if cfg.name == 'toy2d':
-    raise ValueError("toy2d has points, not images.")
+    raise ValueError('toy2d has points, not images.')
   if cfg.name == 'digits':
     x, y = digits(split)
     n = len(y) // pcount  # The same count on every process.
@@ -161,10 +161,21 @@ def one_pass(cfg, split, global_batch):
                for i in range(0, n, local_batch))
   else:
     batches = _tfds_pass(cfg, split, local_batch)
-  for x, y in batches:
-    pad = local_batch - len(y)
-    yield (np.pad(images.to_uint8(x), ((0, pad),) + ((0, 0),) * 3),
-           np.pad(y, (0, pad)), np.arange(local_batch) < len(y))
+  for bx, by in batches:
+    pad = local_batch - len(by)
+    yield (np.pad(images.to_uint8(bx), ((0, pad),) + ((0, 0),) * 3),
+           np.pad(by, (0, pad)), np.arange(local_batch) < len(by))
+
+
+def num_examples(cfg, split):
+  """The size of a split, or None where the dataset's metadata lacks it."""
+  if cfg.name == 'digits':
+    return len(digits(split)[1])
+  try:
+    return _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir).info.splits[
+        split].num_examples
+  except KeyError:
+    return None
 
 
 def _tfds_pass(cfg, split, local_batch):

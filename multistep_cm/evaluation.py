@@ -34,6 +34,7 @@ from multistep_cm import images
 from multistep_cm import inception
 from multistep_cm import metrics
 from multistep_cm import models
+from multistep_cm import progress
 from multistep_cm import samplers
 from multistep_cm import sharding
 from multistep_cm import train
@@ -224,7 +225,7 @@ def run(config, workdir):
     left = sum(min(ev.chunk_size, ev.num_samples - k * ev.chunk_size)
                for k in todo[todo.index(c) + 1:])
     logging.info('Chunk %d/%d: %d samples, %.2f samples/s, ETA %s', c + 1,
-                 n_chunks, hi, rate, train.format_eta(left / rate))
+                 n_chunks, hi, rate, progress.format_eta(left / rate))
   multihost_utils.sync_global_devices('evaluation chunks written')
   if jax.process_index() != 0:
     return p

@@ -18,6 +18,7 @@ import numpy as np
 from multistep_cm import data
 from multistep_cm import inception
 from multistep_cm import metrics
+from multistep_cm import progress
 from multistep_cm import sharding
 
 ADM_REFERENCES = ('https://openaipublic.blob.core.windows.net/diffusion/'
@@ -138,6 +139,7 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   fn = make_feature_fn(mesh)
   stats = metrics.FeatureStats(inception.FEATURES)
   kept, n, t0 = [], 0, time.time()
+  total = data.num_examples(cfg, split)
   local_keep = keep_images // jax.process_count()
   for i, (x, _, mask) in enumerate(data.one_pass(cfg, split, bs)):
     feats, _ = fn(params, sharding.global_batch(x, mesh))
@@ -148,8 +150,11 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
     if have < local_keep:
       kept.append(x[mask][:local_keep - have])
     n += int(global_mask.sum())
-    if (i + 1) % 50 == 0:
-      logging.info('%d images, %.1f images/s', n, n / (time.time() - t0))
+    if (i + 1) % 20 == 0:
+      rate = n / (time.time() - t0)
+      logging.info('%d/%s images, %.1f images/s%s', n, total or '?', rate,
+                   f', ETA {progress.format_eta((total - n) / rate)}'
+                   if total else '')
   mu, sigma = stats.mu_sigma()  # Collective: every process calls it.
   images = np.asarray(multihost_utils.process_allgather(
       np.concatenate(kept), tiled=True))

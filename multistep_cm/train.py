@@ -24,6 +24,7 @@ from multistep_cm import images
 from multistep_cm import losses
 from multistep_cm import metrics as metrics_lib
 from multistep_cm import models
+from multistep_cm import progress as progress_lib
 from multistep_cm import samplers
 from multistep_cm import schedules
 from multistep_cm import sharding
@@ -350,32 +351,6 @@ def _fmt(d):
 
 
 # ----------------------------------------------------------------------------
-# Progress.
-# ----------------------------------------------------------------------------
-
-
-class Progress:
-  """Steps per second and ETA between log points."""
-
-  def __init__(self, start_step, total_steps):
-    self.total = total_steps
-    self.last_step, self.last_time = start_step, time.time()
-
-  def update(self, step):
-    now = time.time()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    eta = (self.total - step) / max(rate, 1e-9)
-    return rate, eta
-
-
-def format_eta(seconds):
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
-# ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
 
@@ -426,7 +401,7 @@ def train_and_evaluate(config, workdir):
     logging.info('Real held-out data scores (the floor): %s', _fmt(floor))
     writer.write_scalars(start, {f'eval/floor_{k}': v for k, v in floor.items()})
 
-  progress = Progress(start, config.total_steps)
+  progress = progress_lib.Progress(start, config.total_steps)
   pending, scores = [], {}
   for step in range(start + 1, config.total_steps + 1):
     state, out = train_step(state, sharding.global_batch(next(batches), mesh),
@@ -446,7 +421,7 @@ def train_and_evaluate(config, workdir):
       # The scalars reach the console through the writer; this adds progress.
       logging.info('Step %d/%d (%.0f%%), %.2f steps/s, ETA %s', step,
                    config.total_steps, 100 * step / config.total_steps, rate,
-                   format_eta(eta))
+                   progress_lib.format_eta(eta))
     ckpt.save(step, state, force=last)
     if ckpt.reached_preemption(step):
       ckpt.wait()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from configs import digits
 from configs import imagenet64
 from multistep_cm import data
 from multistep_cm import toy2d
@@ -59,3 +60,16 @@ def test_unknown_dataset():
   cfg.name = 'imagenet65'
   with pytest.raises(ValueError, match='Unknown dataset'):
     data.check_available(cfg)
+
+
+def test_one_pass_covers_the_split_once():
+  from multistep_cm import images  # pylint: disable=g-import-not-at-top
+  cfg = digits.get_config().dataset
+  x, y = data.digits('train')
+  batches = list(data.one_pass(cfg, 'train', 400))
+  assert [len(b[0]) for b in batches] == [400] * 4  # The last one padded.
+  got = np.concatenate([b[0][b[2]] for b in batches])
+  np.testing.assert_array_equal(got, images.to_uint8(x))
+  np.testing.assert_array_equal(np.concatenate([b[1][b[2]] for b in batches]),
+                                y)
+  assert data.num_examples(cfg, 'train') == len(y) == 1437
