@@ -22,6 +22,7 @@ setuptools.setup(
         'tensorboard>=2.21.0',
         'ml-collections>=1.1.0',
         'clu>=0.0.12',
+        'etils[epath]>=1.15.0',  # Files on local disks and gs:// alike.
         'numpy>=2.4.6',
         'scipy>=1.17.1',
         'scikit-learn>=1.9.1',  # Ships the 8x8 digits.

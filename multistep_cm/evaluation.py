@@ -17,13 +17,14 @@ for image datasets (Inception features computed on the devices right after
 sampling); FD-digits and class accuracy for digits; the toy2d distances.
 """
 
-import glob
+import io
 import json
 import os
 import time
 import zipfile
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -133,36 +134,46 @@ def generate_chunk(gen, params, inc_params, mesh, labels, start, seed, bs):
 
 
 def _chunk_path(directory, c):
-  return os.path.join(directory, f'chunk_{c:05d}.npz')
+  return directory / f'chunk_{c:05d}.npz'
+
+
+def _tmp(path):
+  return path.parent / (path.name + '.tmp')
 
 
 def _save_atomic(path, **arrays):
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """Written under a temporary name, then renamed: a chunk file exists
+  only complete."""
+  with _tmp(path).open('wb') as f:
+    np.savez(f, **arrays)
+  _tmp(path).replace(path)
+
+
+def _load(path):
+  """All arrays of a small .npz (local or gs://)."""
+  with np.load(io.BytesIO(path.read_bytes())) as f:
+    return {k: f[k] for k in f.files}
 
 
 def write_adm_npz(path, chunk_paths):
   """Streams the chunks' samples and labels into one ADM-layout .npz
   (`arr_0`, `arr_1`) without holding all samples in memory."""
-  metas = []
-  for cp in chunk_paths:
-    with np.load(cp) as f:
-      metas.append((f['samples'].shape, f['samples'].dtype))
-  n = sum(m[0][0] for m in metas)
-  tmp = path + '.tmp'
-  with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+  first = _load(chunk_paths[0])['samples']
+  n = sum(int(np.load(io.BytesIO(cp.read_bytes()))['labels'].shape[0])
+          for cp in chunk_paths)
+  with _tmp(path).open('wb') as raw, zipfile.ZipFile(
+      raw, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
     for name, key, shape, dtype in (
-        ('arr_0', 'samples', (n,) + metas[0][0][1:], metas[0][1]),
+        ('arr_0', 'samples', (n,) + first.shape[1:], first.dtype),
         ('arr_1', 'labels', (n,), np.dtype(np.int32))):
       with zf.open(name + '.npy', 'w', force_zip64=True) as out:
         np.lib.format.write_array_header_1_0(out, {
             'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
             'fortran_order': False, 'shape': shape})
         for cp in chunk_paths:
-          with np.load(cp) as f:
-            out.write(np.ascontiguousarray(f[key].astype(dtype)).tobytes())
-  os.replace(tmp, path)
+          out.write(np.ascontiguousarray(
+              _load(cp)[key].astype(dtype)).tobytes())
+  _tmp(path).replace(path)
 
 
 def run(config, workdir):
@@ -196,7 +207,7 @@ def run(config, workdir):
         'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
                  'centres) -> (x - 128) / 128; HIGHEST precision',
         'logits': '1008-way, without the output bias'}
-  directory = os.path.join(workdir, 'eval', protocol_name(p))
+  directory = epath.Path(workdir) / 'eval' / protocol_name(p)
   _check_spec(directory, p)
 
   gen = make_generator(config, models.network_fn(model), param_sh, mesh, p,
@@ -208,7 +219,7 @@ def run(config, workdir):
   # Process 0's view of the finished chunks decides, so all hosts run the
   # same sharded computations.
   done = multihost_utils.broadcast_one_to_all(
-      np.array([os.path.exists(q) for q in paths]))
+      np.array([q.exists() for q in paths]))
   todo = [c for c in range(n_chunks) if not done[c]]
   if len(todo) < n_chunks:
     logging.info('Resuming %s: %d of %d chunks already done.', directory,
@@ -231,18 +242,16 @@ def run(config, workdir):
     return p
   p['metrics'] = _score(kind, paths, mu_sigma, ref_features)
   p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
-  p['samples_npz'] = os.path.join(directory, 'samples.npz')
-  write_adm_npz(p['samples_npz'], paths)
-  with np.load(paths[0]) as f:
-    n = min(config.eval.grid_size, len(f['labels']))
-    grid = f['samples'][:n]
-    if grid.dtype == np.uint8:
-      grid = grid.astype(np.float32) / 127.5 - 1.
-    images.save_samples_png(os.path.join(directory, 'grid.png'), grid,
-                            f['labels'][:n], config.dataset.num_classes,
-                            title=protocol_name(p))
-  with open(os.path.join(directory, 'protocol.json'), 'w') as f:
-    json.dump(p, f, indent=2)
+  p['samples_npz'] = os.fspath(directory / 'samples.npz')
+  write_adm_npz(directory / 'samples.npz', paths)
+  first = _load(paths[0])
+  n = min(config.eval.grid_size, len(first['labels']))
+  grid = first['samples'][:n]
+  if grid.dtype == np.uint8:
+    grid = grid.astype(np.float32) / 127.5 - 1.
+  images.save_samples_png(directory / 'grid.png', grid, first['labels'][:n],
+                          config.dataset.num_classes, title=protocol_name(p))
+  (directory / 'protocol.json').write_text(json.dumps(p, indent=2))
   logging.info('Evaluation %s: %s. Wrote %s/{samples.npz,grid.png,'
                'protocol.json}.', protocol_name(p), ', '.join(
                    f'{k} {v:.4g}' for k, v in p['metrics'].items()), directory)
@@ -252,30 +261,24 @@ def run(config, workdir):
 def _check_spec(directory, p):
   """Chunks of another protocol (or Inception) must never be mixed in; the
   reference may change, as the chunks do not depend on it."""
-  path = os.path.join(directory, 'spec.json')
+  path = directory / 'spec.json'
   spec = {k: v for k, v in p.items() if k != 'reference'}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != json.loads(json.dumps(spec)):
+  if path.exists():
+    if json.loads(path.read_text()) != json.loads(json.dumps(spec)):
       raise train.ConfigError(
           f'{directory} holds chunks of a different protocol ({path}); '
           'move it away to start over.')
   elif jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(spec, f, indent=2)
-  for stale in glob.glob(os.path.join(directory, '*.tmp*')):
-    os.remove(stale)  # A write cut short by a crash.
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2))
+  if jax.process_index() == 0:
+    for stale in directory.glob('*.tmp'):
+      stale.unlink()  # A write cut short by a crash.
 
 
 def _score(kind, paths, mu_sigma, ref_features):
   def gather(key):
-    out = []
-    for q in paths:
-      with np.load(q) as f:
-        out.append(f[key])
-    return np.concatenate(out)
+    return np.concatenate([_load(q)[key] for q in paths])
 
   if kind == 'inception':
     return fid.scores(gather('features'), gather('logits'), mu_sigma,

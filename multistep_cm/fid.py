@@ -10,6 +10,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -158,15 +159,15 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   mu, sigma = stats.mu_sigma()  # Collective: every process calls it.
   images = np.asarray(multihost_utils.process_allgather(
       np.concatenate(kept), tiled=True))
-  path = os.path.join(workdir, f'reference_{cfg.name}_{split}.npz')
+  path = epath.Path(workdir) / f'reference_{cfg.name}_{split}.npz'
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, arr_0=images,
-             num_images=np.int64(n))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open('wb') as f:
+      np.savez(f, mu=mu, sigma=sigma, arr_0=images, num_images=np.int64(n))
   logging.info('Wrote %s: statistics of %d %s images, %d kept for '
                'precision/recall (%.0f s).', path, n, split, len(images),
                time.time() - t0)
-  return path
+  return os.fspath(path)
 
 
 def load_weights_and_reference(config):

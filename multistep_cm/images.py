@@ -1,7 +1,6 @@
 """Writing samples: PNG grids, toy2d scatter plots and ADM-layout .npz files."""
 
-import os
-
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -30,14 +29,16 @@ def grid(images, cols, pad=1, min_side=480):
 def save_samples_png(path, samples, labels, num_classes, title=''):
   """A grid of images (one column per class when labels cycle through the
   classes), or a scatter plot for 2-D points."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  path = epath.Path(path)  # Local or gs://.
+  path.parent.mkdir(parents=True, exist_ok=True)
   samples = np.asarray(samples)
   if samples.ndim == 2:
     _scatter(path, samples, labels, title)
     return
   cols = num_classes if num_classes and len(samples) % num_classes == 0 else (
       int(np.ceil(np.sqrt(len(samples)))))
-  Image.fromarray(grid(to_uint8(samples), cols)).save(path)
+  with path.open('wb') as f:
+    Image.fromarray(grid(to_uint8(samples), cols)).save(f, format='PNG')
 
 
 def _scatter(path, points, labels, title):
@@ -53,7 +54,8 @@ def _scatter(path, points, labels, title):
   lim = toy2d.RADIUS + 1.
   ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect='equal', title=title)
   ax.legend(loc='upper right', fontsize=8)
-  fig.savefig(path, bbox_inches='tight')
+  with path.open('wb') as f:
+    fig.savefig(f, format='png', bbox_inches='tight')
   plt.close(fig)
 
 
@@ -62,4 +64,5 @@ def save_npz(path, samples, labels):
   `arr_1` int labels."""
   samples = np.asarray(samples)
   arr = samples.astype(np.float32) if samples.ndim == 2 else to_uint8(samples)
-  np.savez(path, arr_0=arr, arr_1=np.asarray(labels))
+  with epath.Path(path).open('wb') as f:
+    np.savez(f, arr_0=arr, arr_1=np.asarray(labels))

@@ -9,6 +9,7 @@ from typing import Any
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import flax
 import jax
 from jax.experimental import multihost_utils
@@ -362,12 +363,12 @@ def train_and_evaluate(config, workdir):
   """
   check_stage(config)  # Fail before anything is compiled.
   data.check_available(config.dataset)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2))
 
   mesh = make_mesh(config)
   model = create_model(config)
