@@ -6,8 +6,8 @@ record.
 Samples are generated in chunks under RUN/eval/<protocol>/; a chunk is
 written whole (atomically) or not at all, so a preempted run continues from
 the last finished chunk and recomputes nothing before it. The noise of sample
-i depends only on (seed, i), so the samples do not depend on the mesh, the
-number of hosts or where a run was interrupted.
+i depends only on (seed, i): not on the batch size, the mesh, the number of
+hosts or where a run was interrupted.
 
 Outputs, next to the chunks: `samples.npz` in the ADM layout (`arr_0` uint8
 NHWC, `arr_1` labels) for the reference evaluator, `grid.png`, and
@@ -95,13 +95,15 @@ def protocol_name(p):
 
 
 def make_generator(config, network, param_shardings, mesh, p, inc_params):
-  """A jitted `(params, inception params, rng, labels) -> outputs`: samples
+  """A jitted `(params, inception params, (seed, first index), labels) ->
+  outputs`: samples
   (uint8 for images), and for image datasets their Inception features and
   logits, computed where the samples are."""
   kind = 'ddim' if p['sampler'] == 'student' else p['sampler']
   sampler = train.make_sampler(config, network, param_shardings, mesh,
                                steps=p['steps'], kind=kind,
-                               guidance=p['sampling_guidance'])
+                               guidance=p['sampling_guidance'],
+                               per_example_noise=True)
   images_out = len(train.data_shape(config)) == 3
 
   def fn(params, inc, rng, labels):
@@ -126,8 +128,9 @@ def generate_chunk(gen, params, inc_params, mesh, labels, start, seed, bs):
   for i in range(0, len(labels), bs):
     chunk = labels[i:i + bs]
     padded = np.pad(chunk, (0, bs - len(chunk)))
-    rng = jax.random.fold_in(jax.random.key(seed), start + i)
-    res = gen(params, inc_params, rng, sharding.batch_from_full(padded, mesh))
+    seed_start = np.array([seed, start + i], np.int32)
+    res = gen(params, inc_params, seed_start,
+              sharding.batch_from_full(padded, mesh))
     out.append({k: np.asarray(multihost_utils.process_allgather(
         v, tiled=True))[:len(chunk)] for k, v in res.items()})
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}

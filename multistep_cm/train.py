@@ -268,9 +268,21 @@ def eval_sampler(config):
   return 'ddim', config.student_steps
 
 
+def example_noise(seed_start, n, shape):
+  """Noise of examples start, ..., start + n - 1 (`seed_start` = (seed,
+  start)), row j from its own key: a sample's noise does not depend on the
+  batch, the batch size or the mesh it is drawn in."""
+  key = jax.random.key(seed_start[0])
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                              shape))(seed_start[1] +
+                                                      jnp.arange(n))
+
+
 def make_sampler(config, network, param_shardings, mesh, steps=None,
-                 kind=None, guidance=None):
-  """A jitted `(params, rng, labels) -> samples` with the batch sharded."""
+                 kind=None, guidance=None, per_example_noise=False):
+  """A jitted `(params, rng, labels) -> samples` with the batch sharded;
+  with `per_example_noise`, `rng` is an int array (seed, index of the first
+  example) for `example_noise`."""
   lfn = logsnr_fn(config)
   default_kind, default_steps = eval_sampler(config)
   steps = default_steps if steps is None else steps
@@ -282,8 +294,11 @@ def make_sampler(config, network, param_shardings, mesh, steps=None,
   shape = data_shape(config)
 
   def sample(params, rng, labels):
-    noise = jax.lax.with_sharding_constraint(
-        jax.random.normal(rng, labels.shape + shape), batch_sh)
+    if per_example_noise:
+      noise = example_noise(rng, labels.shape[0], shape)
+    else:
+      noise = jax.random.normal(rng, labels.shape + shape)
+    noise = jax.lax.with_sharding_constraint(noise, batch_sh)
     return samplers.diffusion_sample(
         network, params, noise, labels, lfn, steps, kind, guidance,
         config.dataset.num_classes)

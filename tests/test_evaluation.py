@@ -171,3 +171,11 @@ def test_protocol_of_a_guided_student():
   config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights.
   p = evaluation.protocol(config, step=7)
   assert p['nfe'] == 2 * p['steps'] and p['guidance'] == 2.
+
+
+def test_noise_of_a_sample_is_independent_of_its_batch():
+  whole = train.example_noise(np.array([5, 0]), 10, (4,))
+  tail = train.example_noise(np.array([5, 3]), 7, (4,))
+  np.testing.assert_array_equal(np.asarray(whole)[3:], np.asarray(tail))
+  other_seed = train.example_noise(np.array([6, 3]), 7, (4,))
+  assert not np.allclose(np.asarray(other_seed), np.asarray(tail))
