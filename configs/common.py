@@ -36,6 +36,22 @@ def parse_arg(arg, choices=None, **defaults):
   return out
 
 
+# The embedded datasets' `stage=` argument: `pipeline` (the default) trains the
+# teacher, then an S-step CD student; any other stage runs alone.
+EMBEDDED_STAGES = {'stage': ('pipeline', 'teacher', 'cd', 'ct', 'pd')}
+
+
+def parse_embedded_arg(arg):
+  return parse_arg(arg, EMBEDDED_STAGES, stage='pipeline', steps=8,
+                   smoke=False)
+
+
+def set_embedded_stage(c, arg):
+  c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
+  c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()
+  c.student_steps = arg.steps
+
+
 def base():
   """Defaults shared by every experiment; experiment files override them."""
   c = ml_collections.ConfigDict()

@@ -17,11 +17,8 @@ steps, `smoke` shrinks everything to run in seconds.
 
 from configs import common
 
-STAGES = {'stage': ('pipeline', 'teacher', 'cd', 'ct', 'pd')}
-
-
 def get_config(arg=None):
-  arg = common.parse_arg(arg, STAGES, stage='pipeline', steps=8, smoke=False)
+  arg = common.parse_embedded_arg(arg)
   c = common.base()
   # Sized for a 2-core CPU: ~0.14 s per step at batch 128.
   c.model.stages = (('res', 32, 1, 0.), ('attn', 96, 1, 0.1))
@@ -48,9 +45,7 @@ def get_config(arg=None):
   c.evaluate.chunk_size = 360
   c.evaluate.batch_size = 360
 
-  c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
-  c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()
-  c.student_steps = arg.steps
+  common.set_embedded_stage(c, arg)
   # Fine-tuning from the teacher: a lower, constant rate (spec A5), and the
   # 64 -> 1280 annealing over half the run (spec A14).
   c.student.total_steps = 1500

@@ -13,12 +13,10 @@ floor). Arguments as in digits.py: `stage=teacher|cd|ct|pd`, `steps=S`,
 import ml_collections
 
 from configs import common
-from configs import digits
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, digits.STAGES, stage='pipeline', steps=8,
-                         smoke=False)
+  arg = common.parse_embedded_arg(arg)
   c = common.base()
   c.dataset.name = 'toy2d'
   c.dataset.channels = 2
@@ -40,9 +38,7 @@ def get_config(arg=None):
   c.evaluate.num_samples = 2000
   c.evaluate.chunk_size = 1000
   c.evaluate.batch_size = 1000
-  c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
-  c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()
-  c.student_steps = arg.steps
+  common.set_embedded_stage(c, arg)
   c.student.total_steps = 2000
   c.student.lr = 2e-4
   c.student.warmup_steps = 100
