@@ -34,3 +34,20 @@ def count_compiles():
     finally:
       jax.monitoring.clear_event_listeners()
   return counting
+
+
+@pytest.fixture
+def fresh_train_step():
+  """`config -> (mesh, initial state, jitted train step)`, built as the train
+  loop builds them."""
+  from multistep_cm import models  # pylint: disable=g-import-not-at-top
+  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+
+  def build(config):
+    mesh = train.make_mesh(config)
+    model = train.create_model(config)
+    tx = train.make_optimizer(config.optim)
+    state, shardings = train.init_state(config, model, tx, mesh)
+    return mesh, state, train.make_train_step(
+        config, models.network_fn(model), tx, shardings, mesh)
+  return build

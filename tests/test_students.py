@@ -7,7 +7,6 @@ import pytest
 from configs import digits
 from multistep_cm import checkpoint
 from multistep_cm import data
-from multistep_cm import models
 from multistep_cm import sharding
 from multistep_cm import train
 
@@ -77,15 +76,11 @@ def test_missing_teacher(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
 
 
-def test_no_recompilation_while_n_anneals(teacher_dir, count_compiles):
+def test_no_recompilation_while_n_anneals(teacher_dir, count_compiles,
+                                          fresh_train_step):
   config = _student('cd', teacher_dir, steps=4)
   config.consistency.anneal_steps = 4  # N changes at every step.
-  mesh = train.make_mesh(config)
-  model = train.create_model(config)
-  tx = train.make_optimizer(config.optim)
-  state, shardings = train.init_state(config, model, tx, mesh)
-  step_fn = train.make_train_step(config, models.network_fn(model), tx,
-                                  shardings, mesh)
+  mesh, state, step_fn = fresh_train_step(config)
   # Its own buffers: the state's are donated to the step.
   teacher = jax.tree.map(jax.numpy.copy, state.params)
   batches = data.train_batches(config.dataset, config.batch_size, 0)

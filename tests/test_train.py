@@ -9,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 from configs import digits
 from configs import toy2d
 from multistep_cm import data
-from multistep_cm import models
 from multistep_cm import sample
 from multistep_cm import sharding
 from multistep_cm import train
@@ -65,14 +64,9 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert _leaves_equal(straight.opt_state, resumed.opt_state)
 
 
-def test_train_step_never_recompiles(count_compiles):
+def test_train_step_never_recompiles(count_compiles, fresh_train_step):
   config = digits.get_config('smoke')
-  mesh = train.make_mesh(config)
-  model = train.create_model(config)
-  tx = train.make_optimizer(config.optim)
-  state, shardings = train.init_state(config, model, tx, mesh)
-  step_fn = train.make_train_step(config, models.network_fn(model), tx,
-                                  shardings, mesh)
+  mesh, state, step_fn = fresh_train_step(config)
   batches = data.train_batches(config.dataset, config.batch_size, 0)
   step = lambda s: step_fn(s, sharding.global_batch(next(batches), mesh), None)
   state, _ = step(state)  # The first call compiles.
