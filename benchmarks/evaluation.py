@@ -8,8 +8,6 @@ analysis of the lowered programs, so the large ImageNet networks are counted
 without being run; throughput is measured on the Inception alone.
 """
 
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -21,6 +19,7 @@ from multistep_cm import inception
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import train
+import timing
 
 config_flags.DEFINE_config_file('config', 'configs/imagenet64.py',
                                 'Config file.')
@@ -42,11 +41,8 @@ def main(argv):
   params = jax.jit(inception.InceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, 299, 299, 3)))['params']
   fn = jax.jit(lambda p, x: inception.features_fn(p)(x))
-  jax.block_until_ready(fn(params, images))
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.repeats):
-    jax.block_until_ready(fn(params, images))
-  rate = FLAGS.batch * FLAGS.repeats / (time.perf_counter() - t0)
+  rate = FLAGS.batch / timing.seconds_per_call(lambda: fn(params, images),
+                                               FLAGS.repeats)
   inc = _flops(lambda p, x: inception.features_fn(p)(x), params,
                jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
 

@@ -7,8 +7,6 @@ Timing needs no trained weights, so the network is freshly initialised. Each
 sampler is one compiled program (a lax loop); times exclude compilation.
 """
 
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -18,21 +16,13 @@ from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import sharding
 from multistep_cm import train
+import timing
 
 config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
 flags.DEFINE_integer('batch', None, 'Samples per call; default eval.batch_size.')
 flags.DEFINE_integer('teacher_steps', 512, 'Steps of the teacher sampler.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls per sampler.')
 FLAGS = flags.FLAGS
-
-
-def _seconds(fn, repeats):
-  jax.block_until_ready(fn())  # Compile and warm up.
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
 
 
 def main(argv):
@@ -53,8 +43,8 @@ def main(argv):
   for name, kind, steps in runs:
     sampler = train.make_sampler(config, network, shardings.ema_params, mesh,
                                  steps=steps, kind=kind, guidance=0.)
-    sec = _seconds(lambda: sampler(state.ema_params, key, labels),
-                   FLAGS.repeats)
+    sec = timing.seconds_per_call(
+        lambda: sampler(state.ema_params, key, labels), FLAGS.repeats)
     rows.append((name, samplers.nfe(steps), sec))
   teacher_sec = rows[0][2]
   print(f'\n{models.count_params(state.params):,} parameters, batch {batch}, '

@@ -7,8 +7,6 @@ Times, on the same model and batch, (a) the framework's jitted train step
 forward + backward of the network on a squared error, and prints a table.
 """
 
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -20,21 +18,11 @@ from multistep_cm import data
 from multistep_cm import models
 from multistep_cm import sharding
 from multistep_cm import train
+import timing
 
 config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
 flags.DEFINE_integer('steps', 50, 'Timed steps (after two warm-up steps).')
 FLAGS = flags.FLAGS
-
-
-def _time(fn, steps):
-  """Seconds per call of `fn`, after compiling and warming up."""
-  for _ in range(2):
-    jax.block_until_ready(fn())
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / steps
 
 
 def main(argv):
@@ -65,9 +53,10 @@ def main(argv):
     return jax.value_and_grad(loss)(params)
 
   params = jax.tree.map(jnp.copy, holder[0].params)
-  s_framework = _time(framework, FLAGS.steps)
-  s_bare = _time(lambda: bare_grad(params, batch['x'], batch['label'])[0],
-                 FLAGS.steps)
+  s_framework = timing.seconds_per_call(framework, FLAGS.steps, warmup=2)
+  s_bare = timing.seconds_per_call(
+      lambda: bare_grad(params, batch['x'], batch['label'])[0], FLAGS.steps,
+      warmup=2)
 
   n = config.batch_size
   print(f'\n{models.count_params(params):,} parameters, batch {n}, '
