@@ -147,6 +147,18 @@ def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
           ddim.x_from_v(cond, z, alpha, sigma))
 
 
+def teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
+                       logsnr_fn, xvar_frac=0.75, guidance=0., num_classes=0):
+  """One aDDIM step z_t -> z_s of the teacher, its x variance xvar_frac times
+  the per-example error of the conditional prediction against the data x
+  (spec section 3): the step both CD and PD distil."""
+  x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, labels, logsnr_fn,
+                            guidance, num_classes)
+  x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
+  return ddim.addim_step(x_tea, z_t, *_ab(logsnr_fn, t), *_ab(logsnr_fn, s),
+                         x_var)
+
+
 def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
                            s, t_step, logsnr_fn, dropout_rng=None, mode='cd',
                            teacher=None, teacher_params=None, xvar_frac=0.75,
@@ -168,10 +180,8 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
   e = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))
   z_t = e(a_t) * x + e(s_t) * eps
   if mode == 'cd':
-    x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, labels,
-                              logsnr_fn, guidance, num_classes)
-    x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
-    z_s = ddim.addim_step(x_tea, z_t, a_t, s_t, a_s, s_s, x_var)
+    z_s = teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
+                             logsnr_fn, xvar_frac, guidance, num_classes)
   elif mode == 'ct':
     z_s = e(a_s) * x + e(s_s) * eps
   else:
@@ -236,11 +246,8 @@ def progressive_distillation_loss(student, params, teacher, teacher_params, x,
   z = e(a_t) * x + e(s_t) * eps
   z_t = z
   for u0, u1 in ((t, t - half), (t - half, t - 2 * half)):
-    x_tea, x_cond = teacher_x(teacher, teacher_params, z, u0, labels,
-                              logsnr_fn, guidance, num_classes)
-    x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
-    z = ddim.addim_step(x_tea, z, *_ab(logsnr_fn, u0), *_ab(logsnr_fn, u1),
-                        x_var)
+    z = teacher_addim_step(teacher, teacher_params, z, u0, u1, x, labels,
+                           logsnr_fn, xvar_frac, guidance, num_classes)
   a_s, s_s = _ab(logsnr_fn, t - 2 * half)
   x_tgt = jax.lax.stop_gradient(ddim.inverse_ddim(z, z_t, a_t, s_t, a_s, s_s))
   x_hat = _x_pred(student, params, z_t, t, labels, k_drop, logsnr_fn)
