@@ -8,6 +8,7 @@ topology restores on another.
 
 import os
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,8 +25,7 @@ class Checkpointer:
             policies.PreemptionCheckpointingPolicy()]),
         preservation_policy=policies.LatestN(keep),
         enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=options)
+    self._manager = ocp.CheckpointManager(_path(directory), options=options)
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -62,15 +62,19 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameters do not fit the configured model."""
 
 
+def _path(path):
+  """Orbax wants absolute paths; os.path.abspath would mangle gs:// ones."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+
+
 def _locate(path):
   """(checkpoint directory, step or None) for a workdir, a checkpoints
   directory or one step's directory."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return os.path.join(path, 'checkpoints'), None
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(path):
-    return os.path.dirname(path), int(name)
+  path = _path(path)
+  if (path / 'checkpoints').is_dir():
+    return path / 'checkpoints', None
+  if path.name.isdigit() and path.is_dir():
+    return path.parent, int(path.name)
   return path, None
 
 
@@ -85,7 +89,7 @@ def load_params(path, abstract_params, key='ema_params'):
   restore into). Raises CheckpointMismatchError, in one line, if the saved
   parameters do not have exactly the expected names and shapes."""
   directory, step = _locate(path)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     raise FileNotFoundError(f'No checkpoint at {path}: give a workdir, its '
                             'checkpoints/ directory or one step directory.')
   manager = ocp.CheckpointManager(

@@ -194,8 +194,9 @@ def run(config, workdir):
   inc_params = mu_sigma = ref_features = None
   if kind == 'inception':
     inc_params, ref = fid.load_weights_and_reference(config)
-  mesh, model, params, param_sh, step = train.restore_for_sampling(
-      config, workdir, ev.ema)
+  mesh = train.make_mesh(config)
+  model, params, param_sh, step = train.restore_for_sampling(
+      config, workdir, mesh, ev.ema)
   p = protocol(config, step)
   if kind == 'inception':
     mu_sigma = fid.reference_stats(ref, inc_params, mesh, ev.batch_size)

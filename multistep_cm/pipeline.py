@@ -14,7 +14,6 @@ import jax
 import matplotlib
 import numpy as np
 
-from multistep_cm import checkpoint
 from multistep_cm import images
 from multistep_cm import models
 from multistep_cm import samplers
@@ -47,16 +46,6 @@ def stage_dir(workdir, config):
   return os.path.join(workdir, f'{config.stage}_s{config.student_steps}')
 
 
-def load_ema_params(config, directory, mesh):
-  """(model, EMA parameters, their shardings) of a finished stage."""
-  model = train.create_model(config)
-  _, abstract, shardings = train.state_layout(
-      config, model, train.make_optimizer(config.optim), mesh)
-  params, _ = checkpoint.load_params(
-      directory, checkpoint.abstract_like(abstract.params, shardings.params))
-  return model, params, shardings.params
-
-
 def compare(config, workdir, student):
   """The table: the student's S steps against the teacher's aDDIM and DDIM
   at `config.compare.teacher_steps`, plus the real held-out floor."""
@@ -79,7 +68,7 @@ def compare(config, workdir, student):
   for name, cfg, directory, kind, steps in runs:
     if name in done and os.path.exists(_grid_path(workdir, name)):
       continue
-    model, params, sh = load_ema_params(cfg, directory, mesh)
+    model, params, sh, _ = train.restore_for_sampling(cfg, directory, mesh)
     sampler = train.make_sampler(cfg, models.network_fn(model), sh, mesh,
                                  steps=steps, kind=kind)
     samples, labels = train.generate(cfg, sampler, params, mesh,

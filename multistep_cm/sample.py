@@ -13,8 +13,9 @@ from multistep_cm import train
 
 def sample_checkpoint(config, workdir, num_samples, use_ema=True):
   """Returns the paths of the written PNG and .npz."""
-  mesh, model, params, sh, step = train.restore_for_sampling(
-      config, workdir, use_ema)
+  mesh = train.make_mesh(config)
+  model, params, sh, step = train.restore_for_sampling(config, workdir, mesh,
+                                                       use_ema)
   network = models.network_fn(model)
   sampler = train.make_sampler(config, network, sh, mesh)
   samples, labels = train.generate(config, sampler, params, mesh, num_samples,

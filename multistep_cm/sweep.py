@@ -55,7 +55,7 @@ def _config(config, workdir, stage, steps, teacher_dir=None, train_steps=None):
 
 def _evaluate(c, directory, mesh):
   """Scores of a finished student with its own S-step sampler."""
-  model, params, sh = pipeline.load_ema_params(c, directory, mesh)
+  model, params, sh, _ = train.restore_for_sampling(c, directory, mesh)
   sampler = train.make_sampler(c, models.network_fn(model), sh, mesh)
   samples, labels = train.generate(c, sampler, params, mesh,
                                    c.eval.num_samples, c.seed + 3)

@@ -125,24 +125,22 @@ def restore_or_init(config, model, tx, mesh, ckpt, init_params=None):
   return state, shardings
 
 
-def restore_for_sampling(config, workdir, use_ema=True):
-  """(mesh, model, params, their shardings, step) of the newest checkpoint
-  in `workdir`: the EMA weights, or the online ones."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 config.ckpt_every, config.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
+def restore_for_sampling(config, workdir, mesh, use_ema=True):
+  """(model, params, their shardings, step) of the newest checkpoint in
+  `workdir`: the EMA or the online weights alone, restored straight into
+  their shardings; the optimizer state is never read."""
+  model = create_model(config)
+  _, abstract, shardings = state_layout(config, model,
+                                        make_optimizer(config.optim), mesh)
+  try:
+    params, step = checkpoint.load_params(
+        workdir, checkpoint.abstract_like(abstract.params, shardings.params),
+        'ema_params' if use_ema else 'params')
+  except FileNotFoundError:
     raise FileNotFoundError(
         f'No checkpoint in {workdir}/checkpoints: train first with '
-        '--mode=train and the same --workdir.')
-  mesh = make_mesh(config)
-  model = create_model(config)
-  state, shardings = restore_or_init(config, model,
-                                     make_optimizer(config.optim), mesh, ckpt)
-  ckpt.close()
-  if use_ema:
-    return mesh, model, state.ema_params, shardings.ema_params, step
-  return mesh, model, state.params, shardings.params, step
+        '--mode=train and the same --workdir.') from None
+  return model, params, shardings.params, step
 
 
 STAGES = ('teacher', 'cd', 'ct', 'pd')
