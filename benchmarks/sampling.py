@@ -30,7 +30,7 @@ def main(argv):
   config = FLAGS.config
   batch = FLAGS.batch or config.eval.batch_size
   mesh = train.make_mesh(config)
-  batch += -batch % mesh.size
+  batch = sharding.mesh_batch_size(batch, mesh)
   model = train.create_model(config)
   network = models.network_fn(model)
   state, shardings = train.init_state(config, model,

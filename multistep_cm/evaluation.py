@@ -125,14 +125,9 @@ def make_generator(config, network, param_shardings, mesh, p, inc_params):
 def generate_chunk(gen, params, inc_params, mesh, labels, start, seed, bs):
   """Outputs for samples [start, start + len(labels)), gathered to host."""
   out = []
-  for i in range(0, len(labels), bs):
-    chunk = labels[i:i + bs]
-    padded = np.pad(chunk, (0, bs - len(chunk)))
-    seed_start = np.array([seed, start + i], np.int32)
-    res = gen(params, inc_params, seed_start,
-              sharding.batch_from_full(padded, mesh))
-    out.append({k: np.asarray(multihost_utils.process_allgather(
-        v, tiled=True))[:len(chunk)] for k, v in res.items()})
+  for i, batch, rows in sharding.padded_batches(labels, bs, mesh):
+    res = gen(params, inc_params, np.array([seed, start + i], np.int32), batch)
+    out.append({k: sharding.to_host(v, rows) for k, v in res.items()})
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
@@ -217,7 +212,7 @@ def run(config, workdir):
   gen = make_generator(config, models.network_fn(model), param_sh, mesh, p,
                        inc_params)
   labels = train.eval_labels(config, ev.num_samples)
-  bs = ev.batch_size + (-ev.batch_size % mesh.size)
+  bs = sharding.mesh_batch_size(ev.batch_size, mesh)
   n_chunks = -(-ev.num_samples // ev.chunk_size)
   paths = [_chunk_path(directory, c) for c in range(n_chunks)]
   # Process 0's view of the finished chunks decides, so all hosts run the

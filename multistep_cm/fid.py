@@ -84,16 +84,12 @@ def make_feature_fn(mesh):
 def image_features(images, inception_params, mesh, batch_size):
   """(features, logits) of uint8 images held by every process, as numpy."""
   fn = make_feature_fn(mesh)
-  bs = batch_size + (-batch_size % mesh.size)
   feats, logits = [], []
-  for i in range(0, len(images), bs):
-    chunk = images[i:i + bs]
-    padded = np.pad(chunk, ((0, bs - len(chunk)),) + ((0, 0),) * 3)
-    f, l = fn(inception_params, sharding.batch_from_full(padded, mesh))
-    feats.append(np.asarray(multihost_utils.process_allgather(f, tiled=True))[
-        :len(chunk)])
-    logits.append(np.asarray(multihost_utils.process_allgather(
-        l, tiled=True))[:len(chunk)])
+  for _, batch, rows in sharding.padded_batches(
+      images, sharding.mesh_batch_size(batch_size, mesh), mesh):
+    f, l = fn(inception_params, batch)
+    feats.append(sharding.to_host(f, rows))
+    logits.append(sharding.to_host(l, rows))
   return np.concatenate(feats), np.concatenate(logits)
 
 
@@ -136,7 +132,7 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   params = inception.load_params(config.evaluate.inception_weights,
                                  config.evaluate.inception_sha256)
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  bs = config.evaluate.batch_size + (-config.evaluate.batch_size % mesh.size)
+  bs = sharding.mesh_batch_size(config.evaluate.batch_size, mesh)
   fn = make_feature_fn(mesh)
   stats = metrics.FeatureStats(inception.FEATURES)
   kept, n, t0 = [], 0, time.time()
@@ -196,15 +192,12 @@ class TrainingFID:
   network runs in the same jitted call as the sampler, on the devices that
   hold the samples, so only 2048 floats per sample reach the host."""
 
-  def __init__(self, config, sampler, param_shardings, mesh):
+  def __init__(self, config, sampler, param_shardings, mesh, labels):
     ev = config.evaluate
     self.params, ref = load_weights_and_reference(config)
     self.mu_sigma = reference_stats(ref, self.params, mesh, ev.batch_size)
-    self.n, self.mesh, self.seed = ev.train_samples, mesh, config.seed + 3
-    self.bs = ev.batch_size + (-ev.batch_size % mesh.size)
-    k = config.dataset.num_classes
-    self.labels = (np.arange(self.n) % k if k else np.zeros(self.n)).astype(
-        np.int32)
+    self.labels, self.mesh, self.seed = labels, mesh, config.seed + 3
+    self.bs = sharding.mesh_batch_size(ev.batch_size, mesh)
     batch = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -224,11 +217,9 @@ class TrainingFID:
 
   def __call__(self, params):
     stats = metrics.FeatureStats(inception.FEATURES)
-    for i in range(0, self.n, self.bs):
-      chunk = self.labels[i:i + self.bs]
-      padded = np.pad(chunk, (0, self.bs - len(chunk)))
+    for i, batch, rows in sharding.padded_batches(self.labels, self.bs,
+                                                  self.mesh):
       feats = self.fn(params, self.params,
-                      jax.random.fold_in(jax.random.key(self.seed), i),
-                      sharding.batch_from_full(padded, self.mesh))
-      stats.add(feats, np.arange(self.bs) < len(chunk))
+                      jax.random.fold_in(jax.random.key(self.seed), i), batch)
+      stats.add(feats, np.arange(self.bs) < rows)
     return metrics.frechet_distance(*stats.mu_sigma(), *self.mu_sigma)

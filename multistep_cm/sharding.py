@@ -9,6 +9,7 @@ split along its largest divisible dimension) and replicated over 'data'.
 import math
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -83,3 +84,23 @@ def batch_from_full(x, mesh):
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, batch_sharding(mesh),
                                       lambda index: x[index])
+
+
+def mesh_batch_size(batch_size, mesh):
+  """`batch_size` rounded up to a multiple of the mesh's devices."""
+  return batch_size + (-batch_size % mesh.size)
+
+
+def padded_batches(x, batch_size, mesh):
+  """Over `x`, a numpy array every process holds in full: (start, the
+  batch-sharded x[start:start + batch_size] zero-padded to batch_size, its
+  number of real rows)."""
+  for i in range(0, len(x), batch_size):
+    chunk = np.asarray(x[i:i + batch_size])
+    pad = ((0, batch_size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1)
+    yield i, batch_from_full(np.pad(chunk, pad), mesh), len(chunk)
+
+
+def to_host(x, rows):
+  """The first `rows` rows of a batch-sharded array, on every host."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:rows]

@@ -12,7 +12,6 @@ from clu import metric_writers
 from etils import epath
 import flax
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -309,16 +308,11 @@ def make_sampler(config, network, param_shardings, mesh, steps=None,
 def generate(config, sampler, params, mesh, n, seed):
   """n samples in batches of config.eval.batch_size (padded to fit the mesh)."""
   labels = eval_labels(config, n)
-  bs = config.eval.batch_size
-  bs += -bs % mesh.size
+  bs = sharding.mesh_batch_size(config.eval.batch_size, mesh)
   out = []
-  for i in range(0, n, bs):
-    chunk = labels[i:i + bs]
-    padded = np.pad(chunk, (0, bs - len(chunk)))
-    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i),
-                sharding.batch_from_full(padded, mesh))
-    out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True))[
-        :len(chunk)])
+  for i, batch, rows in sharding.padded_batches(labels, bs, mesh):
+    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), batch)
+    out.append(sharding.to_host(x, rows))
   return np.concatenate(out), labels
 
 
@@ -406,7 +400,9 @@ def train_and_evaluate(config, workdir):
                                start)
   training_fid = None
   if fid.TrainingFID.enabled(config):
-    training_fid = fid.TrainingFID(config, sampler, state_sh.ema_params, mesh)
+    training_fid = fid.TrainingFID(
+        config, sampler, state_sh.ema_params, mesh,
+        eval_labels(config, config.evaluate.train_samples))
   elif config.dataset.name not in data.EMBEDDED:
     logging.info('No FID during training: set config.evaluate.'
                  'inception_weights and config.evaluate.reference for it.')
