@@ -153,24 +153,32 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
-def write_adm_npz(path, chunk_paths):
-  """Streams the chunks' samples and labels into one ADM-layout .npz
-  (`arr_0`, `arr_1`) without holding all samples in memory."""
-  first = _load(chunk_paths[0])['samples']
-  n = sum(int(np.load(io.BytesIO(cp.read_bytes()))['labels'].shape[0])
-          for cp in chunk_paths)
+def _npy_member(zf, name, shape, dtype):
+  """An open `name`.npy member of a zip file, its header written: the rows
+  are appended by the caller."""
+  out = zf.open(name + '.npy', 'w', force_zip64=True)
+  np.lib.format.write_array_header_1_0(out, {
+      'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
+      'fortran_order': False, 'shape': shape})
+  return out
+
+
+def write_adm_npz(path, chunk_paths, n):
+  """Streams the `n` samples of the chunks into one ADM-layout .npz (`arr_0`
+  samples, `arr_1` labels), reading each chunk once and never holding all
+  samples in memory."""
+  first = _load(chunk_paths[0])
+  labels = []
   with _tmp(path).open('wb') as raw, zipfile.ZipFile(
       raw, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
-    for name, key, shape, dtype in (
-        ('arr_0', 'samples', (n,) + first.shape[1:], first.dtype),
-        ('arr_1', 'labels', (n,), np.dtype(np.int32))):
-      with zf.open(name + '.npy', 'w', force_zip64=True) as out:
-        np.lib.format.write_array_header_1_0(out, {
-            'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
-            'fortran_order': False, 'shape': shape})
-        for cp in chunk_paths:
-          out.write(np.ascontiguousarray(
-              _load(cp)[key].astype(dtype)).tobytes())
+    with _npy_member(zf, 'arr_0', (n,) + first['samples'].shape[1:],
+                     first['samples'].dtype) as out:
+      for i, cp in enumerate(chunk_paths):
+        chunk = first if i == 0 else _load(cp)
+        out.write(np.ascontiguousarray(chunk['samples']).tobytes())
+        labels.append(chunk['labels'])
+    with _npy_member(zf, 'arr_1', (n,), np.int32) as out:
+      out.write(np.concatenate(labels).astype(np.int32).tobytes())
   _tmp(path).replace(path)
 
 
@@ -201,8 +209,8 @@ def run(config, workdir):
                                     else 'computed from its arr_0'}
     p['inception'] = {
         'weights': inception.resolve_path(ev.inception_weights),
-        'sha256': inception.file_sha256(
-            inception.resolve_path(ev.inception_weights)),
+        'sha256': inception.load_weights(ev.inception_weights,
+                                         ev.inception_sha256)[1],
         'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
                  'centres) -> (x - 128) / 128; HIGHEST precision',
         'logits': '1008-way, without the output bias'}
@@ -242,7 +250,7 @@ def run(config, workdir):
   p['metrics'] = _score(kind, paths, mu_sigma, ref_features)
   p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
   p['samples_npz'] = os.fspath(directory / 'samples.npz')
-  write_adm_npz(directory / 'samples.npz', paths)
+  write_adm_npz(directory / 'samples.npz', paths, ev.num_samples)
   first = _load(paths[0])
   n = min(config.eval.grid_size, len(first['labels']))
   grid = first['samples'][:n]

@@ -287,15 +287,16 @@ def resolve_path(path):
   return path or os.environ.get(WEIGHTS_ENV, '')
 
 
-@functools.lru_cache(maxsize=8)
-def file_sha256(path):
-  return hashlib.sha256(_read_bytes(path)).hexdigest()
-
-
-@functools.lru_cache(maxsize=2)
 def load_params(path='', sha256=''):
   """The network's parameters from a converted `.npz` (local or gs://),
   its SHA-256 checked when one is given. Never downloads anything."""
+  return load_weights(path, sha256)[0]
+
+
+@functools.lru_cache(maxsize=2)
+def load_weights(path='', sha256=''):
+  """(parameters, SHA-256 of the file): `load_params` with the digest it
+  computed, for the record, without reading the file again."""
   path = resolve_path(path)
   if not path:
     raise InceptionWeightsError(
@@ -318,7 +319,7 @@ def load_params(path='', sha256=''):
     raise InceptionWeightsError(
         f'{path} is not a readable .npz ({e}). {HOW_TO_GET}') from None
   check_arrays(arrays, path)
-  return flax_params(arrays)
+  return flax_params(arrays), digest
 
 
 def flax_params(arrays):
