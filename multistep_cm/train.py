@@ -124,22 +124,28 @@ def restore_or_init(config, model, tx, mesh, ckpt, init_params=None):
   return state, shardings
 
 
+def load_params(config, path, mesh, key='ema_params'):
+  """(params, their shardings, step): `key` ('ema_params' or 'params') of the
+  newest checkpoint at `path`, restored straight into the parameter
+  shardings of the config's model; the optimizer state is never read."""
+  _, abstract, shardings = state_layout(config, create_model(config),
+                                        make_optimizer(config.optim), mesh)
+  params, step = checkpoint.load_params(
+      path, checkpoint.abstract_like(abstract.params, shardings.params), key)
+  return params, shardings.params, step
+
+
 def restore_for_sampling(config, workdir, mesh, use_ema=True):
   """(model, params, their shardings, step) of the newest checkpoint in
-  `workdir`: the EMA or the online weights alone, restored straight into
-  their shardings; the optimizer state is never read."""
-  model = create_model(config)
-  _, abstract, shardings = state_layout(config, model,
-                                        make_optimizer(config.optim), mesh)
+  `workdir`: the EMA or the online weights."""
   try:
-    params, step = checkpoint.load_params(
-        workdir, checkpoint.abstract_like(abstract.params, shardings.params),
-        'ema_params' if use_ema else 'params')
+    params, shardings, step = load_params(
+        config, workdir, mesh, 'ema_params' if use_ema else 'params')
   except FileNotFoundError:
     raise FileNotFoundError(
         f'No checkpoint in {workdir}/checkpoints: train first with '
         '--mode=train and the same --workdir.') from None
-  return model, params, shardings.params, step
+  return create_model(config), params, shardings, step
 
 
 STAGES = ('teacher', 'cd', 'ct', 'pd')
@@ -158,14 +164,11 @@ def check_stage(config):
                      'config.teacher_checkpoint to its workdir.')
 
 
-def load_teacher(config, model, tx, mesh):
+def load_teacher(config, mesh):
   """The teacher's parameters, restored straight into the student's
   parameter shardings."""
-  _, abstract, shardings = state_layout(config, model, tx, mesh)
-  params, step = checkpoint.load_params(
-      config.teacher_checkpoint,
-      checkpoint.abstract_like(abstract.params, shardings.params),
-      config.teacher_params)
+  params, _, step = load_params(config, config.teacher_checkpoint, mesh,
+                                config.teacher_params)
   logging.info('Teacher: %s of %s, step %d.', config.teacher_params,
                config.teacher_checkpoint, step)
   return params
@@ -385,7 +388,7 @@ def train_and_evaluate(config, workdir):
                                  config.ckpt_every, config.keep_checkpoints)
   teacher = None
   if config.stage != 'teacher':
-    teacher = load_teacher(config, model, tx, mesh)
+    teacher = load_teacher(config, mesh)
   state, state_sh = restore_or_init(config, model, tx, mesh, ckpt, teacher)
   if not needs_teacher(config):
     teacher = None  # CT starts from the teacher but never evaluates it.
