@@ -9,7 +9,7 @@ setuptools.setup(
                 'in JAX/Flax: diffusion teachers, distillation, samplers.',
     packages=setuptools.find_packages(include=['multistep_cm', 'multistep_cm.*',
                                                'configs']),
-    package_data={'multistep_cm': ['assets/*.npz']},
+    package_data={'multistep_cm.evaluation': ['assets/*.npz']},
     python_requires='>=3.11',
     # Lower bounds are the versions this was tested with.
     install_requires=[

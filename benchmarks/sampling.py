@@ -14,12 +14,14 @@ from ml_collections import config_flags
 
 from multistep_cm import models
 from multistep_cm import samplers
-from multistep_cm import sharding
-from multistep_cm import train
+from multistep_cm.core import generation
+from multistep_cm.core import sharding
+from multistep_cm.core import state as state_lib
 import timing
 
 config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
-flags.DEFINE_integer('batch', None, 'Samples per call; default eval.batch_size.')
+flags.DEFINE_integer('batch', None, 'Samples per call; default '
+                     'train_eval.batch_size.')
 flags.DEFINE_integer('teacher_steps', 512, 'Steps of the teacher sampler.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls per sampler.')
 FLAGS = flags.FLAGS
@@ -28,24 +30,26 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
-  batch = FLAGS.batch or config.eval.batch_size
-  mesh = train.make_mesh(config)
+  batch = FLAGS.batch or config.train_eval.batch_size
+  mesh = state_lib.make_mesh(config)
   batch = sharding.mesh_batch_size(batch, mesh)
-  model = train.create_model(config)
+  model = state_lib.create_model(config)
   network = models.network_fn(model)
-  state, shardings = train.init_state(config, model,
-                                      train.make_optimizer(config.optim), mesh)
-  labels = sharding.global_batch(train.eval_labels(config, batch), mesh)
-  key = jax.random.key(0)
-  runs = [('teacher aDDIM', 'addim', FLAGS.teacher_steps)] + [
-      (f'student S={s}', 'ddim', s) for s in (1, 2, 4, 8, 16)]
+  state, shardings = state_lib.init_state(
+      config, model, state_lib.make_optimizer(config.optim), mesh)
+  labels = generation.eval_labels(config, batch)
+  runs = [('teacher aDDIM', samplers.SamplerSpec('addim', FLAGS.teacher_steps))
+         ] + [(f'student S={s}', samplers.SamplerSpec('student', s))
+              for s in (1, 2, 4, 8, 16)]
   rows = []
-  for name, kind, steps in runs:
-    sampler = train.make_sampler(config, network, shardings.ema_params, mesh,
-                                 steps=steps, kind=kind, guidance=0.)
+  for name, spec in runs:
+    generator = generation.Generator(config, network, shardings.ema_params,
+                                     mesh, spec)
+    # One batch: the compiled sampler and nothing but its inputs' transfer.
     sec = timing.seconds_per_call(
-        lambda: sampler(state.ema_params, key, labels), FLAGS.repeats)
-    rows.append((name, samplers.nfe(steps), sec))
+        lambda: next(generator.batches(state.ema_params, labels, 0,
+                                       batch))[0], FLAGS.repeats)
+    rows.append((name, spec.nfe(), sec))
   teacher_sec = rows[0][2]
   print(f'\n{models.count_params(state.params):,} parameters, batch {batch}, '
         f'{jax.device_count()} x {jax.devices()[0].device_kind}\n')

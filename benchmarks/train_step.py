@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from multistep_cm import data
 from multistep_cm import models
-from multistep_cm import sharding
 from multistep_cm import train
+from multistep_cm.core import data
+from multistep_cm.core import sharding
+from multistep_cm.core import state as state_lib
 import timing
 
 config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
@@ -28,11 +29,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
-  mesh = train.make_mesh(config)
-  model = train.create_model(config)
+  mesh = state_lib.make_mesh(config)
+  model = state_lib.create_model(config)
   network = models.network_fn(model)
-  tx = train.make_optimizer(config.optim)
-  state, state_sh = train.init_state(config, model, tx, mesh)
+  tx = state_lib.make_optimizer(config.optim)
+  state, state_sh = state_lib.init_state(config, model, tx, mesh)
   batch = sharding.global_batch(next(data.train_batches(
       config.dataset, config.batch_size, config.seed)), mesh)
 

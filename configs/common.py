@@ -1,10 +1,26 @@
-"""The shared base config and the config-argument parser.
+"""The shared base config, the config-argument parser, and the configs of an
+experiment's stages.
 
 Every experiment file derives from `base()` and changes what differs; the
-argument after the colon in `--config=configs/X.py:ARG` selects variants.
+argument after the colon in `--config=configs/X.py:ARG` selects variants. A
+config describes one stage: it sets that stage's own schedule (a student's
+`total_steps`, `optim.lr`, `eval_every` are set where the student is
+configured, never copied in at run time), so every `--config.X` override
+does what it says. Commands that run several stages (the pipeline, the
+sweep) build each stage's config with `StageConfigs`.
 """
 
+import importlib.util
+
 import ml_collections
+from ml_collections import config_flags
+
+from multistep_cm.core import stages
+
+# The `stage=` argument. The embedded datasets add `pipeline`, their default:
+# the teacher, then an S-step CD student, then the comparison table.
+STAGE_ARG = {'stage': stages.NAMES}
+PIPELINE_STAGES = ('teacher', 'cd')
 
 
 def parse_arg(arg, choices=None, **defaults):
@@ -12,7 +28,8 @@ def parse_arg(arg, choices=None, **defaults):
 
   A bare word is True for a boolean key, or the value of the key whose
   `choices` list it is in (so 'large' means size=large). Anything else is an
-  error, so a typo in a variant cannot pass silently.
+  error, so a typo in a variant cannot pass silently. A later item wins over
+  an earlier one.
   """
   choices = choices or {}
   out = ml_collections.ConfigDict(defaults)
@@ -36,20 +53,45 @@ def parse_arg(arg, choices=None, **defaults):
   return out
 
 
-# The embedded datasets' `stage=` argument: `pipeline` (the default) trains the
-# teacher, then an S-step CD student; any other stage runs alone.
-EMBEDDED_STAGES = {'stage': ('pipeline', 'teacher', 'cd', 'ct', 'pd')}
-
-
 def parse_embedded_arg(arg):
-  return parse_arg(arg, EMBEDDED_STAGES, stage='pipeline', steps=8,
-                   smoke=False)
+  """`stage=pipeline|teacher|cd|ct|pd`, `steps=S`, `smoke`."""
+  return parse_arg(arg, {'stage': ('pipeline',) + stages.NAMES},
+                   stage='pipeline', steps=8, smoke=False)
 
 
-def set_embedded_stage(c, arg):
-  c.stage = 'teacher' if arg.stage == 'pipeline' else arg.stage
-  c.pipeline = ('teacher', 'cd') if arg.stage == 'pipeline' else ()
+def set_stage(c, arg):
+  """Sets the stage the config describes (`pipeline`: its first stage, the
+  teacher) and the student's steps; returns the stage's row of the table."""
+  c.stage = PIPELINE_STAGES[0] if arg.stage == 'pipeline' else arg.stage
+  c.pipeline.stages = PIPELINE_STAGES if arg.stage == 'pipeline' else ()
   c.student_steps = arg.steps
+  return stages.get(c.stage)
+
+
+def smoke(c, *, batch_size, eval_samples, grid_size, steps=4):
+  """Shrinks a config to run in seconds on a CPU: a tiny model, `steps`
+  training steps (a student half as many), a few samples."""
+  if c.model.name == 'uvit':
+    c.model.levels = (('res', 16, 1, 0.), ('attn', 32, 1, 0.))
+    c.model.mid_channels = 32
+    c.model.mid_blocks = 1
+    c.model.emb_dim = 32
+    c.model.head_dim = min(c.model.head_dim, 32)
+  else:
+    c.model.width = 32
+    c.model.num_blocks = 1
+    c.model.emb_dim = 16
+  c.model.dtype = 'float32'
+  c.mesh.shape = (-1, 1)
+  c.batch_size = batch_size
+  c.total_steps = max(1, steps // 2) if stages.get(c.stage).student else steps
+  c.log_every = c.ckpt_every = 2
+  c.eval_every = c.total_steps
+  c.sampler.steps = 4
+  c.train_eval.num_samples = c.train_eval.batch_size = eval_samples
+  c.train_eval.grid_size = grid_size
+  c.consistency.anneal_steps = 2
+  c.pipeline.teacher_steps = (2, 4)
 
 
 def base():
@@ -91,9 +133,10 @@ def base():
   c.optim.grad_clip = 1.
   c.optim.ema_decay = 0.9999
 
-  # What to train: 'teacher' (diffusion), 'cd' / 'ct' (multistep consistency
-  # distillation / training) or 'pd' (one progressive-distillation phase:
-  # student_steps from a teacher sampled with twice as many).
+  # What to train (multistep_cm/core/stages.py): 'teacher' (diffusion), 'cd'
+  # / 'ct' (multistep consistency distillation / training) or 'pd' (one
+  # progressive-distillation phase: student_steps from a teacher sampled with
+  # twice as many).
   c.stage = 'teacher'
   c.student_steps = 8  # S, the student's sampling steps.
   # Students start from this teacher (a workdir, its checkpoints/ directory or
@@ -112,19 +155,13 @@ def base():
   c.consistency.target = 'online'  # A3: online (stop-grad theta) or ema.
   c.consistency.guidance = 0.  # Guidance of the teacher (CD, PD); A9.
 
-  # A student stage replaces the teacher's schedule with this one.
-  c.student = ml_collections.ConfigDict()
-  c.student.total_steps = 200_000
-  c.student.lr = 1e-4
-  c.student.warmup_steps = 1000
-  c.student.eval_every = 10_000
-
-  # Stages the main command runs in turn, each in WORKDIR/<stage> (students
-  # distil the teacher trained there), followed by a comparison of the student
-  # with the teacher's samplers. Empty: run config.stage alone in WORKDIR.
-  c.pipeline = ()
-  c.compare = ml_collections.ConfigDict()
-  c.compare.teacher_steps = (8, 512)  # aDDIM and DDIM at each.
+  # The main command's stages, each trained in WORKDIR/<stage> (students
+  # distil the teacher trained there), then the table comparing the student
+  # with the teacher's aDDIM and DDIM samplers at `teacher_steps`. Empty:
+  # train config.stage alone in WORKDIR.
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.stages = ()
+  c.pipeline.teacher_steps = (8, 512)
 
   c.batch_size = 128  # Global batch, split over all devices and hosts.
   c.total_steps = 1000
@@ -138,17 +175,24 @@ def base():
   c.keep_checkpoints = 3
   c.eval_every = 1000
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.sampler = 'addim'  # ddim or addim (analytic variance).
-  c.eval.steps = 128
-  c.eval.guidance = 0.  # Classifier-free guidance w: (1 + w) cond - w uncond.
-  c.eval.num_samples = 1800  # Samples for the metric, labels uniform.
-  c.eval.batch_size = 600
-  c.eval.grid_size = 100  # Samples in the PNG grid.
+  # How a teacher samples: in training-time evaluation, --mode=sample and by
+  # default in --mode=evaluate. A student always takes its S DDIM steps,
+  # unguided (Algorithm 2).
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.kind = 'addim'  # ddim or addim (analytic variance).
+  c.sampler.steps = 128
+  c.sampler.guidance = 0.  # Classifier-free guidance w: (1 + w) cond - w uncond.
+
+  # The quick evaluation: samples scored every eval_every steps of training,
+  # and by the pipeline's table and the sweep.
+  c.train_eval = ml_collections.ConfigDict()
+  c.train_eval.num_samples = 1800  # Labels uniform over the classes.
+  c.train_eval.batch_size = 600
+  c.train_eval.grid_size = 100  # Samples in the PNG grid.
 
   # --mode=evaluate (and FID during training). Empty or negative fields take
-  # the stage's own: S-step consistency sampling for a student, eval.sampler
-  # at eval.steps for a teacher, eval.guidance.
+  # the stage's own: S-step consistency sampling for a student,
+  # config.sampler for a teacher.
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.sampler = ''  # student, ddim or addim.
   c.evaluate.steps = 0
@@ -159,9 +203,10 @@ def base():
   c.evaluate.batch_size = 500  # Per sampling / Inception call, all devices.
   c.evaluate.seed = 0
   # Image datasets: the converted FID Inception weights (local or gs://; see
-  # multistep_cm/convert_inception.py; $MULTISTEP_CM_INCEPTION if empty), the
-  # SHA-256 they must have ('' = unchecked), and the reference: an ADM
-  # reference batch (VIRTUAL_imagenet64_labeled.npz) or --mode=reference's.
+  # multistep_cm/evaluation/convert_inception.py; $MULTISTEP_CM_INCEPTION if
+  # empty), the SHA-256 they must have ('' = unchecked), and the reference:
+  # an ADM reference batch (VIRTUAL_imagenet64_labeled.npz) or
+  # --mode=reference's.
   c.evaluate.inception_weights = ''
   c.evaluate.inception_sha256 = ''
   c.evaluate.reference = ''
@@ -170,3 +215,39 @@ def base():
   # weights and reference are set (0: off).
   c.evaluate.train_samples = 5_000
   return c
+
+
+class StageConfigs:
+  """The configs of an experiment's stages, for commands that run several:
+  the experiment file's `get_config` with `stage=NAME` (and `steps=S`) added
+  to its argument, then the command line's `--config.*` overrides. Each stage
+  runs exactly as its own single-stage command would. `base` is the config as
+  given (overrides included)."""
+
+  def __init__(self, get_config, arg='', overrides=None):
+    self._get_config, self._arg = get_config, arg or ''
+    self._overrides = dict(overrides or {})
+    self.base = self._build(self._arg)
+
+  @classmethod
+  def from_flag(cls, flag):
+    """From a `config_flags.DEFINE_config_file` flag (FLAGS['config'])."""
+    path, _, arg = config_flags.get_config_filename(flag).partition(':')
+    spec = importlib.util.spec_from_file_location('experiment_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return cls(module.get_config, arg, config_flags.get_override_values(flag))
+
+  def _build(self, arg, changes=None):
+    c = self._get_config(arg or None)
+    c.update_from_flattened_dict({**self._overrides, **(changes or {})})
+    c.lock()
+    return c
+
+  def __call__(self, stage, steps=None, changes=None):
+    """The config of `stage`, with `steps` student steps when given;
+    `changes` (flat 'a.b': value) are what the calling command sets, e.g. the
+    pipeline's teacher_checkpoint."""
+    items = [self._arg, f'stage={stage}'] + ([f'steps={steps}'] if steps
+                                             else [])
+    return self._build(','.join(filter(None, items)), changes)

@@ -17,11 +17,12 @@ steps, `smoke` shrinks everything to run in seconds.
 
 from configs import common
 
+
 def get_config(arg=None):
   arg = common.parse_embedded_arg(arg)
   c = common.base()
   # Sized for a 2-core CPU: ~0.14 s per step at batch 128.
-  c.model.stages = (('res', 32, 1, 0.), ('attn', 96, 1, 0.1))
+  c.model.levels = (('res', 32, 1, 0.), ('attn', 96, 1, 0.1))
   c.model.mid_channels = 128
   c.model.mid_blocks = 2
   c.model.mid_dropout = 0.1
@@ -30,46 +31,30 @@ def get_config(arg=None):
   c.model.emb_dim = 256
   c.model.dtype = 'float32'  # bf16 brings no speed on CPU.
 
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 200
   c.optim.ema_decay = 0.999
   c.batch_size = 128
-  c.total_steps = 4000
   c.log_every = 200
   c.ckpt_every = 500
-  c.eval_every = 2000
-  c.eval.num_samples = 1080  # Three chunks of the held-out size (360).
-  c.eval.batch_size = 540
+  c.train_eval.num_samples = 1080  # Three chunks of the held-out size (360).
+  c.train_eval.batch_size = 540
   # --mode=evaluate: three chunks of the held-out size, as FD-digits averages.
   c.evaluate.num_samples = 1080
   c.evaluate.chunk_size = 360
   c.evaluate.batch_size = 360
+  c.consistency.anneal_steps = 750  # 64 -> 1280 over half the run (A14).
 
-  common.set_embedded_stage(c, arg)
-  # Fine-tuning from the teacher: a lower, constant rate (spec A5), and the
-  # 64 -> 1280 annealing over half the run (spec A14).
-  c.student.total_steps = 1500
-  c.student.lr = 2e-4
-  c.student.warmup_steps = 100
-  c.student.eval_every = 1500
-  c.consistency.anneal_steps = 750
+  if common.set_stage(c, arg).student:
+    # Fine-tuning from the teacher: a lower, constant rate (spec A5).
+    c.total_steps = 1500
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 100
+    c.eval_every = 1500
+  else:
+    c.total_steps = 4000
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    c.eval_every = 2000
 
   if arg.smoke:
-    c.model.stages = (('res', 16, 1, 0.), ('attn', 32, 1, 0.))
-    c.model.mid_channels = 32
-    c.model.mid_blocks = 1
-    c.model.emb_dim = 32
-    c.batch_size = 16
-    c.total_steps = 4
-    c.log_every = 2
-    c.ckpt_every = 2
-    c.eval_every = 4
-    c.eval.steps = 4
-    c.eval.num_samples = 360
-    c.eval.batch_size = 360
-    c.eval.grid_size = 20
-    c.student.total_steps = 2
-    c.student.eval_every = 2
-    c.consistency.anneal_steps = 2
-    c.compare.teacher_steps = (2, 4)
+    common.smoke(c, batch_size=16, eval_samples=360, grid_size=20)
   return c

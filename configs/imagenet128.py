@@ -12,31 +12,28 @@ students 2.1 (the paper guides the small model's teacher at a scale it does
 not state: try `guidance=`).
 """
 
-from configs import common
 from configs import imagenet64
 
 
 def get_config(arg=None):
-  parsed = common.parse_arg(arg, imagenet64.ARGS, size='small',
-                            stage='teacher', steps=8, guidance=0., teacher='',
-                            smoke=False)
-  c = imagenet64.get_config(arg)
+  arg = imagenet64.parse(arg)
+  c = imagenet64.build(arg)
   c.dataset.name = 'imagenet128'
   c.dataset.image_size = 128
   c.schedule.image_size = 128
   c.schedule.noise_size_high = 128
   c.loss.multiscale = True  # Simple diffusion's multiscale loss, one 2x2 level.
-  if parsed.smoke:
-    c.model.stages = (('res', 8, 1, 0.),) + tuple(c.model.stages)
+  if arg.smoke:
+    c.model.levels = (('res', 8, 1, 0.),) + tuple(c.model.levels)
     return c
-  if parsed.size == 'small':
+  if arg.size == 'small':
     # Plus 3 ResBlocks at 128 at the 128x128 level; dropout 0.1 in the middle.
-    c.model.stages = (('res', 128, 3, 0.), ('res', 256, 3, 0.),
+    c.model.levels = (('res', 128, 3, 0.), ('res', 256, 3, 0.),
                       ('attn', 512, 3, 0.))
     c.model.mid_dropout = 0.1
     # The paper uses guidance for this model at a scale it does not state.
   else:
     # x2 channels, dropout 0.1 on all blocks but the 128x128 level.
-    c.model.stages = (('res', 256, 3, 0.), ('res', 512, 3, 0.1),
+    c.model.levels = (('res', 256, 3, 0.), ('res', 512, 3, 0.1),
                       ('attn', 1024, 3, 0.1))
   return c

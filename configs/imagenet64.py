@@ -18,12 +18,21 @@ training length is not in the paper, so its `total_steps` is our choice.
 
 from configs import common
 
-ARGS = {'size': ('small', 'large'), 'stage': ('teacher', 'cd', 'ct', 'pd')}
+ARGS = {'size': ('small', 'large'), **common.STAGE_ARG}
+
+
+def parse(arg):
+  """The argument of this file and of imagenet128.py."""
+  return common.parse_arg(arg, ARGS, size='small', stage='teacher', steps=8,
+                          guidance=0., teacher='', smoke=False)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, ARGS, size='small', stage='teacher', steps=8,
-                         guidance=0., teacher='', smoke=False)
+  return build(parse(arg))
+
+
+def build(arg):
+  """The config of a parsed argument."""
   c = common.base()
   c.dataset.name = 'imagenet64'
   c.dataset.image_size = 64
@@ -44,56 +53,41 @@ def get_config(arg=None):
   if arg.size == 'small':
     # 3 ResBlocks at 256, 3 transformer blocks at 512, 16 at 1024; dropout
     # 0.2 in the middle.
-    c.model.stages = (('res', 256, 3, 0.), ('attn', 512, 3, 0.))
+    c.model.levels = (('res', 256, 3, 0.), ('attn', 512, 3, 0.))
     c.model.mid_channels = 1024
     c.model.mid_dropout = 0.2
   else:
     # All channels x2, dropout 0.1 on all transformer blocks.
-    c.model.stages = (('res', 512, 3, 0.), ('attn', 1024, 3, 0.1))
+    c.model.levels = (('res', 512, 3, 0.), ('attn', 1024, 3, 0.1))
     c.model.mid_channels = 2048
     c.model.mid_dropout = 0.1
     c.mesh.shape = (-1, 8)  # FSDP: 1.2B parameters + Adam do not fit replicated.
   c.model.mid_blocks = 16
 
   c.batch_size = 2048
-  c.total_steps = 500_000  # Not in the paper (teacher length unstated).
-  c.optim.lr = 1e-4
   c.optim.warmup_steps = 1000
   c.optim.ema_decay = 0.9999
   c.loss.label_dropout = 0.1
   c.log_every = 100
   c.ckpt_every = 2000
   c.eval_every = 10_000
-  c.eval.sampler = 'addim'
-  c.eval.steps = 512
-  c.eval.num_samples = 64  # A sample grid; FID comes with the evaluation mode.
-  c.eval.batch_size = 64
-  c.eval.grid_size = 64
+  c.sampler.kind = 'addim'
+  c.sampler.steps = 512
+  c.train_eval.num_samples = 64  # A sample grid; FID comes with --mode=evaluate.
+  c.train_eval.batch_size = 64
+  c.train_eval.grid_size = 64
 
-  # Students (spec section 7): 200k steps at batch 2048, N annealed 64 -> 1280
-  # over 100k, eta 0.75, delta 1e-4, initialised from the teacher's EMA.
-  c.stage = arg.stage
-  c.student_steps = arg.steps
   c.teacher_checkpoint = arg.teacher or None
   c.consistency.guidance = arg.guidance
-  c.student.total_steps = 200_000
-  c.student.lr = 5e-5  # Not in the paper; spec A5 suggests 1e-4 to 2e-5.
-  c.student.warmup_steps = 1000
-  c.student.eval_every = 10_000
+  if common.set_stage(c, arg).student:
+    # Students (spec section 7): 200k steps at batch 2048, N annealed 64 ->
+    # 1280 over 100k, eta 0.75, delta 1e-4, initialised from the teacher's EMA.
+    c.total_steps = 200_000
+    c.optim.lr = 5e-5  # Not in the paper; spec A5 suggests 1e-4 to 2e-5.
+  else:
+    c.total_steps = 500_000  # Not in the paper (teacher length unstated).
+    c.optim.lr = 1e-4
 
   if arg.smoke:
-    c.model.stages = (('res', 16, 1, 0.), ('attn', 32, 1, 0.))
-    c.model.mid_channels = 32
-    c.model.mid_blocks = 1
-    c.model.emb_dim = 32
-    c.model.head_dim = 16
-    c.model.dtype = 'float32'
-    c.mesh.shape = (-1, 1)
-    c.batch_size = 8
-    c.total_steps = 2
-    c.log_every = c.ckpt_every = c.eval_every = 2
-    c.eval.steps = 2
-    c.eval.num_samples = c.eval.batch_size = c.eval.grid_size = 8
-    c.student.total_steps = c.student.eval_every = 2
-    c.consistency.anneal_steps = 2
+    common.smoke(c, batch_size=8, eval_samples=8, grid_size=8, steps=2)
   return c

@@ -24,36 +24,28 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       name='mlp', width=256, num_blocks=4, emb_dim=128, dropout=0.,
       dtype='float32'))
-  c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.999
   c.batch_size = 512
-  c.total_steps = 3000
   c.log_every = 250
   c.ckpt_every = 1000
-  c.eval_every = 1500
-  c.eval.num_samples = 2000
-  c.eval.batch_size = 1000
-  c.eval.grid_size = 2000  # All the points go in the scatter plot.
+  c.train_eval.num_samples = 2000
+  c.train_eval.batch_size = 1000
+  c.train_eval.grid_size = 2000  # All the points go in the scatter plot.
   c.evaluate.num_samples = 2000
   c.evaluate.chunk_size = 1000
   c.evaluate.batch_size = 1000
-  common.set_embedded_stage(c, arg)
-  c.student.total_steps = 2000
-  c.student.lr = 2e-4
-  c.student.warmup_steps = 100
-  c.student.eval_every = 2000
   c.consistency.anneal_steps = 1000
+
+  if common.set_stage(c, arg).student:
+    c.total_steps = 2000
+    c.optim.lr = 2e-4
+    c.eval_every = 2000
+  else:
+    c.total_steps = 3000
+    c.optim.lr = 1e-3
+    c.eval_every = 1500
+
   if arg.smoke:
-    c.model.width = 32
-    c.model.num_blocks = 1
-    c.model.emb_dim = 16
-    c.batch_size = 64
-    c.total_steps = 4
-    c.log_every = c.ckpt_every = c.eval_every = 2
-    c.eval.steps = 4
-    c.eval.num_samples = c.eval.batch_size = c.eval.grid_size = 256
-    c.student.total_steps = c.student.eval_every = 2
-    c.consistency.anneal_steps = 2
-    c.compare.teacher_steps = (2, 4)
+    common.smoke(c, batch_size=64, eval_samples=256, grid_size=256)
   return c

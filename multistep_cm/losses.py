@@ -1,10 +1,13 @@
 """Training losses. Networks enter as plain functions
 `(params, z_t, t, labels, rng) -> v_prediction` (see `models.network_fn`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from multistep_cm import ddim
+from multistep_cm import guidance as guidance_lib
 from multistep_cm import schedules
 
 
@@ -16,14 +19,6 @@ def _avg_pool2(x):
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
-
-def drop_labels(rng, labels, rate, num_classes):
-  """Replaces a fraction `rate` of labels by the null label `num_classes`, so
-  one network learns the conditional and unconditional model (for guidance)."""
-  if not num_classes or rate == 0.:
-    return labels
-  keep = jax.random.bernoulli(rng, 1. - rate, labels.shape)
-  return jnp.where(keep, labels, num_classes)
 
 
 def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
@@ -47,7 +42,8 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
   a = alpha.reshape((batch,) + (1,) * (x.ndim - 1))
   s = sigma.reshape(a.shape)
   z_t = a * x + s * eps
-  labels = drop_labels(k_label, labels, label_dropout, num_classes)
+  labels = guidance_lib.drop_labels(k_label, labels, label_dropout,
+                                    num_classes)
   v_err = network(params, z_t, t, labels, k_drop) - (a * eps - s * x)
   loss = _mean_per_example(jnp.square(v_err))
   if multiscale:
@@ -120,29 +116,14 @@ def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
   return ddim.x_from_v(network(params, z, t, labels, rng), z, alpha, sigma)
 
 
-def guided_v(network, params, z, t, labels, guidance=0., num_classes=0,
-             rng=None):
-  """(guided, conditional) v predictions: classifier-free guidance
-  (1 + w) cond - w uncond in one batched call, or the plain prediction twice
-  when unguided. Linear in v, so it guides x and eps alike."""
-  if not (guidance and num_classes):
-    v = network(params, z, t, labels, rng)
-    return v, v
-  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-  null = jnp.full_like(labels, num_classes)
-  v = network(params, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-              jnp.concatenate([labels, null]), rng)
-  cond, uncond = jnp.split(v, 2)
-  return (1. + guidance) * cond - guidance * uncond, cond
-
 
 def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
               num_classes=0):
   """The teacher's x prediction (guided when `guidance` > 0) and its plain
   conditional prediction, which sets the aDDIM variance (spec A9). Dropout off."""
   alpha, sigma = _ab(logsnr_fn, t)
-  guided, cond = guided_v(teacher, teacher_params, z, t, labels, guidance,
-                          num_classes)
+  guided, cond = guidance_lib.guided_v(teacher, teacher_params, z, t, labels,
+                                       guidance, num_classes)
   return (ddim.x_from_v(guided, z, alpha, sigma),
           ddim.x_from_v(cond, z, alpha, sigma))
 
@@ -205,27 +186,87 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
                    'or v_space.')
 
 
-def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
-                               student_steps, iteration, target_params=None,
-                               anneal_start=64., anneal_end=1280.,
-                               anneal_steps=100_000, label_dropout=0., **kw):
+NORMS = ('rms', 'sum', 'elementwise')
+WEIGHTINGS = ('snr_plus_one', 'v_space')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyOptions:
+  """The choices of multistep consistency training and distillation (spec
+  sections 3 and 8), checked once when built rather than at trace time.
+
+  `mode` 'cd' steps with the teacher's aDDIM, 'ct' with the forward process;
+  N, the teacher steps, anneals log-linearly from `anneal_start` to
+  `anneal_end` over `anneal_steps` iterations; `xvar_frac` is aDDIM's eta;
+  `huber_delta`, `norm` (A1) and `weighting` (A2) shape the distance;
+  `guidance` guides the CD teacher (A9) with label `num_classes` as null;
+  `label_dropout` replaces student labels by the null label.
+  """
+  mode: str = 'cd'
+  anneal_start: float = 64.
+  anneal_end: float = 1280.
+  anneal_steps: int = 100_000
+  xvar_frac: float = 0.75
+  huber_delta: float = 1e-4
+  norm: str = 'rms'
+  weighting: str = 'snr_plus_one'
+  guidance: float = 0.
+  num_classes: int = 0
+  label_dropout: float = 0.
+
+  def __post_init__(self):
+    for name, value, allowed in (('mode', self.mode, ('cd', 'ct')),
+                                 ('norm', self.norm, NORMS),
+                                 ('weighting', self.weighting, WEIGHTINGS)):
+      if value not in allowed:
+        raise ValueError(f'Unknown {name} {value!r}: expected one of '
+                         f'{", ".join(allowed)}.')
+    if self.guidance and self.mode == 'ct':
+      raise ValueError('Guidance needs a teacher: CT has none (use CD).')
+
+
+def consistency_loss(student, params, x, labels, rng, logsnr_fn,
+                     student_steps, iteration, options, target_params=None,
+                     teacher=None, teacher_params=None):
   """Algorithm 1: draws segments, grid times and noise, returns the batch
   mean of `consistency_loss_terms` and {'n_seg': teacher steps per segment}.
 
-  `target_params` defaults to `params` (the paper's stop-gradient target);
-  `kw` goes to `consistency_loss_terms` (mode, teacher, teacher_params,
-  xvar_frac, huber_delta, norm, weighting, guidance, num_classes).
+  `options` is a `ConsistencyOptions`; `iteration` may be traced, so N
+  anneals without recompiling. `target_params` defaults to `params` (the
+  paper's stop-gradient target); the teacher is needed for CD only.
   """
+  o = options
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
-  n_seg, _ = segment_grid(iteration, student_steps, anneal_start, anneal_end,
-                          anneal_steps)
+  n_seg, _ = segment_grid(iteration, student_steps, o.anneal_start,
+                          o.anneal_end, o.anneal_steps)
   t, s, t_step = sample_times(k_t, x.shape[0], student_steps, n_seg)
   eps = jax.random.normal(k_eps, x.shape)
-  labels = drop_labels(k_label, labels, label_dropout, kw.get('num_classes', 0))
+  labels = guidance_lib.drop_labels(k_label, labels, o.label_dropout,
+                                    o.num_classes)
   target = params if target_params is None else target_params
-  terms = consistency_loss_terms(student, params, target, x, labels, eps, t, s,
-                                 t_step, logsnr_fn, k_drop, **kw)
+  terms = consistency_loss_terms(
+      student, params, target, x, labels, eps, t, s, t_step, logsnr_fn,
+      k_drop, mode=o.mode, teacher=teacher, teacher_params=teacher_params,
+      xvar_frac=o.xvar_frac, huber_delta=o.huber_delta, norm=o.norm,
+      weighting=o.weighting, guidance=o.guidance, num_classes=o.num_classes)
   return jnp.mean(terms), {'n_seg': n_seg}
+
+
+def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
+                               student_steps, iteration, target_params=None,
+                               anneal_start=64., anneal_end=1280.,
+                               anneal_steps=100_000, label_dropout=0.,
+                               teacher=None, teacher_params=None, **options):
+  """`consistency_loss` with its options as keyword arguments: the fields of
+  `ConsistencyOptions` (mode, xvar_frac, huber_delta, norm, weighting,
+  guidance, num_classes, and those named here)."""
+  options = ConsistencyOptions(anneal_start=anneal_start,
+                               anneal_end=anneal_end,
+                               anneal_steps=anneal_steps,
+                               label_dropout=label_dropout, **options)
+  return consistency_loss(student, params, x, labels, rng, logsnr_fn,
+                          student_steps, iteration, options, target_params,
+                          teacher, teacher_params)
 
 
 def progressive_distillation_loss(student, params, teacher, teacher_params, x,

@@ -1,6 +1,9 @@
 """Entry point: python -m multistep_cm.main --config=configs/X.py --workdir=DIR
 
-Kept thin: the logic lives in importable modules (`train`, `sample`).
+Kept thin: it parses flags and hands the config to one mode, whose logic
+lives in importable modules: `train` (or `pipeline` for a config that lists
+several stages), `evaluation.evaluate`, `evaluation.fid` (reference
+statistics) and `evaluation.quick` (samples).
 """
 
 import logging as py_logging
@@ -19,8 +22,6 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-
-from multistep_cm import data
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -91,33 +92,31 @@ def main(argv):
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
-  from multistep_cm import checkpoint  # pylint: disable=g-import-not-at-top
-  from multistep_cm import evaluation  # pylint: disable=g-import-not-at-top
-  from multistep_cm import fid  # pylint: disable=g-import-not-at-top
-  from multistep_cm import inception  # pylint: disable=g-import-not-at-top
-  from multistep_cm import pipeline  # pylint: disable=g-import-not-at-top
-  from multistep_cm import sample  # pylint: disable=g-import-not-at-top
-  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from configs import common
+  from multistep_cm import pipeline
+  from multistep_cm import train
+  from multistep_cm.core import errors
+  from multistep_cm.evaluation import evaluate
+  from multistep_cm.evaluation import fid
+  from multistep_cm.evaluation import quick
+  # pylint: enable=g-import-not-at-top
   _initialize_distributed()
   logging.info('Process %d of %d; devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
-  config = FLAGS.config
+  config, workdir = FLAGS.config, FLAGS.workdir
   try:
-    if FLAGS.mode == 'train' and config.pipeline:
-      pipeline.run(config, FLAGS.workdir)
-      return
-    config = pipeline.stage_config(config, config.stage)
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
+    if FLAGS.mode == 'train' and config.pipeline.stages:
+      pipeline.run(common.StageConfigs.from_flag(FLAGS['config']), workdir)
+    elif FLAGS.mode == 'train':
+      train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'evaluate':
-      evaluation.run(config, FLAGS.workdir)
+      evaluate.run(config, workdir)
     elif FLAGS.mode == 'reference':
-      fid.compute_reference(config, FLAGS.workdir)
+      fid.compute_reference(config, workdir)
     else:
-      sample.sample_checkpoint(config, FLAGS.workdir, FLAGS.num_samples)
-  except (data.DatasetNotPreparedError, FileNotFoundError,
-          checkpoint.CheckpointMismatchError, train.ConfigError,
-          inception.InceptionWeightsError, fid.ReferenceError) as e:
+      quick.write_samples(config, workdir, FLAGS.num_samples)
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
 
 

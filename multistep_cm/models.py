@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
+class Level:
   """One resolution level of the U: `num_blocks` blocks of `kind` ('res' for
   convolutional ResBlocks, 'attn' for transformer blocks) at `channels`."""
   kind: str
@@ -30,10 +30,10 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class UViTConfig:
-  """Hyper-parameters of a UViT. Stages run from the input resolution down;
+  """Hyper-parameters of a UViT. Levels run from the input resolution down;
   each is followed by a 2x2 average pool, then the middle transformer runs at
   the lowest resolution. The up path mirrors the down path."""
-  stages: Sequence[Stage]
+  levels: Sequence[Level]
   mid_channels: int
   mid_blocks: int
   mid_dropout: float = 0.
@@ -146,13 +146,13 @@ class UViT(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels)
-    h = nn.Conv(cfg.stages[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
+    h = nn.Conv(cfg.levels[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
 
     skips = []
-    for i, st in enumerate(cfg.stages):
-      h = self._enter(h, st.kind, st.channels, dtype, f'down_in_{i}')
-      for _ in range(st.num_blocks):
-        h = self._apply(self._block(st.kind, st.channels, st.dropout, dtype),
+    for i, lv in enumerate(cfg.levels):
+      h = self._enter(h, lv.kind, lv.channels, dtype, f'down_in_{i}')
+      for _ in range(lv.num_blocks):
+        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype),
                         h, emb, train)
         skips.append(h)
       h = nn.avg_pool(h, (2, 2), (2, 2))
@@ -162,13 +162,13 @@ class UViT(nn.Module):
       h = self._apply(self._block('attn', cfg.mid_channels, cfg.mid_dropout,
                                   dtype), h, emb, train)
 
-    for i, st in reversed(list(enumerate(cfg.stages))):
+    for i, lv in reversed(list(enumerate(cfg.levels))):
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-      h = nn.Dense(st.channels, dtype=dtype, name=f'up_in_{i}')(h)
-      for _ in range(st.num_blocks):
+      h = nn.Dense(lv.channels, dtype=dtype, name=f'up_in_{i}')(h)
+      for _ in range(lv.num_blocks):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = nn.Dense(st.channels, dtype=dtype)(h)
-        h = self._apply(self._block(st.kind, st.channels, st.dropout, dtype),
+        h = nn.Dense(lv.channels, dtype=dtype)(h)
+        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype),
                         h, emb, train)
 
     h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=dtype)(h))
@@ -177,7 +177,7 @@ class UViT(nn.Module):
     return out.astype(jnp.float32)
 
   def _enter(self, h, kind, channels, dtype, name):
-    """Projects to a stage's width; transformer stages also get a learned
+    """Projects to a level's width; transformer levels also get a learned
     position embedding, since attention alone cannot tell positions apart."""
     h = nn.Dense(channels, dtype=dtype, name=name)(h)
     if kind == 'attn':
@@ -231,7 +231,7 @@ def create_model(model_config):
   cfg = dict(model_config)
   name = cfg.pop('name')
   if name == 'uvit':
-    cfg['stages'] = tuple(Stage(*s) for s in cfg['stages'])
+    cfg['levels'] = tuple(Level(*lv) for lv in cfg['levels'])
     return UViT(UViTConfig(**cfg))
   if name == 'mlp':
     return MLP(MLPConfig(**cfg))

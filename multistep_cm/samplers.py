@@ -1,25 +1,19 @@
 """Samplers. Each runs its whole loop as one `lax.fori_loop`, so a sampler is
 a single compiled program whatever its step count; jit it with the batch
-sharded over the mesh to sample on many devices."""
+sharded over the mesh to sample on many devices.
+
+`SamplerSpec` names one of them (the student's, DDIM or aDDIM), its steps and
+guidance: the one value the framework passes around to say how to sample.
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from multistep_cm import ddim
-from multistep_cm import losses
+from multistep_cm import guidance as guidance_lib
 from multistep_cm import schedules
-
-
-def guided_network(network, guidance, num_classes):
-  """The network under classifier-free guidance, (1 + w) cond - w uncond
-  (`losses.guided_v`). `w = 0` is the plain network: one evaluation."""
-  if guidance == 0. or not num_classes:
-    return network
-
-  def fn(params, z_t, t, labels, rng=None):
-    return losses.guided_v(network, params, z_t, t, labels, guidance,
-                           num_classes, rng)[0]
-  return fn
 
 
 def analytic_x_var(logsnr):
@@ -61,7 +55,7 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
   """
   if kind not in ('ddim', 'addim'):
     raise ValueError(f'Unknown sampler {kind!r}: expected ddim or addim.')
-  net = guided_network(network, guidance, num_classes)
+  net = guidance_lib.guided_network(network, guidance, num_classes)
 
   def body(i, carry):
     z, _ = carry
@@ -83,14 +77,55 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
 
 
 def consistency_sample(network, params, noise, labels, logsnr_fn,
-                       student_steps, guidance=0., num_classes=0):
+                       student_steps):
   """The multistep consistency sampler (Alg. 2): S deterministic DDIM steps
-  t = k/S -> (k-1)/S on the student's x prediction, no noise injected.
-  Returns the last x prediction. Network evaluations: S (2S when guided)."""
+  t = k/S -> (k-1)/S on the student's x prediction, no noise injected, one
+  network evaluation each. Never guided: a student distilled from a guided
+  teacher has its guidance built in (one student per scale, spec A9).
+  Returns the last x prediction."""
   return diffusion_sample(network, params, noise, labels, logsnr_fn,
-                          student_steps, 'ddim', guidance, num_classes)
+                          student_steps, 'ddim')
 
 
 def nfe(num_steps, guidance=0., num_classes=0):
   """Network evaluations of a sampler run: one per step, two when guided."""
   return num_steps * (2 if guidance and num_classes else 1)
+
+
+KINDS = ('student', 'ddim', 'addim')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """How to sample: `kind` 'student' (`consistency_sample`, S = `steps`,
+  unguided) or a diffusion sampler, 'ddim' or 'addim' (analytic variance),
+  with `steps` and classifier-free `guidance` w."""
+  kind: str
+  steps: int
+  guidance: float = 0.
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'Unknown sampler {self.kind!r}: expected one of '
+                       f'{", ".join(KINDS)}.')
+    if self.steps < 1:
+      raise ValueError(f'A sampler needs at least one step, not {self.steps}.')
+    if self.kind == 'student' and self.guidance:
+      raise ValueError('A student is sampled unguided: its guidance was fixed '
+                       'at distillation.')
+
+  def __call__(self, network, params, noise, labels, logsnr_fn,
+               num_classes=0):
+    if self.kind == 'student':
+      return consistency_sample(network, params, noise, labels, logsnr_fn,
+                                self.steps)
+    return diffusion_sample(network, params, noise, labels, logsnr_fn,
+                            self.steps, self.kind, self.guidance, num_classes)
+
+  def nfe(self, num_classes=0):
+    """Network evaluations per sample."""
+    return nfe(self.steps, self.guidance, num_classes)
+
+  @property
+  def name(self):
+    return f'{self.kind}{self.steps}'

@@ -42,12 +42,25 @@ def fresh_train_step():
   loop builds them."""
   from multistep_cm import models  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  from multistep_cm.core import state as state_lib  # pylint: disable=g-import-not-at-top
 
   def build(config):
-    mesh = train.make_mesh(config)
-    model = train.create_model(config)
-    tx = train.make_optimizer(config.optim)
-    state, shardings = train.init_state(config, model, tx, mesh)
+    mesh = state_lib.make_mesh(config)
+    model = state_lib.create_model(config)
+    tx = state_lib.make_optimizer(config.optim)
+    state, shardings = state_lib.init_state(config, model, tx, mesh)
     return mesh, state, train.make_train_step(
         config, models.network_fn(model), tx, shardings, mesh)
   return build
+
+
+@pytest.fixture(scope='session')
+def digits_teacher(tmp_path_factory):
+  """(config, workdir) of a digits smoke teacher trained once for the whole
+  session; tests that write into the workdir copy it first."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  config = digits.get_config('smoke')
+  workdir = str(tmp_path_factory.mktemp('digits_teacher'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

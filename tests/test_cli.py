@@ -1,5 +1,6 @@
 """The entry point as a user meets it: bad input ends in one clear line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_evaluate_without_inception_weights(tmp_path):
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   line = _last_line(proc)
   assert line.startswith('error: No Inception weights configured.'), line
-  assert 'python -m multistep_cm.convert_inception' in line
+  assert 'python -m multistep_cm.evaluation.convert_inception' in line
 
 
 def test_reference_of_wrong_weights_file(tmp_path):
@@ -81,3 +82,16 @@ def test_reference_of_wrong_weights_file(tmp_path):
               f'--config.evaluate.inception_weights={bogus}')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert 'is not a readable .npz' in _last_line(proc)
+
+
+def test_overrides_reach_every_stage_of_the_pipeline(tmp_path):
+  """`--config.X` means the same for the teacher and for the student: each
+  stage runs with the config its own command would get."""
+  proc = _run('--config=configs/toy2d.py:smoke', f'--workdir={tmp_path}',
+              '--config.total_steps=3', '--config.optim.lr=0.002')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ('teacher', 'cd_s8'):
+    config = json.loads((tmp_path / stage / 'config.json').read_text())
+    assert config['total_steps'] == 3 and config['optim']['lr'] == 0.002
+    assert (tmp_path / stage / 'checkpoints' / '3').is_dir()
+  assert '| student (CD, S=8) | 8 |' in proc.stdout

@@ -6,8 +6,8 @@ import scipy.stats
 
 from configs import digits
 from configs import imagenet64
-from multistep_cm import data
 from multistep_cm import toy2d
+from multistep_cm.core import data
 
 
 def test_digits_split():
@@ -63,7 +63,7 @@ def test_unknown_dataset():
 
 
 def test_one_pass_covers_the_split_once():
-  from multistep_cm import images  # pylint: disable=g-import-not-at-top
+  from multistep_cm.core import images  # pylint: disable=g-import-not-at-top
   cfg = digits.get_config().dataset
   x, y = data.digits('train')
   batches = list(data.one_pass(cfg, 'train', 400))

@@ -12,20 +12,21 @@ import pytest
 from configs import digits
 from configs import imagenet64
 from configs import toy2d
-from multistep_cm import convert_inception
-from multistep_cm import evaluation
-from multistep_cm import data
-from multistep_cm import fid
-from multistep_cm import sharding
 from multistep_cm import train
+from multistep_cm.core import data
+from multistep_cm.core import errors
+from multistep_cm.core import generation
+from multistep_cm.core import sharding
+from multistep_cm.evaluation import convert_inception
+from multistep_cm.evaluation import evaluate as evaluation
+from multistep_cm.evaluation import fid
 from tests import inception_golden
 
 
-@pytest.fixture(scope='module')
-def digits_run(tmp_path_factory):
-  config = digits.get_config('smoke')
-  workdir = str(tmp_path_factory.mktemp('digits'))
-  train.train_and_evaluate(config, workdir)
+@pytest.fixture
+def digits_run(digits_teacher):
+  config, workdir = digits_teacher
+  config = config.copy_and_resolve_references()
   config.evaluate.num_samples = 30
   config.evaluate.chunk_size = 10
   config.evaluate.batch_size = 8
@@ -41,15 +42,15 @@ def test_resumed_evaluation_equals_uninterrupted(digits_run, tmp_path,
   full = evaluation.run(config, full_dir)
 
   calls = []
-  real = evaluation.generate_chunk
+  real = generation.Generator.__call__
 
-  def preempted_after_two(*args, **kwargs):
+  def preempted_after_two(self, *args, **kwargs):
     if len(calls) == 2:
       raise KeyboardInterrupt('preempted')
-    calls.append(args[5])  # The chunk's first sample index.
-    return real(*args, **kwargs)
+    calls.append(kwargs['start'])  # The chunk's first sample index.
+    return real(self, *args, **kwargs)
 
-  monkeypatch.setattr(evaluation, 'generate_chunk', preempted_after_two)
+  monkeypatch.setattr(generation.Generator, '__call__', preempted_after_two)
   with pytest.raises(KeyboardInterrupt):
     evaluation.run(config, cut_dir)
   calls.clear()
@@ -75,11 +76,11 @@ def test_protocols_never_mix(digits_run, tmp_path):
   evaluation.run(config, workdir)
   other = config.copy_and_resolve_references()
   other.evaluate.chunk_size = 15  # Same directory name, other chunks.
-  with pytest.raises(train.ConfigError, match='different protocol'):
+  with pytest.raises(errors.ConfigError, match='different protocol'):
     evaluation.run(other, workdir)
   other = config.copy_and_resolve_references()
   other.evaluate.sampler = 'student'
-  with pytest.raises(train.ConfigError, match='student stage'):
+  with pytest.raises(errors.ConfigError, match='student stage'):
     evaluation.run(other, workdir)
   other.evaluate.sampler = 'ddim'
   other.evaluate.steps = 3
@@ -166,7 +167,7 @@ def test_protocol_of_a_guided_student():
   assert p['guidance'] == 1.5 and p['sampling_guidance'] == 0.
   assert evaluation.protocol_name(p) == 'step7_student4_w1.5_ema_n1080_seed0'
   config.evaluate.guidance = 2.
-  with pytest.raises(train.ConfigError, match='cannot be guided'):
+  with pytest.raises(errors.ConfigError, match='cannot be guided'):
     evaluation.protocol(config, step=7)
   config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights.
   p = evaluation.protocol(config, step=7)
@@ -174,8 +175,8 @@ def test_protocol_of_a_guided_student():
 
 
 def test_noise_of_a_sample_is_independent_of_its_batch():
-  whole = train.example_noise(np.array([5, 0]), 10, (4,))
-  tail = train.example_noise(np.array([5, 3]), 7, (4,))
+  whole = generation.example_noise(np.array([5, 0]), 10, (4,))
+  tail = generation.example_noise(np.array([5, 3]), 7, (4,))
   np.testing.assert_array_equal(np.asarray(whole)[3:], np.asarray(tail))
-  other_seed = train.example_noise(np.array([6, 3]), 7, (4,))
+  other_seed = generation.example_noise(np.array([6, 3]), 7, (4,))
   assert not np.allclose(np.asarray(other_seed), np.asarray(tail))

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from multistep_cm import convert_inception
-from multistep_cm import fid
-from multistep_cm import inception
-from multistep_cm import metrics
-from multistep_cm import sharding
+from multistep_cm.core import sharding
+from multistep_cm.evaluation import convert_inception
+from multistep_cm.evaluation import fid
+from multistep_cm.evaluation import inception
+from multistep_cm.evaluation import metrics
 from tests import inception_golden
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from multistep_cm import ddim
+from multistep_cm import guidance
 from multistep_cm import losses
 from multistep_cm import samplers
 from multistep_cm import schedules
@@ -46,9 +47,9 @@ def test_multiscale_loss():
 def test_label_dropout():
   labels = jnp.arange(1000) % 10
   rng = jax.random.key(0)
-  np.testing.assert_array_equal(losses.drop_labels(rng, labels, 0., 10), labels)
-  assert np.all(losses.drop_labels(rng, labels, 1., 10) == 10)
-  dropped = np.mean(np.asarray(losses.drop_labels(rng, labels, 0.1, 10)) == 10)
+  np.testing.assert_array_equal(guidance.drop_labels(rng, labels, 0., 10), labels)
+  assert np.all(guidance.drop_labels(rng, labels, 1., 10) == 10)
+  dropped = np.mean(np.asarray(guidance.drop_labels(rng, labels, 0.1, 10)) == 10)
   assert 0.07 < dropped < 0.13
 
 
@@ -56,8 +57,8 @@ def test_guidance():
   def net(params, z, t, labels, rng=None):
     return jnp.broadcast_to(labels[:, None].astype(jnp.float32), z.shape)
   z, labels = jnp.zeros((2, 3)), jnp.array([2, 4])
-  assert samplers.guided_network(net, 0., 10) is net
-  guided = samplers.guided_network(net, 1.5, 10)(None, z, 0.5, labels)
+  assert guidance.guided_network(net, 0., 10) is net
+  guided = guidance.guided_network(net, 1.5, 10)(None, z, 0.5, labels)
   # (1 + w) cond - w uncond with the null label 10.
   np.testing.assert_allclose(guided[:, 0], 2.5 * np.array([2, 4]) - 1.5 * 10)
 

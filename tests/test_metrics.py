@@ -1,9 +1,9 @@
 import numpy as np
 
-from multistep_cm import data
-from multistep_cm import digits_classifier
-from multistep_cm import metrics
 from multistep_cm import toy2d
+from multistep_cm.core import data
+from multistep_cm.evaluation import digits_classifier
+from multistep_cm.evaluation import metrics
 
 
 def test_digits_classifier_accuracy():

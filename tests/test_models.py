@@ -7,12 +7,12 @@ from configs import imagenet128
 from configs import imagenet64
 from configs import toy2d
 from multistep_cm import models
-from multistep_cm import train
+from multistep_cm.core import state as state_lib
 
 
 def _abstract_params(config):
-  model = train.create_model(config)
-  shape = (2,) + train.data_shape(config)
+  model = state_lib.create_model(config)
+  shape = (2,) + state_lib.data_shape(config)
   return model, jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(2),
                          jnp.zeros(2, jnp.int32)))['params']
@@ -33,7 +33,7 @@ def test_paper_sizes(module, size, millions):
     imagenet64.get_config('smoke')])
 def test_output_shape_and_dtype(config):
   model, _ = _abstract_params(config)
-  shape = (3,) + train.data_shape(config)
+  shape = (3,) + state_lib.data_shape(config)
   z = jnp.ones(shape)
   labels = jnp.array([0, 1, config.dataset.num_classes])  # Incl. the null label.
   params = model.init(jax.random.key(0), z, jnp.zeros(3), labels)['params']
@@ -53,7 +53,7 @@ def test_bf16_compute_float32_params():
 
 def test_labels_change_the_prediction():
   config = digits.get_config('smoke')
-  model = train.create_model(config)
+  model = state_lib.create_model(config)
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   params = model.init(jax.random.key(0), z, jnp.zeros(2),
                       jnp.zeros(2, jnp.int32))['params']

@@ -6,14 +6,17 @@ import os
 import numpy as np
 from PIL import Image
 
+from configs import common
 from configs import digits
 from configs import toy2d
 from multistep_cm import pipeline
 from multistep_cm import sweep
+from multistep_cm.evaluation import reports
+from multistep_cm.evaluation import scoring
 
 
 def test_digits_pipeline_and_resume(tmp_path, capsys):
-  config = digits.get_config('smoke')
+  config = common.StageConfigs(digits.get_config, 'smoke')
   rows = pipeline.run(config, str(tmp_path))
   names = [r['name'] for r in rows]
   assert names == ['student (CD, S=8)', 'teacher addim 2', 'teacher ddim 2',
@@ -35,13 +38,14 @@ def test_digits_pipeline_and_resume(tmp_path, capsys):
 
 
 def test_toy2d_pipeline(tmp_path):
-  rows = pipeline.run(toy2d.get_config('smoke'), str(tmp_path))
+  rows = pipeline.run(common.StageConfigs(toy2d.get_config, 'smoke'),
+                      str(tmp_path))
   assert rows[0]['name'] == 'student (CD, S=8)'
   assert all(np.isfinite(r['swd']) for r in rows)
 
 
 def test_sweep(tmp_path):
-  config = digits.get_config('smoke')
+  config = common.StageConfigs(digits.get_config, 'smoke')
   steps, stages = [1, 2], ['cd', 'ct', 'pd']
   results = sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2)
   assert sorted(results) == sorted(f'{m}_s{s}' for m in stages for s in steps)
@@ -50,7 +54,7 @@ def test_sweep(tmp_path):
     assert json.load(f)['teacher_checkpoint'].endswith('sweep/pd_s2')
   with open(tmp_path / 'sweep' / 'pd_s2' / 'config.json') as f:
     assert json.load(f)['teacher_checkpoint'].endswith('/teacher')
-  sweep.write_report(results, str(tmp_path), steps, stages,
-                     {'fd_digits': 4.5})
+  reports.sweep_report(results, str(tmp_path), steps, stages,
+                       scoring.get(config.base, quick=True), {'fd_digits': 4.5})
   assert (tmp_path / 'sweep.png').exists()
   assert '| CD |' in (tmp_path / 'sweep.md').read_text()

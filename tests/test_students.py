@@ -1,29 +1,29 @@
 """Student stages (CD, CT, PD) started from a teacher checkpoint."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import digits
-from multistep_cm import checkpoint
-from multistep_cm import data
-from multistep_cm import sharding
+from multistep_cm import samplers
 from multistep_cm import train
+from multistep_cm.core import checkpoint
+from multistep_cm.core import data
+from multistep_cm.core import errors
+from multistep_cm.core import sharding
+from multistep_cm.core import stages
+from multistep_cm.core import state as state_lib
+from multistep_cm.evaluation import quick
 
 
-@pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('teacher'))
-  config = digits.get_config('smoke')
-  config.eval_every = 1000
-  train.train_and_evaluate(config, workdir)
-  return workdir
+@pytest.fixture
+def teacher_dir(digits_teacher):
+  return digits_teacher[1]
 
 
 def _student(stage, teacher_dir, steps=2):
-  config = digits.get_config('smoke')
-  config.stage = stage
-  config.student_steps = steps
+  config = digits.get_config(f'smoke,stage={stage},steps={steps}')
   config.teacher_checkpoint = teacher_dir
   return config
 
@@ -72,7 +72,7 @@ def test_missing_teacher(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint at'):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
   config.teacher_checkpoint = None
-  with pytest.raises(train.ConfigError, match='teacher_checkpoint'):
+  with pytest.raises(errors.ConfigError, match='teacher_checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
 
 
@@ -94,3 +94,31 @@ def test_no_recompilation_while_n_anneals(teacher_dir, count_compiles,
       n_seg.append(int(out['n_seg']))
   assert n_seg == [round(64 * 20**min(i / 4, 1) / 4) for i in range(5)]
   assert not compiles, compiles
+
+
+def test_students_sample_unguided_whatever_the_teacher_sampler_says():
+  """A student never saw the null label: S plain DDIM steps, one network
+  evaluation each, on training-time samples, --mode=sample and the tables
+  alike, even where config.sampler guides the teacher."""
+  config = digits.get_config('smoke,stage=cd,steps=3')
+  config.sampler.guidance = 2.
+  config.train_eval.num_samples = config.train_eval.batch_size = 8
+  seen = []
+
+  def network(params, z, t, labels, rng=None):
+    del params, t, rng
+    seen.append(np.asarray(labels).tolist())
+    return jnp.zeros_like(z)
+
+  mesh = state_lib.make_mesh(config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  evaluation = quick.QuickEval(config, network, replicated, mesh,
+                               quick.SEED_TRAINING)
+  with jax.disable_jit():  # The sampler's loop runs step by step.
+    samples, _ = evaluation(None)
+  assert samples.shape == (8, 8, 8, 1)
+  assert seen == [list(range(8))] * 3  # Never the null label 10, never 2S.
+  spec = stages.get('cd').sampler(config)
+  assert (spec.kind, spec.steps, spec.nfe(10)) == ('student', 3, 3)
+  with pytest.raises(ValueError, match='unguided'):
+    samplers.SamplerSpec('student', 3, guidance=2.)

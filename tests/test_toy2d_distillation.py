@@ -6,11 +6,11 @@ import numpy as np
 import optax
 
 from multistep_cm import losses
-from multistep_cm import metrics
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import schedules
 from multistep_cm import toy2d
+from multistep_cm.evaluation import metrics
 
 LOGSNR = schedules.cosine_logsnr
 TEACHER = toy2d.exact_network(LOGSNR)

@@ -8,10 +8,11 @@ from jax.sharding import PartitionSpec as P
 
 from configs import digits
 from configs import toy2d
-from multistep_cm import data
-from multistep_cm import sample
-from multistep_cm import sharding
 from multistep_cm import train
+from multistep_cm.core import data
+from multistep_cm.core import sharding
+from multistep_cm.core import state as state_lib
+from multistep_cm.evaluation import quick
 
 
 def _leaves_equal(a, b):
@@ -29,7 +30,7 @@ def test_train_and_evaluate_digits_smoke(tmp_path):
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
   assert os.path.isdir(tmp_path / 'checkpoints' / '4')
   # Sampling mode reads the checkpoint back and writes the ADM layout.
-  png, npz = sample.sample_checkpoint(config, str(tmp_path), 20)
+  png, npz = quick.write_samples(config, str(tmp_path), 20)
   assert os.path.exists(png)
   with np.load(npz) as f:
     assert f['arr_0'].shape == (20, 8, 8, 1) and f['arr_0'].dtype == np.uint8
@@ -81,11 +82,11 @@ def test_train_step_never_recompiles(count_compiles, fresh_train_step):
 def test_shardings_on_a_2x4_mesh():
   config = digits.get_config()
   config.mesh.shape = (2, 4)
-  mesh = train.make_mesh(config)
+  mesh = state_lib.make_mesh(config)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
-  model = train.create_model(config)
-  state, _ = train.init_state(config, model, train.make_optimizer(config.optim),
-                              mesh)
+  model = state_lib.create_model(config)
+  state, _ = state_lib.init_state(config, model,
+                                  state_lib.make_optimizer(config.optim), mesh)
   sharded = 0
   for path, p in jax.tree_util.tree_leaves_with_path(state.params):
     spec = p.sharding.spec

@@ -11,8 +11,9 @@ import os
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
-
 from orbax.checkpoint import checkpoint_managers as policies
+
+from multistep_cm.core import errors
 
 
 class Checkpointer:
@@ -58,7 +59,7 @@ def abstract_like(tree, shardings):
       tree, shardings)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint whose parameters do not fit the configured model."""
 
 
@@ -90,15 +91,16 @@ def load_params(path, abstract_params, key='ema_params'):
   parameters do not have exactly the expected names and shapes."""
   directory, step = _locate(path)
   if not directory.is_dir():
-    raise FileNotFoundError(f'No checkpoint at {path}: give a workdir, its '
-                            'checkpoints/ directory or one step directory.')
+    raise errors.CheckpointNotFoundError(
+        f'No checkpoint at {path}: give a workdir, its checkpoints/ '
+        'directory or one step directory.')
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.PyTreeCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f'No checkpoint at {path}: {directory} holds no '
-                            'finished step.')
+    raise errors.CheckpointNotFoundError(
+        f'No checkpoint at {path}: {directory} holds no finished step.')
   saved = _shapes(manager.item_metadata(step)[key])
   wanted = _shapes(abstract_params)
   if saved != wanted:

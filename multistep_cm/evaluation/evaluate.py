@@ -29,56 +29,47 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from multistep_cm import digits_classifier
-from multistep_cm import fid
-from multistep_cm import images
-from multistep_cm import inception
-from multistep_cm import metrics
-from multistep_cm import models
-from multistep_cm import progress
 from multistep_cm import samplers
-from multistep_cm import sharding
-from multistep_cm import train
-
-SAMPLERS = ('student', 'ddim', 'addim')
-
-
-def metric_kind(config):
-  if config.dataset.name in ('digits', 'toy2d'):
-    return config.dataset.name
-  return 'inception'
+from multistep_cm.core import errors
+from multistep_cm.core import generation
+from multistep_cm.core import images
+from multistep_cm.core import progress
+from multistep_cm.core import stages
+from multistep_cm.core import state
+from multistep_cm.evaluation import scoring
 
 
 def protocol(config, step):
   """What is evaluated, resolved from config.evaluate (empty fields: the
   stage's own sampler, steps and guidance)."""
   ev = config.evaluate
-  kind = ev.sampler or ('student' if config.stage != 'teacher' else
-                        config.eval.sampler)
-  if kind not in SAMPLERS:
-    raise train.ConfigError(f'Unknown config.evaluate.sampler {kind!r}: '
-                            f'expected one of {", ".join(SAMPLERS)}.')
-  if kind == 'student' and config.stage == 'teacher':
-    raise train.ConfigError('config.evaluate.sampler=student needs a student '
-                            'stage (cd, ct, pd); a teacher samples with ddim '
-                            'or addim.')
+  stage = stages.get(config.stage)
+  kind = ev.sampler or stage.sampler(config).kind
+  if kind not in samplers.KINDS:
+    raise errors.ConfigError(
+        f'Unknown config.evaluate.sampler {kind!r}: expected one of '
+        f'{", ".join(samplers.KINDS)}.')
+  if kind == 'student' and not stage.student:
+    raise errors.ConfigError(
+        'config.evaluate.sampler=student needs a student stage (cd, ct, pd); '
+        'a teacher samples with ddim or addim.')
   steps = ev.steps or (config.student_steps if kind == 'student' else
-                       config.eval.steps)
-  guidance = config.eval.guidance if ev.guidance < 0 else ev.guidance
+                       config.sampler.steps)
+  guidance = config.sampler.guidance if ev.guidance < 0 else ev.guidance
   sampling_guidance = guidance
   if kind == 'student':
     # One student per guidance scale (A9): guided at distillation, sampled
     # without guidance, one network evaluation per step.
     if ev.guidance > 0:
-      raise train.ConfigError(
+      raise errors.ConfigError(
           'A student cannot be guided at sampling: its guidance was fixed at '
           'distillation (config.consistency.guidance).')
     guidance, sampling_guidance = config.consistency.guidance, 0.
+  spec = stages.sampler_spec(kind, steps, sampling_guidance)
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
           config.dataset.name, 'sampler': kind, 'steps': steps,
-      'nfe': samplers.nfe(steps, sampling_guidance,
-                          config.dataset.num_classes),
+      'nfe': spec.nfe(config.dataset.num_classes),
       'guidance': guidance, 'sampling_guidance': sampling_guidance,
       'ema': ev.ema, 'seed': ev.seed,
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
@@ -92,43 +83,6 @@ def protocol_name(p):
   return (f'step{p["checkpoint_step"]}_{p["sampler"]}{p["steps"]}'
           f'_w{p["guidance"]:g}_{"ema" if p["ema"] else "online"}'
           f'_n{p["num_samples"]}_seed{p["seed"]}')
-
-
-def make_generator(config, network, param_shardings, mesh, p, inc_params):
-  """A jitted `(params, inception params, (seed, first index), labels) ->
-  outputs`: samples
-  (uint8 for images), and for image datasets their Inception features and
-  logits, computed where the samples are."""
-  kind = 'ddim' if p['sampler'] == 'student' else p['sampler']
-  sampler = train.make_sampler(config, network, param_shardings, mesh,
-                               steps=p['steps'], kind=kind,
-                               guidance=p['sampling_guidance'],
-                               per_example_noise=True)
-  images_out = len(train.data_shape(config)) == 3
-
-  def fn(params, inc, rng, labels):
-    x = sampler(params, rng, labels)
-    if not images_out:
-      return {'samples': x}
-    u8 = fid.to_uint8(x)
-    out = {'samples': u8}
-    if inc is not None:
-      out['features'], out['logits'] = inception.features_fn(inc)(u8)
-    return out
-
-  batch = sharding.batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  return jax.jit(fn, in_shardings=(param_shardings, replicated, replicated,
-                                   batch), out_shardings=batch)
-
-
-def generate_chunk(gen, params, inc_params, mesh, labels, start, seed, bs):
-  """Outputs for samples [start, start + len(labels)), gathered to host."""
-  out = []
-  for i, batch, rows in sharding.padded_batches(labels, bs, mesh):
-    res = gen(params, inc_params, np.array([seed, start + i], np.int32), batch)
-    out.append({k: sharding.to_host(v, rows) for k, v in res.items()})
-  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 def _chunk_path(directory, c):
@@ -186,41 +140,25 @@ def run(config, workdir):
   """Evaluates the newest checkpoint of `workdir`; returns the protocol
   record (also written as protocol.json)."""
   ev = config.evaluate
-  kind = metric_kind(config)
-  if config.stage not in train.STAGES:  # No teacher needed to evaluate.
-    raise train.ConfigError(f'Unknown stage {config.stage!r}: expected one '
-                            f'of {", ".join(train.STAGES)}.')
+  stages.get(config.stage)  # A known stage; its teacher is not needed.
   if ev.num_samples < 1 or ev.chunk_size < 1:
-    raise train.ConfigError('config.evaluate.num_samples and chunk_size must '
-                            'be positive.')
-  # Everything that can be missing is checked before any sampling.
-  inc_params = mu_sigma = ref_features = None
-  if kind == 'inception':
-    inc_params, ref = fid.load_weights_and_reference(config)
-  mesh = train.make_mesh(config)
-  model, params, param_sh, step = train.restore_for_sampling(
-      config, workdir, mesh, ev.ema)
-  p = protocol(config, step)
-  if kind == 'inception':
-    mu_sigma = fid.reference_stats(ref, inc_params, mesh, ev.batch_size)
-    ref_features = fid.reference_features(ref, inc_params, mesh, config)
-    p['reference'] = {'path': ref.path, 'sha256': ref.sha256,
-                      'statistics': 'file mu/sigma' if ref.mu is not None
-                                    else 'computed from its arr_0'}
-    p['inception'] = {
-        'weights': inception.resolve_path(ev.inception_weights),
-        'sha256': inception.load_weights(ev.inception_weights,
-                                         ev.inception_sha256)[1],
-        'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
-                 'centres) -> (x - 128) / 128; HIGHEST precision',
-        'logits': '1008-way, without the output bias'}
+    raise errors.ConfigError('config.evaluate.num_samples and chunk_size must '
+                             'be positive.')
+  mesh = state.make_mesh(config)
+  # Everything that can be missing (weights, reference, checkpoint) is
+  # checked before any sampling.
+  scorer = scoring.get(config, mesh)
+  params, param_sh, step = state.load_for_sampling(config, workdir, mesh,
+                                                   ev.ema)
+  p = {**protocol(config, step), **scorer.record()}
   directory = epath.Path(workdir) / 'eval' / protocol_name(p)
   _check_spec(directory, p)
 
-  gen = make_generator(config, models.network_fn(model), param_sh, mesh, p,
-                       inc_params)
-  labels = train.eval_labels(config, ev.num_samples)
-  bs = sharding.mesh_batch_size(ev.batch_size, mesh)
+  spec = samplers.SamplerSpec(p['sampler'], p['steps'], p['sampling_guidance'])
+  generator = generation.Generator(config, state.network(config), param_sh,
+                                   mesh, spec, per_example_noise=True,
+                                   uint8=True, features=scorer.features)
+  labels = generation.eval_labels(config, ev.num_samples)
   n_chunks = -(-ev.num_samples // ev.chunk_size)
   paths = [_chunk_path(directory, c) for c in range(n_chunks)]
   # Process 0's view of the finished chunks decides, so all hosts run the
@@ -234,8 +172,8 @@ def run(config, workdir):
   t0, made = time.time(), 0
   for c in todo:
     lo, hi = c * ev.chunk_size, min((c + 1) * ev.chunk_size, ev.num_samples)
-    out = generate_chunk(gen, params, inc_params, mesh, labels[lo:hi], lo,
-                         ev.seed, bs)
+    out = generator(params, labels[lo:hi], ev.seed, ev.batch_size, start=lo,
+                    feature_params=scorer.feature_params)
     if jax.process_index() == 0:
       _save_atomic(paths[c], labels=labels[lo:hi], **out)
     made += hi - lo
@@ -247,12 +185,14 @@ def run(config, workdir):
   multihost_utils.sync_global_devices('evaluation chunks written')
   if jax.process_index() != 0:
     return p
-  p['metrics'] = _score(kind, paths, mu_sigma, ref_features)
+  gathered = {k: np.concatenate([_load(q)[k] for q in paths])
+              for k in scorer.inputs + ('labels',)}
+  p['metrics'] = scorer.score(gathered, gathered['labels'])
   p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
   p['samples_npz'] = os.fspath(directory / 'samples.npz')
   write_adm_npz(directory / 'samples.npz', paths, ev.num_samples)
   first = _load(paths[0])
-  n = min(config.eval.grid_size, len(first['labels']))
+  n = min(config.train_eval.grid_size, len(first['labels']))
   grid = first['samples'][:n]
   if grid.dtype == np.uint8:
     grid = grid.astype(np.float32) / 127.5 - 1.
@@ -272,7 +212,7 @@ def _check_spec(directory, p):
   spec = {k: v for k, v in p.items() if k != 'reference'}
   if path.exists():
     if json.loads(path.read_text()) != json.loads(json.dumps(spec)):
-      raise train.ConfigError(
+      raise errors.ConfigError(
           f'{directory} holds chunks of a different protocol ({path}); '
           'move it away to start over.')
   elif jax.process_index() == 0:
@@ -281,17 +221,3 @@ def _check_spec(directory, p):
   if jax.process_index() == 0:
     for stale in directory.glob('*.tmp'):
       stale.unlink()  # A write cut short by a crash.
-
-
-def _score(kind, paths, mu_sigma, ref_features):
-  def gather(key):
-    return np.concatenate([_load(q)[key] for q in paths])
-
-  if kind == 'inception':
-    return fid.scores(gather('features'), gather('logits'), mu_sigma,
-                      ref_features)
-  samples, labels = gather('samples'), gather('labels')
-  if kind == 'digits':
-    return digits_classifier.evaluate(
-        samples.astype(np.float32) / 127.5 - 1., labels)
-  return metrics.toy2d_metrics(samples)

@@ -1,6 +1,7 @@
 """FID-family metrics of images: Inception features on the mesh, reference
 statistics (the ADM reference batches, or computed from this project's own
-input pipeline), and the scores of a set of features against a reference."""
+input pipeline), the scores of a set of features against a reference, and
+FID during training."""
 
 import dataclasses
 import functools
@@ -13,21 +14,23 @@ from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import data
-from multistep_cm import inception
-from multistep_cm import metrics
-from multistep_cm import progress
-from multistep_cm import sharding
+from multistep_cm.core import data
+from multistep_cm.core import errors
+from multistep_cm.core import generation
+from multistep_cm.core import progress
+from multistep_cm.core import sharding
+from multistep_cm.core import state
+from multistep_cm.evaluation import inception
+from multistep_cm.evaluation import metrics
 
 ADM_REFERENCES = ('https://openaipublic.blob.core.windows.net/diffusion/'
                   'jul-2021/ref_batches/imagenet/{64,128}/'
                   'VIRTUAL_imagenet{64,128}_labeled.npz')
 
 
-class ReferenceError(RuntimeError):
+class ReferenceError(errors.UserError):  # pylint: disable=redefined-builtin
   """Missing or unusable reference statistics."""
 
 
@@ -49,7 +52,7 @@ def load_reference(path):
         'No FID reference: set config.evaluate.reference to an ADM reference '
         f'batch ({ADM_REFERENCES}) or to the output of --mode=reference.')
   try:
-    blob = inception._read_bytes(path)  # pylint: disable=protected-access
+    blob = epath.Path(path).read_bytes()
   except (OSError, ValueError) as e:
     raise ReferenceError(f'Cannot read the FID reference {path} '
                          f'({type(e).__name__}).') from None
@@ -131,7 +134,7 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
     raise ReferenceError('toy2d has points, not images: no FID statistics.')
   params = inception.load_params(config.evaluate.inception_weights,
                                  config.evaluate.inception_sha256)
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  mesh = state.make_mesh(config)
   bs = sharding.mesh_batch_size(config.evaluate.batch_size, mesh)
   fn = make_feature_fn(mesh)
   stats = metrics.FeatureStats(inception.FEATURES)
@@ -182,44 +185,39 @@ def reference_features(ref, inception_params, mesh, config):
                         config.evaluate.batch_size)[0]
 
 
-def to_uint8(x):
-  """jnp twin of images.to_uint8: clip to [-1, 1], round((x + 1) * 127.5)."""
-  return jnp.clip(jnp.round((x + 1.) * 127.5), 0, 255).astype(jnp.uint8)
+def inception_outputs(params, images):
+  """The Inception's pool_3 features and logits of uint8 images, as the
+  outputs a `generation.Generator` adds to its samples."""
+  features, logits = inception.features_fn(params)(images)
+  return {'features': features, 'logits': logits}
 
 
 class TrainingFID:
-  """FID on a few samples at each evaluation of a training run. The Inception
-  network runs in the same jitted call as the sampler, on the devices that
+  """FID on `evaluate.train_samples` samples at each evaluation of a training
+  run. The Inception runs in the sampler's jitted call, on the devices that
   hold the samples, so only 2048 floats per sample reach the host."""
 
-  def __init__(self, config, sampler, param_shardings, mesh, labels):
+  def __init__(self, config, network, param_shardings, mesh, spec):
     ev = config.evaluate
     self.params, ref = load_weights_and_reference(config)
     self.mu_sigma = reference_stats(ref, self.params, mesh, ev.batch_size)
-    self.labels, self.mesh, self.seed = labels, mesh, config.seed + 3
-    self.bs = sharding.mesh_batch_size(ev.batch_size, mesh)
-    batch = sharding.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.P())
-
-    def fn(params, inc, rng, labels):
-      return inception.features_fn(inc)(to_uint8(sampler(params, rng,
-                                                         labels)))[0]
-
-    self.fn = jax.jit(fn, in_shardings=(param_shardings, replicated,
-                                        replicated, batch), out_shardings=batch)
+    self.labels = generation.eval_labels(config, ev.train_samples)
+    self.seed, self.batch_size = config.seed + 3, ev.batch_size
+    self.generator = generation.Generator(config, network, param_shardings,
+                                          mesh, spec,
+                                          features=inception_outputs)
 
   @staticmethod
   def enabled(config):
     ev = config.evaluate
-    return (config.dataset.name not in data.EMBEDDED and ev.train_samples > 0
-            and bool(inception.resolve_path(ev.inception_weights))
-            and bool(ev.reference))
+    return (ev.train_samples > 0 and bool(ev.reference)
+            and bool(inception.resolve_path(ev.inception_weights)))
 
   def __call__(self, params):
     stats = metrics.FeatureStats(inception.FEATURES)
-    for i, batch, rows in sharding.padded_batches(self.labels, self.bs,
-                                                  self.mesh):
-      feats = self.fn(params, self.params,
-                      jax.random.fold_in(jax.random.key(self.seed), i), batch)
-      stats.add(feats, np.arange(self.bs) < rows)
+    for out, rows in self.generator.batches(params, self.labels, self.seed,
+                                            self.batch_size,
+                                            feature_params=self.params):
+      features = out['features']
+      stats.add(features, np.arange(features.shape[0]) < rows)
     return metrics.frechet_distance(*stats.mu_sigma(), *self.mu_sigma)

@@ -1,6 +1,6 @@
 """Converts pytorch-fid's FID Inception weights to the `.npz` this project reads.
 
-  python -m multistep_cm.convert_inception \
+  python -m multistep_cm.evaluation.convert_inception \
       --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
 
 Run once, on any machine with torch (`pip install torch`; nothing else of
@@ -12,14 +12,14 @@ config.evaluate.inception_sha256 so that every run checks it.
 import argparse
 import hashlib
 import io
-import os
 import re
 import sys
 import zipfile
 
+from etils import epath
 import numpy as np
 
-from multistep_cm import inception
+from multistep_cm.evaluation import inception
 
 # pytorch-fid's file name ends in the first 8 hex digits of its SHA-256
 # (torch.hub's convention).
@@ -55,7 +55,8 @@ def convert_state_dict(state_dict):
 def write_npz(path, arrays):
   """np.savez with fixed member timestamps and order, so the same weights
   always give the same bytes (and SHA-256)."""
-  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+  with epath.Path(path).open('wb') as raw, zipfile.ZipFile(
+      raw, 'w', zipfile.ZIP_STORED) as zf:
     for name in sorted(arrays):
       buf = io.BytesIO()
       np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]),
@@ -66,7 +67,7 @@ def write_npz(path, arrays):
 
 def sha256_of(path):
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       h.update(block)
   return h.hexdigest()
@@ -75,7 +76,7 @@ def sha256_of(path):
 def check_name_hash(path):
   """torch.hub's check: a file named '...-<hex>.pth' must have a SHA-256 that
   starts with <hex>."""
-  m = re.search(r'-([0-9a-f]{8,})\.pth?$', os.path.basename(path))
+  m = re.search(r'-([0-9a-f]{8,})\.pth?$', epath.Path(path).name)
   if m and not sha256_of(path).startswith(m.group(1)):
     raise inception.InceptionWeightsError(
         f'{path}: SHA-256 does not start with {m.group(1)}, as its name '
@@ -90,13 +91,14 @@ def convert(pth, out):
     raise inception.InceptionWeightsError(
         'Converting needs torch: `pip install torch` (CPU build is enough).'
     ) from None
-  if not os.path.exists(pth):
+  if not epath.Path(pth).exists():
     raise inception.InceptionWeightsError(
         f'{pth} does not exist. {inception.HOW_TO_GET}')
   check_name_hash(pth)
-  state_dict = torch.load(pth, map_location='cpu', weights_only=True)
+  state_dict = torch.load(io.BytesIO(epath.Path(pth).read_bytes()),
+                          map_location='cpu', weights_only=True)
   arrays = convert_state_dict({k: v.numpy() for k, v in state_dict.items()})
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
   write_npz(out, arrays)
   return sha256_of(out)
 

@@ -5,23 +5,22 @@ Frechet distance "FD-digits" (reference statistics: the train split), and its
 predictions the accuracy of class-conditional samples. The weights ship in
 `assets/digits_classifier.npz`; regenerate them (deterministically, on CPU) with
 
-  python -m multistep_cm.digits_classifier
+  python -m multistep_cm.evaluation.digits_classifier
 """
 
 import functools
-import os
 
 from absl import app
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multistep_cm import data
-from multistep_cm import metrics
+from multistep_cm.core import data
+from multistep_cm.evaluation import metrics
 
-WEIGHTS = os.path.join(os.path.dirname(__file__), 'assets',
-                       'digits_classifier.npz')
+WEIGHTS = epath.Path(__file__).parent / 'assets' / 'digits_classifier.npz'
 SIZES = (64, 256, 64, 10)
 TRAIN_STEPS = 2000
 
@@ -65,11 +64,11 @@ def train(seed=0, steps=TRAIN_STEPS):
 
 @functools.lru_cache(maxsize=1)
 def load(path=WEIGHTS):
-  if not os.path.exists(path):
+  if not path.exists():
     raise FileNotFoundError(
         f'Digits classifier weights not found at {path}; regenerate them with '
-        '`python -m multistep_cm.digits_classifier`.')
-  with np.load(path) as f:
+        '`python -m multistep_cm.evaluation.digits_classifier`.')
+  with path.open('rb') as raw, np.load(raw) as f:
     return {k: jnp.asarray(f[k]) for k in f.files}
 
 
@@ -121,8 +120,9 @@ def floor():
 def main(argv):
   del argv
   params = train()
-  os.makedirs(os.path.dirname(WEIGHTS), exist_ok=True)
-  np.savez(WEIGHTS, **params)
+  WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+  with WEIGHTS.open('wb') as f:
+    np.savez(f, **params)
   x, y = data.digits('test')
   print(f'wrote {WEIGHTS}; held-out accuracy {accuracy(x, y, params):.4f}')
 

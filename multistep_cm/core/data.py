@@ -12,6 +12,8 @@ import os
 import numpy as np
 
 from multistep_cm import toy2d
+from multistep_cm.core import errors
+from multistep_cm.core import images
 
 # The held-out digits are a fixed random 20% of the 1797 images.
 DIGITS_TEST_SIZE = 360
@@ -20,8 +22,8 @@ TFDS_NAMES = {'imagenet64': 'imagenet_resized/64x64',
               'imagenet128': 'imagenet2012', 'cifar10': 'cifar10'}
 
 
-class DatasetNotPreparedError(RuntimeError):
-  pass
+class DatasetNotPreparedError(errors.UserError):
+  """A tfds dataset that is not prepared where the run looks for it."""
 
 
 def digits(split):
@@ -119,8 +121,9 @@ def _tfds_batches(cfg, split, local_batch, seed, start_step):
 def check_available(cfg):
   """Fails fast, with one clear message, if a tfds dataset is not prepared."""
   if cfg.name not in EMBEDDED + tuple(TFDS_NAMES):
-    raise ValueError(f'Unknown dataset {cfg.name!r}: expected one of '
-                     f'{", ".join(EMBEDDED + tuple(TFDS_NAMES))}.')
+    raise errors.ConfigError(
+        f'Unknown dataset {cfg.name!r}: expected one of '
+        f'{", ".join(EMBEDDED + tuple(TFDS_NAMES))}.')
   if cfg.name in TFDS_NAMES:
     _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir)
 
@@ -147,7 +150,6 @@ def one_pass(cfg, split, global_batch):
   (mask False). Every process yields the same number of batches, as the
   sharded computations they feed require."""
   import jax  # pylint: disable=g-import-not-at-top
-  from multistep_cm import images  # pylint: disable=g-import-not-at-top
   pidx, pcount = jax.process_index(), jax.process_count()
   local_batch = global_batch // pcount
   check_available(cfg)

@@ -24,10 +24,13 @@ import hashlib
 import io
 import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from multistep_cm.core import errors
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SIZE = 299
@@ -38,13 +41,13 @@ WEIGHTS_ENV = 'MULTISTEP_CM_INCEPTION'
 HOW_TO_GET = (
     'Download pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth (release '
     '"fid_weights" of github.com/mseitzer/pytorch-fid) on a machine with '
-    'internet, convert it once with `python -m multistep_cm.convert_inception '
+    'internet, convert it once with `python -m multistep_cm.evaluation.convert_inception '
     '--pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz` '
     '(needs `pip install torch`), and set config.evaluate.inception_weights '
     f'(or ${WEIGHTS_ENV}) to the .npz.')
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(errors.UserError):
   """Missing, unreadable or wrong Inception weights."""
 
 
@@ -274,15 +277,6 @@ def check_arrays(arrays, source):
         f'{"; ".join(p for p in parts if p)}. {HOW_TO_GET}')
 
 
-def _read_bytes(path):
-  if path.startswith('gs://'):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      return f.read()
-  with open(path, 'rb') as f:
-    return f.read()
-
-
 def resolve_path(path):
   return path or os.environ.get(WEIGHTS_ENV, '')
 
@@ -302,7 +296,7 @@ def load_weights(path='', sha256=''):
     raise InceptionWeightsError(
         f'No Inception weights configured. {HOW_TO_GET}')
   try:
-    blob = _read_bytes(path)
+    blob = epath.Path(path).read_bytes()
   except (OSError, ValueError) as e:  # tf.errors.NotFoundError is an OSError.
     raise InceptionWeightsError(
         f'Cannot read Inception weights {path} ({type(e).__name__}). '

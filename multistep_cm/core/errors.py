@@ -1,0 +1,14 @@
+"""Errors a user can fix: the command line reports each in one `error:` line,
+without a traceback."""
+
+
+class UserError(Exception):
+  """Bad input (a config, a path, a file): the message says what to change."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config that cannot run."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """No finished checkpoint where one was expected."""

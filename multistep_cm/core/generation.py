@@ -1,0 +1,99 @@
+"""Samples on the mesh: the one recipe that training-time evaluation,
+--mode=sample, --mode=evaluate, the pipeline's table and the sweep sample
+with.
+
+A `Generator` is one jitted program: noise, a sampler (`SamplerSpec`) over
+a batch sharded across all devices, optionally the conversion to uint8 and
+a feature network (the FID Inception) run on the devices that hold the
+samples, so only features need reach the host.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multistep_cm.core import sharding
+from multistep_cm.core import state as state_lib
+
+
+def eval_labels(config, n):
+  """Labels cycling through the classes: uniform, and one class per grid column."""
+  k = config.dataset.num_classes
+  return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
+
+
+def example_noise(seed_start, n, shape):
+  """Noise of examples start, ..., start + n - 1 (`seed_start` = (seed,
+  start)), row j from its own key: a sample's noise does not depend on the
+  batch, the batch size or the mesh it is drawn in."""
+  key = jax.random.key(seed_start[0])
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                              shape))(seed_start[1] +
+                                                      jnp.arange(n))
+
+
+def to_uint8(x):
+  """[-1, 1] to uint8 as round((x + 1) * 127.5), the ADM convention (the jnp
+  twin of `images.to_uint8`)."""
+  return jnp.clip(jnp.round((x + 1.) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class Generator:
+  """Samples of the config's network with one sampler.
+
+  Noise is drawn per batch, from fold_in(key(seed), first index of the
+  batch), as training-time evaluation and the tables do; or, with
+  `per_example_noise`, for sample i from (seed, i) alone, so that samples do
+  not depend on the batch size, the mesh, the hosts or an interruption
+  (--mode=evaluate). Outputs: {'samples'}, float, or uint8 for images with
+  `uint8`; `features(feature_params, uint8 images) -> dict` adds its outputs.
+  """
+
+  def __init__(self, config, network, param_shardings, mesh, spec, *,
+               per_example_noise=False, uint8=False, features=None):
+    self.mesh, self.spec = mesh, spec
+    self.per_example_noise = per_example_noise
+    logsnr = state_lib.logsnr_fn(config)
+    shape = state_lib.data_shape(config)
+    images = len(shape) == 3
+    num_classes = config.dataset.num_classes
+    batch = sharding.batch_sharding(mesh)
+
+    def fn(params, feature_params, rng, labels):
+      if per_example_noise:
+        noise = example_noise(rng, labels.shape[0], shape)
+      else:
+        noise = jax.random.normal(rng, labels.shape + shape)
+      noise = jax.lax.with_sharding_constraint(noise, batch)
+      x = spec(network, params, noise, labels, logsnr, num_classes)
+      if not images or not (uint8 or features):
+        return {'samples': x}
+      x = to_uint8(x)
+      return {'samples': x, **(features(feature_params, x) if features
+                               else {})}
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    self._fn = jax.jit(fn, in_shardings=(param_shardings, replicated,
+                                         replicated, batch),
+                       out_shardings=batch)
+
+  def batches(self, params, labels, seed, batch_size, start=0,
+              feature_params=None):
+    """Yields (outputs as batch-sharded arrays, real rows) for `labels`, the
+    labels of samples start, start + 1, ..., in batches of `batch_size`
+    rounded up to the mesh, the last one padded."""
+    bs = sharding.mesh_batch_size(batch_size, self.mesh)
+    for i, batch, rows in sharding.padded_batches(labels, bs, self.mesh):
+      if self.per_example_noise:
+        rng = np.array([seed, start + i], np.int32)
+      else:
+        rng = jax.random.fold_in(jax.random.key(seed), i)
+      yield self._fn(params, feature_params, rng, batch), rows
+
+  def __call__(self, params, labels, seed, batch_size, start=0,
+               feature_params=None):
+    """Every output for `labels`, as numpy arrays on every host."""
+    out = [{k: sharding.to_host(v, rows) for k, v in o.items()}
+           for o, rows in self.batches(params, labels, seed, batch_size, start,
+                                       feature_params)]
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}

@@ -1,0 +1,139 @@
+"""The stages of the method, in one table: what each trains, from what, and
+how it samples.
+
+  teacher  a diffusion model, trained with the v-loss
+  cd       multistep consistency distillation: Algorithm 1 with the
+           teacher's aDDIM step
+  ct       multistep consistency training: Algorithm 1 with the forward
+           process in place of the teacher
+  pd       one phase of progressive distillation (the paper's Table 3
+           baseline): S steps from a teacher sampled with 2S
+
+A student (cd, ct, pd) starts as the teacher of `config.teacher_checkpoint`
+and samples with S = `config.student_steps` DDIM steps (Algorithm 2),
+unguided; a teacher samples as `config.sampler` says. To add a stage: its
+loss in `multistep_cm.losses`, a builder here, a row in `STAGES`.
+"""
+
+import dataclasses
+from typing import Callable
+
+from multistep_cm import losses
+from multistep_cm import samplers
+from multistep_cm.core import errors
+from multistep_cm.core import state as state_lib
+
+# (params, train state, teacher params or None, batch, rng) -> (loss, aux).
+LossFn = Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One row of the table. `make_loss(config, network)` builds the loss a
+  train step differentiates; `runs_teacher`: the step evaluates the teacher
+  network, so its parameters are kept on the devices."""
+  name: str
+  make_loss: Callable[..., LossFn]
+  student: bool = True
+  runs_teacher: bool = False
+
+  def check(self, config):
+    """Raises ConfigError, before anything is written or compiled, for a
+    config this stage cannot train."""
+    if self.student and not config.teacher_checkpoint:
+      raise errors.ConfigError(
+          f'Stage {self.name!r} starts from a teacher: set '
+          'config.teacher_checkpoint to its workdir.')
+    self.make_loss(config, network=None)  # Builders check their options.
+    self.sampler(config)
+
+  def sampler(self, config):
+    """The stage's own sampler: S student steps, or the teacher's."""
+    if self.student:
+      return samplers.SamplerSpec('student', config.student_steps)
+    return sampler_spec(config.sampler.kind, config.sampler.steps,
+                        config.sampler.guidance)
+
+  def workdir_name(self, config):
+    """The stage's directory in a pipeline's or sweep's workdir."""
+    return f'{self.name}_s{config.student_steps}' if self.student else 'teacher'
+
+
+def sampler_spec(kind, steps, guidance=0.):
+  try:
+    return samplers.SamplerSpec(kind, steps, guidance)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def consistency_options(config, mode):
+  """The typed options of Algorithm 1, from config.consistency."""
+  cc = config.consistency
+  if cc.target not in ('online', 'ema'):
+    raise errors.ConfigError(f'Unknown config.consistency.target {cc.target!r}:'
+                             ' expected online or ema.')
+  try:
+    return losses.ConsistencyOptions(
+        mode=mode, anneal_start=cc.anneal_start, anneal_end=cc.anneal_end,
+        anneal_steps=cc.anneal_steps, xvar_frac=cc.xvar_frac,
+        huber_delta=cc.huber_delta, norm=cc.norm, weighting=cc.weighting,
+        guidance=cc.guidance, num_classes=config.dataset.num_classes)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.consistency: {e}') from None
+
+
+def _diffusion_loss(config, network):
+  logsnr = state_lib.logsnr_fn(config)
+
+  def loss_fn(params, train_state, teacher_params, batch, rng):
+    del train_state, teacher_params
+    return losses.diffusion_loss(
+        network, params, batch['x'], batch['label'], rng, logsnr,
+        config.loss.label_dropout, config.dataset.num_classes,
+        config.loss.multiscale), {}
+  return loss_fn
+
+
+def _consistency_loss(mode):
+  def make(config, network):
+    logsnr = state_lib.logsnr_fn(config)
+    options = consistency_options(config, mode)
+    ema_target = config.consistency.target == 'ema'
+
+    def loss_fn(params, train_state, teacher_params, batch, rng):
+      target = train_state.ema_params if ema_target else None
+      return losses.consistency_loss(
+          network, params, batch['x'], batch['label'], rng, logsnr,
+          config.student_steps, train_state.step, options, target,
+          teacher=network, teacher_params=teacher_params)
+    return loss_fn
+  return make
+
+
+def _progressive_loss(config, network):
+  logsnr = state_lib.logsnr_fn(config)
+  cc = config.consistency
+
+  def loss_fn(params, train_state, teacher_params, batch, rng):
+    del train_state
+    return losses.progressive_distillation_loss(
+        network, params, network, teacher_params, batch['x'], batch['label'],
+        rng, logsnr, config.student_steps, cc.xvar_frac, cc.guidance,
+        config.dataset.num_classes), {}
+  return loss_fn
+
+
+STAGES = {s.name: s for s in (
+    Stage('teacher', _diffusion_loss, student=False),
+    Stage('cd', _consistency_loss('cd'), runs_teacher=True),
+    Stage('ct', _consistency_loss('ct')),
+    Stage('pd', _progressive_loss, runs_teacher=True),
+)}
+NAMES = tuple(STAGES)
+
+
+def get(name):
+  if name not in STAGES:
+    raise errors.ConfigError(f'Unknown stage {name!r}: expected one of '
+                             f'{", ".join(NAMES)}.')
+  return STAGES[name]

@@ -1,0 +1,75 @@
+"""The quick evaluation: a few samples of a stage's sampler, scored by the
+dataset's built-in scorer. Training runs score their EMA weights with it
+every eval_every steps; --mode=sample writes its samples; the pipeline's
+table and the sweep score checkpoints with it.
+
+Noise is drawn per batch of `config.train_eval.batch_size`, from
+config.seed plus an offset per use, so the uses draw independent samples.
+"""
+
+from absl import logging
+from etils import epath
+import jax
+
+from multistep_cm.core import generation
+from multistep_cm.core import images
+from multistep_cm.core import stages
+from multistep_cm.core import state
+from multistep_cm.evaluation import scoring
+
+SEED_TRAINING, SEED_SAMPLE_MODE, SEED_TABLES = 1, 2, 3
+
+
+class QuickEval:
+  """`(params) -> (samples, scores)`: `num_samples` (default
+  config.train_eval.num_samples) samples of `spec` (default the stage's own
+  sampler), labels cycling through the classes."""
+
+  def __init__(self, config, network, param_shardings, mesh, seed_offset,
+               spec=None, num_samples=None):
+    self.spec = spec or stages.get(config.stage).sampler(config)
+    self.generator = generation.Generator(config, network, param_shardings,
+                                          mesh, self.spec)
+    self.labels = generation.eval_labels(
+        config, num_samples or config.train_eval.num_samples)
+    self.seed = config.seed + seed_offset
+    self.batch_size = config.train_eval.batch_size
+    self.scorer = scoring.get(config, quick=True)
+
+  def __call__(self, params):
+    samples = self.generator(params, self.labels, self.seed,
+                             self.batch_size)['samples']
+    return samples, self.scorer.score({'samples': samples}, self.labels)
+
+
+def from_checkpoint(config, workdir, seed_offset, spec=None, num_samples=None,
+                    use_ema=True):
+  """The quick evaluation of the newest checkpoint in `workdir`: (quick
+  evaluation, its samples, their scores, the checkpoint's step)."""
+  mesh = state.make_mesh(config)
+  params, shardings, step = state.load_for_sampling(config, workdir, mesh,
+                                                    use_ema)
+  quick = QuickEval(config, state.network(config), shardings, mesh,
+                    seed_offset, spec, num_samples)
+  samples, scores = quick(params)
+  return quick, samples, scores, step
+
+
+def write_samples(config, workdir, num_samples):
+  """--mode=sample: `num_samples` samples of the newest checkpoint as a PNG
+  grid and an ADM-layout .npz (uint8 NHWC `arr_0`, labels `arr_1`). Returns
+  their paths."""
+  quick, samples, scores, step = from_checkpoint(
+      config, workdir, SEED_SAMPLE_MODE, num_samples=num_samples)
+  base = epath.Path(workdir) / (f'samples_step{step}_{quick.spec.name}'
+                                f'_n{num_samples}')
+  png, npz = base.with_suffix('.png'), base.with_suffix('.npz')
+  if jax.process_index() == 0:
+    n = config.train_eval.grid_size
+    images.save_samples_png(png, samples[:n], quick.labels[:n],
+                            config.dataset.num_classes)
+    images.save_npz(npz, samples, quick.labels)
+  logging.info('Wrote %s and .npz (%d samples, %s)%s', png, num_samples,
+               quick.spec.name, '; ' + ', '.join(
+                   f'{k} {v:.4g}' for k, v in scores.items()) if scores else '')
+  return png, npz

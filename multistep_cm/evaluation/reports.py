@@ -1,0 +1,159 @@
+"""Reports over several checkpoints: the pipeline's comparison of a student
+with its teacher's samplers, and the sweep's quality-against-steps table and
+plot. Metric names come from the dataset's scorer; files go through
+etils.epath, so a gs:// workdir works as a local one."""
+
+import io
+import json
+
+from absl import logging
+from etils import epath
+import jax
+import matplotlib
+import numpy as np
+
+from multistep_cm import samplers
+from multistep_cm.core import images
+from multistep_cm.core import stages
+from multistep_cm.evaluation import quick
+from multistep_cm.evaluation import scoring
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TEACHER_KINDS = ('addim', 'ddim')
+
+
+def compare(teacher_config, teacher_dir, student_config, student_dir, workdir):
+  """The table: the student's S steps against the teacher's aDDIM and DDIM at
+  `pipeline.teacher_steps`, plus the floor; WORKDIR/comparison.{md,png}.
+  Each row is stored once computed (comparison.json and its grid), so a
+  rerun computes only the missing ones. Returns the rows."""
+  workdir = epath.Path(workdir)
+  path = workdir / 'comparison.json'
+  rows = json.loads(path.read_text()) if path.exists() else []
+  student = student_config
+  runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
+           student, student_dir,
+           stages.get(student.stage).sampler(student))]
+  guidance = teacher_config.sampler.guidance
+  for steps in teacher_config.pipeline.teacher_steps:
+    for kind in TEACHER_KINDS:
+      runs.append((f'teacher {kind} {steps}', teacher_config, teacher_dir,
+                   samplers.SamplerSpec(kind, steps, guidance)))
+  scorer = scoring.get(teacher_config, quick=True)
+  grids = {}
+  for name, cfg, directory, spec in runs:
+    if name in {r['name'] for r in rows} and _grid_path(workdir, name).exists():
+      grids[name] = _load_grid(_grid_path(workdir, name))
+      continue
+    _, samples, scores, _ = quick.from_checkpoint(cfg, directory,
+                                                  quick.SEED_TABLES, spec)
+    row = {'name': name, 'sampler': spec.kind, 'steps': spec.steps,
+           'nfe': spec.nfe(cfg.dataset.num_classes), **scores}
+    rows = [r for r in rows if r['name'] != name] + [row]
+    grids[name] = samples[:cfg.train_eval.grid_size]
+    if jax.process_index() == 0:
+      _save_grid(_grid_path(workdir, name), grids[name])
+      path.write_text(json.dumps(rows, indent=1))
+    logging.info('%s: %s', name, scores)
+  floor = {'name': scorer.floor_label, 'sampler': '-', 'steps': '-',
+           'nfe': '-', **scorer.floor()}
+  order = [r for name, *_ in runs for r in rows if r['name'] == name]
+  table = format_table(order + [floor], scorer.metrics)
+  if jax.process_index() == 0:
+    (workdir / 'comparison.md').write_text(table + '\n')
+    side_by_side(workdir / 'comparison.png', grids,
+                 teacher_config.dataset.num_classes)
+  print('\n' + table + '\n', flush=True)
+  return order
+
+
+def _grid_path(workdir, name):
+  safe = ''.join(c if c.isalnum() else '_' for c in name)
+  return workdir / 'grids' / f'{safe}.npy'
+
+
+def _save_grid(path, samples):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    np.save(f, samples)
+
+
+def _load_grid(path):
+  return np.load(io.BytesIO(path.read_bytes()))
+
+
+def format_table(rows, metrics):
+  """A markdown table: sampler, NFE, and each metric some row has."""
+  metrics = [m for m in metrics if any(m.key in r for r in rows)]
+  lines = ['| sampler | NFE | ' + ' | '.join(m.heading for m in metrics) + ' |',
+           '|' + '---|' * (2 + len(metrics))]
+  for r in rows:
+    vals = [f'{r[m.key]:.4g}' if m.key in r else '-' for m in metrics]
+    lines.append(f'| {r["name"]} | {r["nfe"]} | ' + ' | '.join(vals) + ' |')
+  return '\n'.join(lines)
+
+
+def _save_figure(fig, path):
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    fig.savefig(f, format='png')
+  plt.close(fig)
+
+
+def side_by_side(path, grids, num_classes):
+  """One panel per sampler, same noise and labels in every panel."""
+  fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6),
+                           dpi=100)
+  for ax, (name, samples) in zip(np.atleast_1d(axes), grids.items()):
+    if samples.ndim == 2:
+      ax.scatter(samples[:, 0], samples[:, 1], s=2)
+      ax.set_aspect('equal')
+    else:
+      cols = num_classes if len(samples) % max(num_classes, 1) == 0 else 10
+      ax.imshow(images.grid(images.to_uint8(samples), cols, min_side=0),
+                cmap='gray', interpolation='nearest')
+    ax.set_title(name, fontsize=9)
+    ax.axis('off')
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
+def sweep_report(results, workdir, steps, stage_names, scorer, floor):
+  """WORKDIR/sweep.md (one table per metric: a row per method, a column per
+  S) and WORKDIR/sweep.png (each metric against S, the floor dashed)."""
+  metrics = [m for m in scorer.metrics
+             if any(m.key in r for r in results.values())]
+  lines = []
+  for m in metrics:
+    lines.append(f'| {m.heading} | ' + ' | '.join(f'S={s}' for s in steps) +
+                 ' |')
+    lines.append('|---|' + '---|' * len(steps))
+    for stage in stage_names:
+      vals = [results.get(f'{stage}_s{s}', {}).get(m.key) for s in steps]
+      lines.append(f'| {stage.upper()} | ' + ' | '.join(
+          '-' if v is None else f'{v:.4g}' for v in vals) + ' |')
+    lines.append('')
+  table = '\n'.join(lines)
+  workdir = epath.Path(workdir)
+  (workdir / 'sweep.md').write_text(table)
+  print('\n' + table, flush=True)
+
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8),
+                           dpi=100)
+  for ax, m in zip(np.atleast_1d(axes), metrics):
+    for stage in stage_names:
+      pts = [(s, results[f'{stage}_s{s}'][m.key]) for s in steps
+             if f'{stage}_s{s}' in results]
+      if pts:
+        ax.plot(*zip(*pts), marker='o', label=stage.upper())
+    if m.key in floor:
+      ax.axhline(floor[m.key], color='gray', ls='--', label=scorer.floor_label)
+    ax.set(xscale='log', xlabel='student steps S', ylabel=m.heading,
+           yscale='log' if m.log_scale else 'linear')
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, workdir / 'sweep.png')

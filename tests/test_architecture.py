@@ -1,0 +1,132 @@
+"""The module boundaries: dependencies point one way, from the method up to
+the entry point, and nothing reaches into another module's private names."""
+
+import ast
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / 'multistep_cm'
+
+# Layers, lowest first: a module may import its own layer and those below.
+PAPER = {'schedules', 'ddim', 'guidance', 'losses', 'samplers', 'models',
+         'toy2d'}
+LAYERS = ('paper', 'core', 'evaluation', 'train', 'workflows', 'main')
+
+
+def _layer(module):
+  """The layer of a dotted module name inside the package."""
+  parts = module.split('.')[1:]
+  if not parts:
+    return 'paper'  # The package itself holds nothing.
+  if parts[0] in PAPER:
+    return 'paper'
+  if parts[0] in ('core', 'evaluation', 'train', 'main'):
+    return parts[0]
+  if parts[0] in ('pipeline', 'sweep'):
+    return 'workflows'
+  raise AssertionError(f'{module}: not placed in a layer')
+
+
+def _modules():
+  for path in sorted(PACKAGE.rglob('*.py')):
+    rel = path.relative_to(ROOT).with_suffix('')
+    name = '.'.join(rel.parts)
+    yield name.removesuffix('.__init__'), ast.parse(path.read_text())
+
+
+def _imports(module, tree):
+  """(imported module, names imported from it) of every import, function
+  bodies included."""
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        yield a.name, ()
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:  # Relative: resolved against the importing package.
+        base = '.'.join(module.split('.')[:-node.level] + [base]).strip('.')
+      for a in node.names:
+        sub = f'{base}.{a.name}'
+        yield (sub, ()) if _is_module(sub) else (base, (a.name,))
+
+
+def _is_module(name):
+  path = ROOT.joinpath(*name.split('.'))
+  return path.with_suffix('.py').exists() or (path / '__init__.py').exists()
+
+
+def test_dependencies_point_one_way():
+  wrong = []
+  for module, tree in _modules():
+    mine = LAYERS.index(_layer(module))
+    for imported, _ in _imports(module, tree):
+      if imported.split('.')[0] != 'multistep_cm' or imported == 'multistep_cm':
+        continue
+      if LAYERS.index(_layer(imported)) > mine:
+        wrong.append(f'{module} imports {imported}')
+  assert not wrong, wrong
+
+
+def test_no_module_uses_another_modules_private_names():
+  wrong = []
+  for module, tree in _modules():
+    bound = {}  # Local name -> imported module of the package.
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or '').startswith(
+          'multistep_cm'):
+        for a in node.names:
+          if a.name.startswith('_'):
+            wrong.append(f'{module} imports {node.module}.{a.name}')
+          bound[a.asname or a.name] = f'{node.module}.{a.name}'
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+          and not node.attr.startswith('__')
+          and isinstance(node.value, ast.Name) and node.value.id in bound):
+        wrong.append(f'{module} uses {bound[node.value.id]}.{node.attr}')
+  assert not wrong, wrong
+
+
+def test_the_paper_modules_import_nothing_of_the_framework():
+  for module, tree in _modules():
+    if _layer(module) == 'paper':
+      for imported, _ in _imports(module, tree):
+        if imported.startswith('multistep_cm.'):
+          assert imported.split('.')[1] in PAPER, (module, imported)
+
+
+def test_evaluation_runs_without_the_train_loop(digits_teacher, tmp_path):
+  """--mode=evaluate, --mode=sample and the pipeline's comparison on a
+  trained checkpoint, in a process where the train loop (and the workflows
+  that import it) cannot be imported."""
+  _, trained = digits_teacher
+  workdir = tmp_path / 'teacher'
+  shutil.copytree(trained, workdir)
+  script = f'''
+import sys
+for name in ('multistep_cm.train', 'multistep_cm.pipeline',
+             'multistep_cm.sweep'):
+  sys.modules[name] = None  # Importing it now raises ImportError.
+from configs import digits
+from multistep_cm.evaluation import evaluate, quick, reports
+config = digits.get_config('smoke')
+config.evaluate.num_samples = config.evaluate.chunk_size = 12
+record = evaluate.run(config, {str(workdir)!r})
+png, _ = quick.write_samples(config, {str(workdir)!r}, 10)
+rows = reports.compare(config, {str(workdir)!r}, config, {str(workdir)!r},
+                       {str(tmp_path)!r})
+print('RESULT', len(rows), record['nfe'], png)
+'''
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = proc.stdout.split('RESULT')[-1].split()
+  assert result[:2] == ['5', '4']  # Four teacher rows and the "student".
+  assert os.path.exists(result[2])
+  assert json.loads((tmp_path / 'comparison.json').read_text())
