@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multistep_cm import schedules
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 
@@ -39,7 +40,8 @@ def to_uint8(x):
 
 
 class Generator:
-  """Samples of the config's network with one sampler.
+  """Samples of `network` (its parameters sharded as `param_shardings`) with
+  the sampler `spec`.
 
   Noise is drawn per batch, from fold_in(key(seed), first index of the
   batch), as training-time evaluation and the tables do; or, with
@@ -53,7 +55,7 @@ class Generator:
                per_example_noise=False, uint8=False, features=None):
     self.mesh, self.spec = mesh, spec
     self.per_example_noise = per_example_noise
-    logsnr = state_lib.logsnr_fn(config)
+    logsnr = schedules.get_logsnr_fn(**config.schedule)
     shape = state_lib.data_shape(config)
     images = len(shape) == 3
     num_classes = config.dataset.num_classes

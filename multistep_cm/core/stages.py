@@ -20,8 +20,8 @@ from typing import Callable
 
 from multistep_cm import losses
 from multistep_cm import samplers
+from multistep_cm import schedules
 from multistep_cm.core import errors
-from multistep_cm.core import state as state_lib
 
 # (params, train state, teacher params or None, batch, rng) -> (loss, aux).
 LossFn = Callable
@@ -83,7 +83,7 @@ def consistency_options(config, mode):
 
 
 def _diffusion_loss(config, network):
-  logsnr = state_lib.logsnr_fn(config)
+  logsnr = schedules.get_logsnr_fn(**config.schedule)
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state, teacher_params
@@ -96,7 +96,7 @@ def _diffusion_loss(config, network):
 
 def _consistency_loss(mode):
   def make(config, network):
-    logsnr = state_lib.logsnr_fn(config)
+    logsnr = schedules.get_logsnr_fn(**config.schedule)
     options = consistency_options(config, mode)
     ema_target = config.consistency.target == 'ema'
 
@@ -111,7 +111,7 @@ def _consistency_loss(mode):
 
 
 def _progressive_loss(config, network):
-  logsnr = state_lib.logsnr_fn(config)
+  logsnr = schedules.get_logsnr_fn(**config.schedule)
   cc = config.consistency
 
   def loss_fn(params, train_state, teacher_params, batch, rng):

@@ -1,6 +1,6 @@
-"""What a run holds, built from its config: the model, its noise schedule,
-the optimizer, the device mesh, and the train state, laid out as shapes,
-then shardings, then arrays; restoring it, or only its parameters."""
+"""What a run holds, built from its config: the model, the optimizer, the
+device mesh, and the train state, laid out as shapes, then shardings, then
+arrays; restoring it, or only its parameters."""
 
 from typing import Any
 
@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import optax
 
 from multistep_cm import models
-from multistep_cm import schedules
 from multistep_cm.core import checkpoint
 from multistep_cm.core import errors
 from multistep_cm.core import sharding
@@ -36,10 +35,6 @@ def create_model(config):
 def network(config):
   """The config's model as the plain function losses and samplers take."""
   return models.network_fn(create_model(config))
-
-
-def logsnr_fn(config):
-  return schedules.get_logsnr_fn(**config.schedule)
 
 
 def data_shape(config):
