@@ -32,7 +32,8 @@ setuptools.setup(
     extras_require={
         # Only for converting pytorch-fid's Inception weights, once.
         'convert': ['torch>=2.13.0'],
-        # torch writes the .pth the converter test reads.
-        'test': ['pytest>=9.2.0', 'torch>=2.13.0'],
+        # torch writes the .pth the converter test reads; xdist runs the
+        # suite on two processes (pytest.ini).
+        'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0', 'torch>=2.13.0'],
     },
 )

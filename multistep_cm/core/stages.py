@@ -23,17 +23,15 @@ from multistep_cm import samplers
 from multistep_cm import schedules
 from multistep_cm.core import errors
 
-# (params, train state, teacher params or None, batch, rng) -> (loss, aux).
-LossFn = Callable
-
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One row of the table. `make_loss(config, network)` builds the loss a
-  train step differentiates; `runs_teacher`: the step evaluates the teacher
-  network, so its parameters are kept on the devices."""
+  train step differentiates, `(params, train state, teacher params or None,
+  batch, rng) -> (loss, aux)`; `runs_teacher`: the step evaluates the
+  teacher network, so its parameters are kept on the devices."""
   name: str
-  make_loss: Callable[..., LossFn]
+  make_loss: Callable
   student: bool = True
   runs_teacher: bool = False
 
@@ -50,7 +48,7 @@ class Stage:
   def sampler(self, config):
     """The stage's own sampler: S student steps, or the teacher's."""
     if self.student:
-      return samplers.SamplerSpec('student', config.student_steps)
+      return sampler_spec('student', config.student_steps)
     return sampler_spec(config.sampler.kind, config.sampler.steps,
                         config.sampler.guidance)
 
