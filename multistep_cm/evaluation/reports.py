@@ -12,7 +12,6 @@ import jax
 import matplotlib
 import numpy as np
 
-from multistep_cm import samplers
 from multistep_cm.core import images
 from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
@@ -24,15 +23,15 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 TEACHER_KINDS = ('addim', 'ddim')
 
 
-def compare(teacher_config, teacher_dir, student_config, student_dir, workdir):
-  """The table: the student's S steps against the teacher's aDDIM and DDIM at
-  `pipeline.teacher_steps`, plus the floor; WORKDIR/comparison.{md,png}.
+def compare(teacher_config, teacher_dir, student, student_dir, workdir):
+  """The table: the student (its config and workdir) with its S steps
+  against the teacher's aDDIM and DDIM at `pipeline.teacher_steps`, plus the
+  floor; WORKDIR/comparison.{md,png}.
   Each row is stored once computed (comparison.json and its grid), so a
   rerun computes only the missing ones. Returns the rows."""
   workdir = epath.Path(workdir)
   path = workdir / 'comparison.json'
   rows = json.loads(path.read_text()) if path.exists() else []
-  student = student_config
   runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
            student, student_dir,
            stages.get(student.stage).sampler(student))]
@@ -40,7 +39,7 @@ def compare(teacher_config, teacher_dir, student_config, student_dir, workdir):
   for steps in teacher_config.pipeline.teacher_steps:
     for kind in TEACHER_KINDS:
       runs.append((f'teacher {kind} {steps}', teacher_config, teacher_dir,
-                   samplers.SamplerSpec(kind, steps, guidance)))
+                   stages.sampler_spec(kind, steps, guidance)))
   scorer = scoring.get(teacher_config, quick=True)
   grids = {}
   for name, cfg, directory, spec in runs:
