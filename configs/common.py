@@ -181,7 +181,7 @@ def base():
   c.sampler = ml_collections.ConfigDict()
   c.sampler.kind = 'addim'  # ddim or addim (analytic variance).
   c.sampler.steps = 128
-  c.sampler.guidance = 0.  # Classifier-free guidance w: (1 + w) cond - w uncond.
+  c.sampler.guidance = 0.  # Classifier-free w: (1 + w) cond - w uncond.
 
   # The quick evaluation: samples scored every eval_every steps of training,
   # and by the pipeline's table and the sweep.

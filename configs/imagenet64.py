@@ -73,7 +73,7 @@ def build(arg):
   c.eval_every = 10_000
   c.sampler.kind = 'addim'
   c.sampler.steps = 512
-  c.train_eval.num_samples = 64  # A sample grid; FID comes with --mode=evaluate.
+  c.train_eval.num_samples = 64  # A grid; FID comes from --mode=evaluate.
   c.train_eval.batch_size = 64
   c.train_eval.grid_size = 64
 

@@ -20,7 +20,6 @@ def _avg_pool2(x):
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-
 def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
                    label_dropout=0., num_classes=0, multiscale=False):
   """Continuous-time diffusion loss with t ~ U(0, 1) and the v-loss weighting.
@@ -114,7 +113,6 @@ def _ab(logsnr_fn, t):
 def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
   alpha, sigma = _ab(logsnr_fn, t)
   return ddim.x_from_v(network(params, z, t, labels, rng), z, alpha, sigma)
-
 
 
 def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,

@@ -126,7 +126,8 @@ def train_and_evaluate(config, workdir):
                                       mesh, quick_eval.spec)
   floor = quick_eval.scorer.floor()
   if floor:
-    logging.info('Real held-out data scores (the floor): %s', _fmt(floor))
+    logging.info('The floor, %s, scores %s.', quick_eval.scorer.floor_label,
+                 _fmt(floor))
     writer.write_scalars(start, {f'eval/floor_{k}': v for k, v in floor.items()})
 
   progress = progress_lib.Progress(start, config.total_steps)

@@ -45,7 +45,8 @@ class Scorer:
   metrics = ()
   floor_label = ''
   inputs = ('samples',)
-  features = None  # (feature_params, uint8 images) -> dict, in the sampler's jit.
+  # (feature_params, uint8 images) -> dict, run in the sampler's jit.
+  features = None
   feature_params = None
 
   def score(self, outputs, labels):
