@@ -53,7 +53,7 @@ class Generator:
 
   def __init__(self, config, network, param_shardings, mesh, spec, *,
                per_example_noise=False, uint8=False, features=None):
-    self.mesh, self.spec = mesh, spec
+    self.mesh = mesh
     self.per_example_noise = per_example_noise
     logsnr = schedules.get_logsnr_fn(**config.schedule)
     shape = state_lib.data_shape(config)

@@ -101,10 +101,10 @@ def _save_atomic(path, **arrays):
   _tmp(path).replace(path)
 
 
-def _load(path):
-  """All arrays of a small .npz (local or gs://)."""
+def _load(path, keys=None):
+  """The arrays `keys` (default: all) of a chunk .npz (local or gs://)."""
   with np.load(io.BytesIO(path.read_bytes())) as f:
-    return {k: f[k] for k in f.files}
+    return {k: f[k] for k in (f.files if keys is None else keys)}
 
 
 def _npy_member(zf, name, shape, dtype):
@@ -185,8 +185,9 @@ def run(config, workdir):
   multihost_utils.sync_global_devices('evaluation chunks written')
   if jax.process_index() != 0:
     return p
-  gathered = {k: np.concatenate([_load(q)[k] for q in paths])
-              for k in scorer.inputs + ('labels',)}
+  keys = scorer.inputs + ('labels',)
+  chunks = [_load(q, keys) for q in paths]  # Each chunk read once.
+  gathered = {k: np.concatenate([c[k] for c in chunks]) for k in keys}
   p['metrics'] = scorer.score(gathered, gathered['labels'])
   p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
   p['samples_npz'] = os.fspath(directory / 'samples.npz')
