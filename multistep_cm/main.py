@@ -23,6 +23,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from multistep_cm.core import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
@@ -38,16 +40,78 @@ flags.DEFINE_integer('num_samples', 100, 'Samples to write in sample mode.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
+                    'for a multi-host job on a cluster jax does not detect '
+                    '(Cloud TPU, Slurm and Open MPI are detected); default '
+                    '$JAX_COORDINATOR_ADDRESS.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (with '
+                     '--coordinator_address); default $JAX_NUM_PROCESSES.')
+flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes-1 '
+                     '(with --coordinator_address); default $JAX_PROCESS_ID.')
+
+# The explicit multi-host settings: (flag, environment variable).
+EXPLICIT = (('coordinator_address', 'JAX_COORDINATOR_ADDRESS'),
+            ('num_processes', 'JAX_NUM_PROCESSES'),
+            ('process_id', 'JAX_PROCESS_ID'))
+
+
+def _explicit_settings():
+  """The explicit multi-host settings, all three or None."""
+  values = {}
+  for name, env in EXPLICIT:
+    value = FLAGS[name].value
+    values[name] = os.environ.get(env) if value is None else value
+  missing = [f'--{n} (${e})' for n, e in EXPLICIT if values[n] is None]
+  if len(missing) == len(EXPLICIT):
+    return None
+  if missing:
+    raise errors.ConfigError(
+        'a multi-host start needs --coordinator_address, --num_processes and '
+        '--process_id (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, '
+        f'$JAX_PROCESS_ID), all three or none; missing {", ".join(missing)}.')
+  for name in ('num_processes', 'process_id'):
+    try:
+      values[name] = int(values[name])
+    except ValueError:
+      raise errors.ConfigError(f'--{name} is {values[name]!r}, not an '
+                               'integer.') from None
+  return values
+
+
 def _initialize_distributed():
-  """Joins the other hosts. Only "no coordinator found" means a single host:
-  any other failure is raised, since hosts that each trained alone would
-  waste the whole job."""
+  """Joins the other processes of a multi-host job: the explicit settings
+  when given, else jax's detection of Cloud TPU, Slurm and Open MPI. Only
+  "nothing detected" means a single process: any other failure is raised,
+  since hosts that each trained alone would waste the whole job."""
+  explicit = _explicit_settings()
+  if explicit is not None:
+    try:
+      jax.distributed.initialize(**explicit)
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.UserError(
+          f'jax.distributed.initialize({explicit}) failed: '
+          f'{str(e).strip().splitlines()[0]}') from None
+    return
   try:
     jax.distributed.initialize()
   except ValueError as e:
     if 'coordinator_address' not in str(e):
       raise
-    logging.info('Single process: no multi-host environment detected.')
+
+
+def _log_start(config):
+  """One line per process: who it is, its devices, the mesh."""
+  from multistep_cm.core import state  # pylint: disable=g-import-not-at-top
+  local = jax.local_devices()
+  mesh = state.make_mesh(config)
+  logging.info(
+      'Process %d of %d: %d local %s devices of %d; mesh %s.',
+      jax.process_index(), jax.process_count(), len(local),
+      local[0].platform, jax.device_count(), dict(mesh.shape))
+  if jax.process_index() > 0:
+    # Process 0 prints the run's progress and metrics; the others, only
+    # what goes wrong.
+    logging.set_verbosity(logging.WARNING)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -96,28 +160,33 @@ def main(argv):
   from configs import common
   from multistep_cm import pipeline
   from multistep_cm import train
-  from multistep_cm.core import errors
+  from multistep_cm.core import preemption
+  from multistep_cm.core import validation
   from multistep_cm.evaluation import evaluate
   from multistep_cm.evaluation import fid
   from multistep_cm.evaluation import quick
   # pylint: enable=g-import-not-at-top
-  _initialize_distributed()
-  logging.info('Process %d of %d; devices: %s', jax.process_index(),
-               jax.process_count(), jax.devices())
   config, workdir = FLAGS.config, FLAGS.workdir
   try:
+    _initialize_distributed()
+    _log_start(config)
     if FLAGS.mode == 'train' and config.pipeline.stages:
       pipeline.run(common.StageConfigs.from_flag(FLAGS['config']), workdir)
     elif FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
-    elif FLAGS.mode == 'evaluate':
-      evaluate.run(config, workdir)
-    elif FLAGS.mode == 'reference':
-      fid.compute_reference(config, workdir)
     else:
-      quick.write_samples(config, workdir, FLAGS.num_samples)
+      validation.check_run(config, workdir, train=False)
+      if FLAGS.mode == 'evaluate':
+        evaluate.run(config, workdir)
+      elif FLAGS.mode == 'reference':
+        fid.compute_reference(config, workdir)
+      else:
+        quick.write_samples(config, workdir, FLAGS.num_samples)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from etils import epath
 
 from multistep_cm import train
 from multistep_cm.core import stages
+from multistep_cm.core import validation
 from multistep_cm.evaluation import reports
 
 
@@ -20,14 +21,23 @@ def run(configs, workdir):
   config of each stage), students from the teacher trained first, then
   writes the comparison. Returns its rows, or None without a student."""
   workdir = epath.Path(workdir)
-  teacher = student = None
+  runs, teacher_dir = [], None
   for name in configs.base.pipeline.stages:
     stage = stages.get(name)
-    changes = ({'teacher_checkpoint': str(teacher[1])} if stage.student
+    changes = ({'teacher_checkpoint': str(teacher_dir)} if stage.student
                else {})
     config = configs(name, changes=changes)
     directory = workdir / stage.workdir_name(config)
-    logging.info('=== Stage %s in %s ===', name, directory)
+    if not stage.student:
+      teacher_dir = directory
+    runs.append((stage, config, directory))
+  # Every stage's config is checked before the first one starts.
+  for _, config, _ in runs:
+    validation.check_config(config)
+  validation.check_workdir(workdir)
+  teacher = student = None
+  for stage, config, directory in runs:
+    logging.info('=== Stage %s in %s ===', stage.name, directory)
     train.train_and_evaluate(config, directory)
     if stage.student:
       student = (config, directory)

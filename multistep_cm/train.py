@@ -15,11 +15,14 @@ import optax
 from multistep_cm import models
 from multistep_cm.core import checkpoint
 from multistep_cm.core import data
+from multistep_cm.core import errors
 from multistep_cm.core import images
+from multistep_cm.core import preemption
 from multistep_cm.core import progress as progress_lib
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
+from multistep_cm.core import validation
 from multistep_cm.evaluation import quick
 from multistep_cm.evaluation import scoring
 
@@ -54,8 +57,11 @@ def make_train_step(config, network, tx, state_shardings, mesh):
                        params)
     new_state = state_lib.TrainState(step=state.step + 1, params=params,
                                      ema_params=ema, opt_state=opt_state)
+    # With the loss and gradient, the update's norm: finite updates of
+    # finite parameters keep the new parameters (and EMA) finite.
     out = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-           'lr': lr_fn(state.step), **aux}
+           'update_norm': optax.tree.norm(updates), 'lr': lr_fn(state.step),
+           **aux}
     return new_state, out
 
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, teacher_sh),
@@ -86,40 +92,59 @@ def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
   return scores
 
 
+class DivergedError(errors.UserError):
+  """A non-finite loss, gradient or update: nothing from that step on is
+  saved."""
+
+
+def _check_finite(outs, first_step, ckpt):
+  """Raises DivergedError, naming the step, if any of the steps' outputs
+  (host values of steps first_step, first_step + 1, ...) is not finite."""
+  for step, out in enumerate(outs, first_step):
+    bad = {k: out[k] for k in ('loss', 'grad_norm', 'update_norm')
+           if not np.isfinite(out[k])}
+    if bad:
+      good = ckpt.latest_step()
+      raise DivergedError(
+          f'{_fmt(bad)} at step {step}; nothing non-finite was saved, the '
+          'newest good checkpoint is ' +
+          (f'step {good}.' if good is not None else 'none (no step saved).'))
+
+
 def train_and_evaluate(config, workdir):
   """Trains (resuming from the workdir if it holds a checkpoint) and evaluates.
 
-  Returns the final train state and the last evaluation's metrics.
+  Returns the final train state and the last evaluation's metrics. Raises
+  preemption.Preempted after saving the step a preemption notice stopped at.
   """
+  validation.check_run(config, workdir)  # Before anything is written.
   stage = stages.get(config.stage)
-  stage.check(config)  # Fail before anything is written or compiled.
-  data.check_available(config.dataset)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2))
-
   mesh = state_lib.make_mesh(config)
   model = state_lib.create_model(config)
   network = models.network_fn(model)
   tx = state_lib.make_optimizer(config.optim)
+  teacher = state_lib.load_teacher(config, mesh) if stage.student else None
   ckpt = checkpoint.Checkpointer(epath.Path(workdir) / 'checkpoints',
                                  config.ckpt_every, config.keep_checkpoints)
-  teacher = state_lib.load_teacher(config, mesh) if stage.student else None
   state, state_sh = state_lib.restore_or_init(config, model, tx, mesh, ckpt,
                                               teacher)
   if not stage.runs_teacher:
     teacher = None  # CT starts from the teacher but never evaluates it.
   start = int(jax.device_get(state.step))
+  # Only a start that got this far records its config and metrics.
+  writer = (metric_writers.create_default_writer(workdir)
+            if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2))
   logging.info('Mesh %s; %d parameters; starting at step %d of %d.',
                dict(mesh.shape), models.count_params(state.params), start,
                config.total_steps)
 
   train_step = make_train_step(config, network, tx, state_sh, mesh)
-  batches = data.train_batches(config.dataset, config.batch_size, config.seed,
-                               start)
+  batches = data.train_batches(
+      config.dataset, config.batch_size, config.seed, start,
+      rows=sharding.process_rows(config.batch_size, mesh))
   quick_eval = quick.QuickEval(config, network, state_sh.ema_params, mesh,
                                quick.SEED_TRAINING)
   training_fid = scoring.training_fid(config, network, state_sh.ema_params,
@@ -131,33 +156,47 @@ def train_and_evaluate(config, workdir):
     writer.write_scalars(start, {f'eval/floor_{k}': v for k, v in floor.items()})
 
   progress = progress_lib.Progress(start, config.total_steps)
-  pending, scores = [], {}
-  for step in range(start + 1, config.total_steps + 1):
-    state, out = train_step(state, sharding.global_batch(next(batches), mesh),
-                            teacher)
-    pending.append(out)
-    last = step == config.total_steps
-    if step % config.log_every == 0 or last:
-      logged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                for k in pending[0]}
-      pending = []
-      if not np.isfinite(logged['loss']):
-        raise FloatingPointError(f'Loss is {logged["loss"]} at step {step}.')
-      rate, eta = progress.update(step)
-      writer.write_scalars(step, {**{f'train/{k}': v for k, v in
-                                     logged.items()},
-                                  'train/steps_per_sec': rate})
-      # The scalars reach the console through the writer; this adds progress.
-      logging.info('Step %d/%d (%.0f%%), %.2f steps/s, ETA %s', step,
-                   config.total_steps, 100 * step / config.total_steps, rate,
-                   progress_lib.format_eta(eta))
-    ckpt.save(step, state, force=last)
-    if ckpt.reached_preemption(step):
-      ckpt.wait()
-      raise SystemExit(f'Preempted: saved step {step}; rerun to resume.')
-    if step % config.eval_every == 0 or last:
-      scores = evaluate(config, quick_eval, training_fid, state.ema_params,
-                        step, workdir, writer)
+  # Step outputs stay on the devices until a log, save or evaluation needs
+  # the host: the non-finite check costs no extra sync per step.
+  unchecked, logged = [], []
+  scores = {}
+  with preemption.Notice() as notice:
+    for step in range(start + 1, config.total_steps + 1):
+      state, out = train_step(
+          state, sharding.global_batch(next(batches), mesh), teacher)
+      unchecked.append(out)
+      last = step == config.total_steps
+      preempted = notice.reached(step, ckpt)
+      save = last or preempted or ckpt.should_save(step)
+      evaluate_now = step % config.eval_every == 0 or last
+      if not (save or evaluate_now or step % config.log_every == 0):
+        continue
+      host = jax.device_get(unchecked)
+      _check_finite(host, step - len(unchecked) + 1, ckpt)
+      logged += host
+      unchecked = []
+      if step % config.log_every == 0 or last:
+        means = {k: float(np.mean([m[k] for m in logged])) for k in logged[0]}
+        logged = []
+        rate, eta = progress.update(step)
+        writer.write_scalars(step, {**{f'train/{k}': v for k, v in
+                                       means.items()},
+                                    'train/steps_per_sec': rate})
+        # The scalars reach the console through the writer; this adds
+        # progress.
+        logging.info('Step %d/%d (%.0f%%), %.2f steps/s, ETA %s', step,
+                     config.total_steps, 100 * step / config.total_steps, rate,
+                     progress_lib.format_eta(eta))
+      if save:
+        ckpt.save(step, state, force=True)
+      if preempted:
+        ckpt.wait()
+        ckpt.close()
+        writer.flush()
+        raise preemption.Preempted(step)
+      if evaluate_now:
+        scores = evaluate(config, quick_eval, training_fid, state.ema_params,
+                          step, workdir, writer)
   ckpt.wait()
   ckpt.close()
   writer.flush()

@@ -6,6 +6,7 @@ import scipy.stats
 
 from configs import digits
 from configs import imagenet64
+from configs import toy2d as toy2d_config
 from multistep_cm import toy2d
 from multistep_cm.core import data
 
@@ -22,21 +23,37 @@ def test_digits_split():
   assert overlap <= 2  # A couple of digits are pixel-identical duplicates.
 
 
-def test_digits_batches_resume_and_process_shares():
-  it = data._digits_batches(32, seed=0, start_step=0, pidx=0, pcount=1)
+def test_digits_batches_resume():
+  it = data.train_batches(digits.get_config().dataset, 32, seed=0)
   first = list(itertools.islice(it, 100))
-  resumed = next(data._digits_batches(32, seed=0, start_step=57, pidx=0,
-                                      pcount=1))
+  resumed = next(data.train_batches(digits.get_config().dataset, 32, seed=0,
+                                    start_step=57))
   np.testing.assert_array_equal(resumed['x'], first[57]['x'])
   # One epoch covers every training image exactly once.
   n = 1797 - 360
   seen = np.concatenate([b['x'].reshape(32, -1) for b in first])[:n]
   assert len({r.tobytes() for r in seen}) >= n - 5
-  # Two processes draw from disjoint shares.
-  a = next(data._digits_batches(16, 0, 0, pidx=0, pcount=2))['x']
-  b = next(data._digits_batches(16, 0, 0, pidx=1, pcount=2))['x']
-  rows_a = {r.tobytes() for r in a.reshape(16, -1)}
-  assert not rows_a & {r.tobytes() for r in b.reshape(16, -1)}
+
+
+@pytest.mark.parametrize('name', ['digits', 'toy2d'])
+@pytest.mark.parametrize('bounds', [(0, 8), (0, 4, 8), (0, 4, 5, 8),
+                                    (0, 8, 16, 24, 32)])
+def test_global_batch_is_the_same_on_every_topology(name, bounds):
+  """Processes holding rows [bounds[i], bounds[i + 1]) of a global batch
+  read, together, exactly the batch one process reads: at every step, across
+  an epoch boundary of digits (1437 examples) too."""
+  cfg = (digits if name == 'digits' else toy2d_config).get_config().dataset
+  batch = bounds[-1]
+  whole = data.train_batches(cfg, batch, seed=3, start_step=178)
+  parts = [data.train_batches(cfg, batch, seed=3, start_step=178,
+                              rows=slice(lo, hi))
+           for lo, hi in zip(bounds, bounds[1:])]
+  for _ in range(3):
+    expected = next(whole)
+    got = [next(p) for p in parts]
+    for key in ('x', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([g[key] for g in got]), expected[key])
 
 
 def test_toy2d_density_is_the_mixture():

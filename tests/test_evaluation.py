@@ -107,35 +107,37 @@ def _random_inception_npz(path):
   return convert_inception.sha256_of(path)
 
 
-def test_imagenet_fid_end_to_end_on_mock_data(tmp_path, monkeypatch):
-  """The real tfds code path (split per process, preprocessing, flips) on
-  tfds's generated mock examples: reference statistics, a training run with
-  FID at its evaluation, then --mode=evaluate."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  # mock_data fakes the reading, not the "prepared" check in front of it.
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda _: True)
+def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
+  """The real-data code path (random access by global index, preprocessing,
+  each process's share) on 12 random 64x64 examples standing in for the
+  array_record files (their reading: test_tfds_source.py): reference
+  statistics, a training run with FID at its evaluation, then
+  --mode=evaluate."""
+  rng = np.random.default_rng(0)
+  examples = [{'image': rng.integers(0, 256, (64, 64, 3), np.uint8),
+               'label': i % 1000} for i in range(12)]
+  monkeypatch.setattr(data, '_tfds_source', lambda cfg, split: examples)
   weights = str(tmp_path / 'inception.npz')
   config = imagenet64.get_config('smoke')
   config.evaluate.inception_weights = weights
   config.evaluate.inception_sha256 = _random_inception_npz(weights)
   config.evaluate.batch_size = 8
-  with tfds.testing.mock_data(num_examples=12):
-    batch = next(data.train_batches(config.dataset, 8, 0))
-    assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
-    assert -1 <= batch['x'].min() and batch['x'].max() <= 1
-    ref_path = fid.compute_reference(config, str(tmp_path / 'refs'),
-                                     keep_images=8)
-    with np.load(ref_path) as f:
-      assert int(f['num_images']) == 12  # All of them, the last batch padded.
-      assert f['arr_0'].shape == (8, 64, 64, 3) and f['mu'].shape == (2048,)
-      assert f['sigma'].dtype == np.float64
+  batch = next(data.train_batches(config.dataset, 8, 0))
+  assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
+  assert -1 <= batch['x'].min() and batch['x'].max() <= 1
+  ref_path = fid.compute_reference(config, str(tmp_path / 'refs'),
+                                   keep_images=8)
+  with np.load(ref_path) as f:
+    assert int(f['num_images']) == 12  # All of them, the last batch padded.
+    assert f['arr_0'].shape == (8, 64, 64, 3) and f['mu'].shape == (2048,)
+    assert f['sigma'].dtype == np.float64
 
-    config.evaluate.reference = ref_path
-    config.evaluate.train_samples = 8
-    workdir = str(tmp_path / 'run')
-    state, scores = train.train_and_evaluate(config, workdir)
-    assert int(state.step) == 2
-    assert np.isfinite(scores['fid']) and scores['fid'] > 0
+  config.evaluate.reference = ref_path
+  config.evaluate.train_samples = 8
+  workdir = str(tmp_path / 'run')
+  state, scores = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2
+  assert np.isfinite(scores['fid']) and scores['fid'] > 0
 
   config.evaluate.num_samples = 12
   config.evaluate.chunk_size = 8

@@ -37,8 +37,12 @@ def _teacher_ema(teacher_dir, like):
 
 def test_student_starts_as_the_teacher(teacher_dir, tmp_path):
   config = _student('cd', teacher_dir)
-  config.total_steps = 0
-  state, _ = train.train_and_evaluate(config, str(tmp_path))
+  mesh = state_lib.make_mesh(config)
+  ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', 1, 1)
+  state, _ = state_lib.restore_or_init(
+      config, state_lib.create_model(config),
+      state_lib.make_optimizer(config.optim), mesh, ckpt,
+      state_lib.load_teacher(config, mesh))
   ema = _teacher_ema(teacher_dir, state.params)
   for a, b, c in zip(*(jax.tree.leaves(t) for t in (state.params,
                                                     state.ema_params, ema))):

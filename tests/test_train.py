@@ -1,4 +1,5 @@
 import glob
+import re
 import os
 
 import jax
@@ -55,7 +56,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   starts = []
   real = data.train_batches
   monkeypatch.setattr(data, 'train_batches',
-                      lambda *a: starts.append(a[3]) or real(*a))
+                      lambda *a, **k: starts.append(a[3]) or real(*a, **k))
   config.total_steps = 4
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert starts == [2]  # It did continue from the checkpoint.
@@ -116,3 +117,30 @@ def test_mesh_errors():
     sharding.make_mesh(('data', 'fsdp'), (-1, 3))
   with pytest.raises(ValueError, match='needs 4 devices'):
     sharding.make_mesh(('data', 'fsdp'), (2, 2))
+
+
+def test_divergence_stops_before_anything_non_finite_is_saved(tmp_path):
+  """A learning rate that blows up after 4 good steps: the run stops with one
+  line naming the step and the newest good checkpoint, which is kept, and
+  every checkpoint on disk is finite, although no loss was logged."""
+  config = toy2d.get_config('smoke,stage=teacher')
+  config.eval_every = 1000
+  train.train_and_evaluate(config, str(tmp_path))  # Steps 2 and 4 saved.
+  config.total_steps, config.ckpt_every, config.log_every = 40, 2, 1000
+  config.optim.lr, config.optim.warmup_steps = 1e12, 1
+  with pytest.raises(train.DivergedError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  m = re.fullmatch(r'(.*) at step (\d+); nothing non-finite was saved, '
+                   r'the newest good checkpoint is step (\d+)\.', message)
+  assert m and re.fullmatch(r'((loss|grad_norm|update_norm) (nan|-?inf)(, )?)+',
+                            m.group(1)), message
+  bad, good = int(m.group(2)), int(m.group(3))
+  assert 4 < bad and good < bad
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints'))
+  assert steps[-1] == good >= 4  # The good steps were not rotated away.
+  mesh = state_lib.make_mesh(config)
+  for step in steps:
+    params, _, _ = state_lib.load_params(
+        config, str(tmp_path / 'checkpoints' / str(step)), mesh, 'params')
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

@@ -4,32 +4,70 @@ Saves are asynchronous and atomic (a step directory appears only once it is
 complete), the newest `keep` are kept, and restoring always targets abstract
 arrays carrying the *current* mesh's shardings, so a checkpoint written on one
 topology restores on another.
+
+A step that cannot be restored (truncated, partly deleted, empty) is skipped
+with one warning line, so a run resumes from its newest intact step; a run
+moves such a step into `damaged/` beside the steps, never deleting it.
 """
 
 import os
 
+from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from multistep_cm.core import errors
+
+DAMAGED = 'damaged'
+# The file orbax writes into a step last, just before renaming it into place.
+_COMMITTED = 'commit_success.txt'
+
+
+class CheckpointMismatchError(errors.UserError, ValueError):
+  """A checkpoint whose parameters do not fit the configured model."""
+
+
+class DamagedCheckpointError(errors.UserError):
+  """No step of a checkpoint directory can be restored."""
 
 
 class Checkpointer:
   """A CheckpointManager over `directory` saving one pytree per step."""
 
   def __init__(self, directory, every_steps, keep):
+    self._directory = _path(directory)
+    self._every = every_steps
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(every_steps),
-            policies.PreemptionCheckpointingPolicy()]),
+        # Preemption saves are the train loop's (core/preemption.py).
+        save_decision_policy=policies.FixedIntervalPolicy(every_steps),
         preservation_policy=policies.LatestN(keep),
-        enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(_path(directory), options=options)
+        enable_async_checkpointing=True,
+        # Saves killed midway leave `<step>.orbax-checkpoint-tmp*` behind:
+        # removed by process 0 in the background, before the first save.
+        cleanup_tmp_directories=True)
+    # A declared handler lets item_metadata read a step before any save.
+    self._manager = ocp.CheckpointManager(
+        self._directory, item_handlers=ocp.StandardCheckpointHandler(),
+        options=options)
 
   def latest_step(self):
-    return self._manager.latest_step()
+    """The newest finished step, or None. Orbax lists every step-named
+    directory, an empty one too."""
+    return next((s for s in reversed(self._manager.all_steps())
+                 if _unfinished(self._directory / str(s)) is None), None)
+
+  def should_save(self, step):
+    """Whether `step` is a multiple of the interval not saved yet. (Orbax's
+    should_save would also query the preemption service, which the loop
+    does once per step itself.)"""
+    if step % self._every:
+      return False
+    latest = self.latest_step()
+    return latest is None or step > latest
 
   def save(self, step, state, force=False):
     """Saves if the policy says so (or `force`); returns whether it saved."""
@@ -45,6 +83,50 @@ class Checkpointer:
     return self._manager.restore(
         step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_latest_intact(self, abstract_state):
+    """(state, step) of the newest step that restores, or (None, None) when
+    there is none to resume from.
+
+    Each step that cannot be restored is logged in one warning line and moved
+    to `damaged/`, so that saving its step again does not collide and the
+    `keep` rotation does not count it. Raises CheckpointMismatchError, moving
+    nothing, if a step reads but does not fit `abstract_state` (a changed
+    config), and DamagedCheckpointError if no step is left but damaged ones:
+    starting afresh then would silently drop the run.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      state, reason = _try_restore(self._manager, self._directory, step,
+                                   abstract_state, ocp.args.StandardRestore)
+      # A process reads only its own shards: every process must agree.
+      if _on_every_process(reason is None):
+        return state, step
+      moved = self._move_aside(step)
+      _warn_damaged(step, self._directory, reason or 'another process '
+                    'could not read it', f'moved it to {moved} and',
+                    steps[i + 1:])
+    damaged = self._directory / DAMAGED
+    if damaged.is_dir() and any(damaged.iterdir()):
+      raise DamagedCheckpointError(
+          f'No checkpoint in {self._directory} can be restored: the damaged '
+          f'steps are in {damaged}; move that directory away to start the run '
+          'from scratch.')
+    return None, None
+
+  def _move_aside(self, step):
+    target = self._directory / DAMAGED / str(step)
+    n = 1
+    while target.exists():
+      target = self._directory / DAMAGED / f'{step}-{n}'
+      n += 1
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self._directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint: moved step {step}')
+    self._manager.reload()  # Orbax caches its list of steps.
+    return target
+
   def wait(self):
     self._manager.wait_until_finished()
 
@@ -57,10 +139,6 @@ def abstract_like(tree, shardings):
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
-
-
-class CheckpointMismatchError(errors.UserError, ValueError):
-  """A checkpoint whose parameters do not fit the configured model."""
 
 
 def _path(path):
@@ -79,16 +157,97 @@ def _locate(path):
   return path, None
 
 
+def _on_every_process(ok):
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def _unfinished(step_dir):
+  """Why `step_dir` is not a finished save, or None if it is one."""
+  if not step_dir.is_dir() or not any(step_dir.iterdir()):
+    return 'empty directory'
+  if not (step_dir / _COMMITTED).exists():
+    return f'unfinished save: no {_COMMITTED}'
+  return None
+
+
+def _reason(e):
+  """`e` in one short line: orbax wraps the telling tensorstore error, and
+  tensorstore appends its whole spec."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).split(' [tensorstore_spec', 1)[0].strip()
+  text = text.splitlines()[0] if text else ''
+  return f'{type(e).__name__}: {text}'[:300]
+
+
 def _shapes(tree):
-  return {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {'/'.join(k): tuple(getattr(v, 'shape', np.shape(v)))
+          for k, v in ocp.tree.to_flat_dict(tree).items()}
+
+
+def _mismatch(saved, wanted):
+  """(how many arrays differ, one example) between two `_shapes`, or None."""
+  diffs = sorted(set(saved) ^ set(wanted)) or sorted(
+      k for k in wanted if saved[k] != wanted[k])
+  if not diffs:
+    return None
+  first = diffs[0]
+  if first in saved and first in wanted:
+    return len(diffs), (f'{first} has shape {saved[first]} there and '
+                        f'{wanted[first]} in the config')
+  return len(diffs), (f'{first} is only in the '
+                      f'{"checkpoint" if first in saved else "config"}')
+
+
+def _try_restore(manager, directory, step, target, restore_args, key=None):
+  """(restored tree, None), or (None, why `step` cannot be restored).
+
+  Raises CheckpointMismatchError if the step reads but its arrays do not fit
+  `target` (the tree under `key` of the checkpoint when a key is given).
+  """
+  reason = _unfinished(directory / str(step))
+  if reason:
+    return None, reason
+  try:
+    saved = manager.item_metadata(step)
+    if saved is None:
+      return None, 'no readable metadata'
+    where = f'Checkpoint {directory} (step {step})'
+    if key and key not in saved:
+      raise CheckpointMismatchError(f'{where} holds no {key}.')
+    diff = _mismatch(_shapes(saved[key] if key else saved),
+                     _shapes(target[key] if key else target))
+    if diff:
+      raise CheckpointMismatchError(
+          f'{where} does not match {"config.model" if key else "the config"}'
+          f': {diff[0]} {"parameter" if key else "array"}(s) differ, e.g. '
+          f'{diff[1]}.')
+    return manager.restore(step, args=restore_args(target)), None
+  except CheckpointMismatchError:
+    raise
+  # Damage surfaces as OSError, ValueError, TypeError, tensorstore errors and
+  # orbax's bare Exception around them.
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    return None, _reason(e)
+
+
+def _warn_damaged(step, directory, reason, done, older):
+  logging.warning(
+      'Checkpoint step %d in %s cannot be restored (%s); %s %s.', step,
+      directory, reason, done,
+      f'trying step {older[0]}' if older else 'no older step is left')
 
 
 def load_params(path, abstract_params, key='ema_params'):
   """Restores only `key` ('ema_params' or 'params') of a train-state
   checkpoint onto `abstract_params` (ShapeDtypeStructs with the shardings to
-  restore into). Raises CheckpointMismatchError, in one line, if the saved
-  parameters do not have exactly the expected names and shapes."""
+  restore into): the given step, else the newest step that restores. A
+  damaged step is skipped with one warning and left where it is (the
+  directory may be another run's). Raises CheckpointMismatchError, in one
+  line, if the saved parameters do not have exactly the expected names and
+  shapes."""
   directory, step = _locate(path)
   if not directory.is_dir():
     raise errors.CheckpointNotFoundError(
@@ -97,25 +256,31 @@ def load_params(path, abstract_params, key='ema_params'):
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.PyTreeCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = [step] if step is not None else sorted(manager.all_steps(),
+                                                 reverse=True)
+  if not steps:
     raise errors.CheckpointNotFoundError(
         f'No checkpoint at {path}: {directory} holds no finished step.')
-  saved = _shapes(manager.item_metadata(step)[key])
-  wanted = _shapes(abstract_params)
-  if saved != wanted:
-    diffs = sorted(set(saved) ^ set(wanted)) or sorted(
-        k for k in wanted if saved[k] != wanted[k])
-    first = diffs[0]
-    detail = (f'{first} has shape {saved[first]} there and {wanted[first]} in '
-              'the config' if first in saved and first in wanted else
-              f'{first} is only in the {"checkpoint" if first in saved else "config"}')
-    raise CheckpointMismatchError(
-        f'Checkpoint {path} (step {step}) does not match config.model: '
-        f'{len(diffs)} parameter(s) differ, e.g. {detail}.')
   target = {key: abstract_params}
-  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(
-          target), partial_restore=True))
-  manager.close()
-  return restored[key], step
+
+  def restore_args(item):
+    return ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            item), partial_restore=True)
+
+  try:
+    for i, s in enumerate(steps):
+      restored, reason = _try_restore(manager, directory, s, target,
+                                      restore_args, key)
+      if reason is None:
+        return restored[key], s
+      if step is not None:
+        raise DamagedCheckpointError(
+            f'Checkpoint step {s} in {directory} cannot be restored '
+            f'({reason}).')
+      _warn_damaged(s, directory, reason, 'left it there and', steps[i + 1:])
+    raise DamagedCheckpointError(
+        f'No checkpoint in {directory} can be restored: every step is '
+        'damaged (see the warnings above).')
+  finally:
+    manager.close()

@@ -7,7 +7,9 @@ a fixed held-out split) and `toy2d`. Through tfds: `imagenet_resized/64x64`,
 `imagenet2012` (for 128x128) and `cifar10`. Images are scaled to [-1, 1].
 """
 
-import os
+import concurrent.futures
+import functools
+import itertools
 
 import numpy as np
 
@@ -36,112 +38,106 @@ def digits(split):
   return x[..., None], d.target[idx].astype(np.int32)
 
 
-def _digits_batches(local_batch, seed, start_step, pidx, pcount):
-  """Epochs over this process's share in a fresh permutation each; the batch
-  of a step depends only on (seed, step), so a resumed run sees the same data."""
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n, seed, epoch):
+  # The trailing 0 (once the process index) keeps the data order of runs
+  # made before the order stopped depending on the topology.
+  return np.random.default_rng([seed, epoch, 0]).permutation(n)
+
+
+def step_indices(n, global_batch, seed, step, rows):
+  """Which of `n` examples fill rows `rows` (a slice) of the global batch of
+  `step`: epochs over all examples, each in a fresh permutation. A pure
+  function of (seed, step), so the global batch is the same whatever the
+  number of processes and devices, and a resumed run continues the order."""
+  pos = step * global_batch + np.arange(rows.start, rows.stop)
+  epoch, offset = np.divmod(pos, n)
+  idx = np.empty(len(pos), np.int64)
+  for e in np.unique(epoch):
+    idx[epoch == e] = _epoch_order(n, seed, int(e))[offset[epoch == e]]
+  return idx
+
+
+def _digits_batches(global_batch, rows, seed, start_step):
   x, y = digits('train')
-  share = np.arange(pidx, len(y), pcount)
-  step = start_step
-  while True:
-    pos = step * local_batch + np.arange(local_batch)
-    epoch, offset = pos // len(share), pos % len(share)
-    idx = np.empty(local_batch, np.int64)
-    for e in np.unique(epoch):
-      perm = np.random.default_rng([seed, int(e), pidx]).permutation(share)
-      idx[epoch == e] = perm[offset[epoch == e]]
+  for step in itertools.count(start_step):
+    idx = step_indices(len(y), global_batch, seed, step, rows)
     yield {'x': x[idx], 'label': y[idx]}
-    step += 1
 
 
-def _toy2d_batches(local_batch, seed, start_step, pidx):
-  step = start_step
-  while True:
-    x, y = toy2d.sample(np.random.default_rng([seed, step, pidx]), local_batch)
-    yield {'x': x, 'label': y}
-    step += 1
+def _toy2d_batches(global_batch, rows, seed, start_step):
+  # Every process draws the whole global batch (a few kB) and keeps its rows.
+  for step in itertools.count(start_step):
+    x, y = toy2d.sample(np.random.default_rng([seed, step, 0]), global_batch)
+    yield {'x': x[rows], 'label': y[rows]}
 
 
-def _tfds_builder(name, data_dir):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    where = data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
-    hint = (' (ImageNet needs the ILSVRC2012 tars in the manual dir first)'
-            if name == 'imagenet2012' else '')
-    raise DatasetNotPreparedError(
-        f'Dataset {name!r} is not prepared in {where}{hint}. Prepare it with '
-        f'`tfds build {name} --data_dir={where}`, or point TFDS_DATA_DIR (or '
-        'config.dataset.data_dir) at the directory that holds it.')
-  return builder
+def _tfds_source(cfg, split):
+  from multistep_cm.core import tfds_source  # pylint: disable=g-import-not-at-top
+  return tfds_source.open_source(TFDS_NAMES[cfg.name], split, cfg.data_dir)
 
 
-def _preprocess(kind, image_size):
-  """Returns a tf function from a tfds example to a float image in [-1, 1]."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  def fn(ex):
-    img = ex['image']
-    if kind == 'imagenet128':
-      # Centre square crop, then area resize: area averaging is the
-      # anti-aliased downsampling used for ImageNet at low resolution.
-      h, w = tf.shape(img)[0], tf.shape(img)[1]
-      side = tf.minimum(h, w)
-      img = tf.image.crop_to_bounding_box(img, (h - side) // 2, (w - side) // 2,
-                                          side, side)
-      img = tf.image.resize(img, (image_size, image_size), method='area')
-    img = tf.cast(img, tf.float32) / 127.5 - 1.
-    return img, tf.cast(ex['label'], tf.int32)
-  return fn
+def _prefetched(batches):
+  """Reads and decodes the next batch on the host while the devices train on
+  this one."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    ahead = pool.submit(next, batches)
+    while True:
+      batch = ahead.result()
+      ahead = pool.submit(next, batches)
+      yield batch
 
 
-def _tfds_batches(cfg, split, local_batch, seed, start_step):
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory.
-  builder = _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir)
-  # tf.data iterators cannot be checkpointed; a resumed run reseeds with its
-  # start step so it does not replay the data it already saw.
-  run_seed = seed + 1_000_003 * start_step + jax.process_index()
-  split = tfds.split_for_jax_process(split, drop_remainder=True)
-  ds = builder.as_dataset(split=split, shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=run_seed))
-  ds = ds.map(_preprocess(cfg.name, cfg.image_size), tf.data.AUTOTUNE)
-  ds = ds.repeat().shuffle(10_000, seed=run_seed)
-  if cfg.flip:
-    ds = ds.enumerate().map(
-        lambda i, ex: (tf.image.stateless_random_flip_left_right(
-            ex[0], tf.stack([tf.cast(run_seed, tf.int64), i])), ex[1]),
-        tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  for x, y in tfds.as_numpy(ds):
-    yield {'x': x, 'label': y}
+def _tfds_batches(cfg, split, global_batch, rows, seed, start_step):
+  """Random access into the array_record files: each process reads only its
+  rows, in the order of `step_indices`, with flips drawn per global row."""
+  from multistep_cm.core import tfds_source  # pylint: disable=g-import-not-at-top
+  source = _tfds_source(cfg, split)
+
+  def batches():
+    for step in itertools.count(start_step):
+      idx = step_indices(len(source), global_batch, seed, step, rows)
+      flips = ([(seed, step, r) for r in range(rows.start, rows.stop)]
+               if cfg.flip else None)
+      x, y = tfds_source.load_rows(source, idx, cfg.name, cfg.image_size,
+                                   flips)
+      yield {'x': x, 'label': y}
+  return _prefetched(batches())
 
 
-def check_available(cfg):
-  """Fails fast, with one clear message, if a tfds dataset is not prepared."""
+def check_known(cfg):
   if cfg.name not in EMBEDDED + tuple(TFDS_NAMES):
     raise errors.ConfigError(
         f'Unknown dataset {cfg.name!r}: expected one of '
         f'{", ".join(EMBEDDED + tuple(TFDS_NAMES))}.')
+
+
+def check_available(cfg):
+  """Fails fast, with one clear message, if a tfds dataset is not prepared."""
+  check_known(cfg)
   if cfg.name in TFDS_NAMES:
-    _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir)
+    _tfds_source(cfg, 'train')
 
 
-def train_batches(cfg, global_batch, seed, start_step=0):
-  """Iterator over this process's share of the training batches."""
+def train_batches(cfg, global_batch, seed, start_step=0, rows=None):
+  """Iterator over this process's rows of the global training batches, from
+  the batch of `start_step` on. `rows` (a slice) are the rows of the global
+  batch that this process's devices hold (`sharding.process_rows`); default:
+  the process's equal share in process order."""
   import jax  # pylint: disable=g-import-not-at-top
-  pidx, pcount = jax.process_index(), jax.process_count()
-  if global_batch % pcount:
-    raise ValueError(f'batch_size {global_batch} is not divisible by the '
-                     f'{pcount} processes.')
-  local_batch = global_batch // pcount
+  if rows is None:
+    pidx, pcount = jax.process_index(), jax.process_count()
+    if global_batch % pcount:
+      raise errors.ConfigError(f'batch_size {global_batch} is not divisible '
+                               f'by the {pcount} processes.')
+    local = global_batch // pcount
+    rows = slice(pidx * local, (pidx + 1) * local)
   check_available(cfg)
   if cfg.name == 'digits':
-    return _digits_batches(local_batch, seed, start_step, pidx, pcount)
+    return _digits_batches(global_batch, rows, seed, start_step)
   if cfg.name == 'toy2d':
-    return _toy2d_batches(local_batch, seed, start_step, pidx)
-  return _tfds_batches(cfg, 'train', local_batch, seed, start_step)
+    return _toy2d_batches(global_batch, rows, seed, start_step)
+  return _tfds_batches(cfg, 'train', global_batch, rows, seed, start_step)
 
 
 def one_pass(cfg, split, global_batch):
@@ -170,25 +166,21 @@ def one_pass(cfg, split, global_batch):
 
 
 def num_examples(cfg, split):
-  """The size of a split, or None where the dataset's metadata lacks it."""
+  """The size of a split."""
   if cfg.name == 'digits':
     return len(digits(split)[1])
-  try:
-    return _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir).info.splits[
-        split].num_examples
-  except KeyError:
-    return None
+  return len(_tfds_source(cfg, split))
 
 
 def _tfds_pass(cfg, split, local_batch):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  builder = _tfds_builder(TFDS_NAMES[cfg.name], cfg.data_dir)
-  # drop_remainder gives every process the same count; it drops fewer
-  # examples than there are processes.
-  ds = builder.as_dataset(split=tfds.split_for_jax_process(
-      split, drop_remainder=True), shuffle_files=False)
-  ds = ds.map(_preprocess(cfg.name, cfg.image_size), tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-  yield from tfds.as_numpy(ds)
+  """This process's examples i * process_count + process_index, the same
+  count on every process (it drops fewer examples than there are
+  processes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from multistep_cm.core import tfds_source  # pylint: disable=g-import-not-at-top
+  source = _tfds_source(cfg, split)
+  pcount = jax.process_count()
+  idx = np.arange(len(source) // pcount) * pcount + jax.process_index()
+  for i in range(0, len(idx), local_batch):
+    yield tfds_source.load_rows(source, idx[i:i + local_batch], cfg.name,
+                                cfg.image_size)

@@ -70,6 +70,19 @@ def tree_shardings(abstract_tree, mesh):
       lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), abstract_tree)
 
 
+def process_rows(batch_size, mesh):
+  """The rows (a slice) of a global batch of `batch_size` that this process's
+  devices hold: the only rows its input pipeline reads."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map(
+      (batch_size,))
+  starts = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+  for (_, stop), (start, _) in zip(starts, starts[1:]):
+    if stop != start:  # make_array_from_process_local_data needs one block.
+      raise ValueError(f'this process holds rows {starts} of the batch, not '
+                       'one contiguous block: order the mesh by process.')
+  return slice(starts[0][0], starts[-1][1])
+
+
 def global_batch(local_batch, mesh):
   """Assembles this process's numpy batch into one global jax.Array."""
   sharding = batch_sharding(mesh)

@@ -48,20 +48,22 @@ class Stage:
   def sampler(self, config):
     """The stage's own sampler: S student steps, or the teacher's."""
     if self.student:
-      return sampler_spec('student', config.student_steps)
+      return sampler_spec('student', config.student_steps,
+                          field='config.student_steps')
     return sampler_spec(config.sampler.kind, config.sampler.steps,
-                        config.sampler.guidance)
+                        config.sampler.guidance, field='config.sampler')
 
   def workdir_name(self, config):
     """The stage's directory in a pipeline's or sweep's workdir."""
     return f'{self.name}_s{config.student_steps}' if self.student else 'teacher'
 
 
-def sampler_spec(kind, steps, guidance=0.):
+def sampler_spec(kind, steps, guidance=0., field=None):
+  """The SamplerSpec, or a ConfigError naming `field` (the config's)."""
   try:
     return samplers.SamplerSpec(kind, steps, guidance)
   except ValueError as e:
-    raise errors.ConfigError(str(e)) from None
+    raise errors.ConfigError(f'{field}: {e}' if field else str(e)) from None
 
 
 def consistency_options(config, mode):

@@ -94,11 +94,11 @@ def restore_or_init(config, model, tx, mesh, ckpt, init_params=None):
   whose parameters (and EMA) are `init_params` when given (a student starts
   as its teacher)."""
   _, abstract, shardings = state_layout(config, model, tx, mesh)
-  step = ckpt.latest_step()
-  if step is not None:
+  state, step = ckpt.restore_latest_intact(
+      checkpoint.abstract_like(abstract, shardings))
+  if state is not None:
     logging.info('Resuming from the checkpoint of step %d.', step)
-    return ckpt.restore(checkpoint.abstract_like(abstract, shardings),
-                        step), shardings
+    return state, shardings
   if init_params is None:
     return init_state(config, model, tx, mesh)
   state = jax.jit(

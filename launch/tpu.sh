@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice (one pod slice, e.g. 64 v5e chips on 16
+# hosts) obtained through a queued resource, and keeps it training through
+# preemptions.
+#
+# Needs, on the machine that runs this script:
+#   - the gcloud CLI, authenticated (`gcloud auth login`), with a project that
+#     has TPU quota for ACCELERATOR_TYPE in ZONE (spot quota for PROVISIONING=spot);
+#   - a GCS bucket in the same region, readable and writable by the TPU VMs'
+#     service account, for WORKDIR (checkpoints, metrics, samples) and for the
+#     prepared tfds datasets, built once from a machine with the data, e.g.
+#       tfds build imagenet_resized/64x64 --data_dir=gs://BUCKET/tensorflow_datasets \
+#           --file_format=array_record
+#     (array_record: random access, which the input pipeline reads);
+#   - REPO: a git URL the TPU VMs can clone (default: this checkout's origin).
+#
+# Usage:
+#   launch/tpu.sh SUBCOMMAND [--dry-run]
+#     create   queue the TPU and wait until it is ACTIVE
+#     install  on every host: clone or update REPO at BRANCH, pip install -e .
+#     run      on every host: train (the exit code is the first non-zero one)
+#     babysit  create, install and run, again after each preemption, until the
+#              run succeeds or fails for a reason other than a preemption
+#     delete   delete the queued resource and its TPU
+#   --dry-run (or DRY_RUN=1) prints the commands instead of running them.
+#
+#   BUCKET=my-bucket NAME=cm-imagenet64 launch/tpu.sh babysit 2>&1 | tee babysit.log
+#
+# Run the babysitter where it can stay up for days (tmux on a workstation, or a
+# small VM): it holds the ssh connections to the hosts, and a host whose
+# connection drops loses its training process.
+#
+# Settings (environment variables, defaults in brackets):
+#   NAME [multistep-cm]       queued resource and TPU name
+#   PROJECT [gcloud's]        ZONE [us-west4-a]
+#   ACCELERATOR_TYPE [v5litepod-64]
+#   RUNTIME_VERSION [v2-alpha-tpuv5-lite]  (v5p: v2-alpha-tpuv5,
+#                             v6e: v2-alpha-tpuv6e, v4: tpu-ubuntu2204-base)
+#   PROVISIONING [spot]       spot | best-effort (gcloud alpha) | reserved | on-demand
+#   CREATE_ARGS []            more flags for `queued-resources create`
+#                             (--network=..., --service-account=..., ...)
+#   REPO [origin's URL]       BRANCH [main]: a branch or tag. A re-created TPU
+#                             installs what BRANCH names at that moment: pin a
+#                             tag for a long run.
+#   CONFIG [configs/imagenet64.py]
+#   BUCKET []                 WORKDIR [gs://$BUCKET/multistep_cm/$NAME]
+#                             TFDS_DATA_DIR [gs://$BUCKET/tensorflow_datasets]
+#   EXTRA_ARGS []             more flags for multistep_cm.main, split on spaces
+#   POLL_S [60]               seconds between state checks
+#   SETTLE_S [120]            seconds to wait after a failed run before asking
+#                             whether the TPU is still there (see babysit)
+#
+# Multi-host start: the hosts of one slice find each other by themselves
+# (jax.distributed detects Cloud TPU), so no coordinator address is passed.
+#
+# Multi-slice (several slices joined over the data-center network) is not
+# scripted here. Its routes: `queued-resources create --node-count=N` (one node
+# per slice), or xpk on GKE (`xpk workload create --num-slices=N ...`). The
+# tooling sets the MEGASCALE_* variables (coordinator, slice count, slice id)
+# on every host; the program itself starts the same way. The links between
+# slices are much slower than those within one, so the mesh's data axis should
+# be the one that crosses them (only gradients travel along it), with fsdp
+# inside a slice. Not tested with this project.
+
+set -euo pipefail
+if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then
+  echo "error: needs bash 4.4 or newer (macOS: brew install bash), not $BASH_VERSION" >&2
+  exit 1
+fi
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+NAME=${NAME:-multistep-cm}
+PROJECT=${PROJECT:-}
+ZONE=${ZONE:-us-west4-a}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-64}
+RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
+PROVISIONING=${PROVISIONING:-spot}
+CREATE_ARGS=${CREATE_ARGS:-}
+REPO=${REPO:-$(git -C "$REPO_ROOT" remote get-url origin 2>/dev/null || true)}
+BRANCH=${BRANCH:-main}
+CONFIG=${CONFIG:-configs/imagenet64.py}
+BUCKET=${BUCKET:-}
+WORKDIR=${WORKDIR:-${BUCKET:+gs://$BUCKET/multistep_cm/$NAME}}
+TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:+gs://$BUCKET/tensorflow_datasets}}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+POLL_S=${POLL_S:-60}
+SETTLE_S=${SETTLE_S:-120}
+DRY_RUN=${DRY_RUN:-0}
+
+# Where the hosts keep the checkout and its virtualenv, relative to the home
+# directory that ssh commands start in.
+REMOTE_DIR=multistep_cm
+# TPU VM images ship an older Python than this project needs; uv brings its own.
+PYTHON_VERSION=3.11
+# The training program's "preempted after saving, rerun to resume".
+EXIT_PREEMPTED=75
+
+usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
+log() { printf '[tpu.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# Any value but 0 or empty: a mistyped DRY_RUN=true must not launch anything.
+dry() { [[ -n $DRY_RUN && $DRY_RUN != 0 ]]; }
+
+# One word quoted for a shell, plain words left as they are, so that printed
+# commands stay readable and can be pasted.
+q() {
+  if [[ $1 =~ ^[-A-Za-z0-9_./:=@%+,]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+quote_all() {
+  local words=() w
+  for w in "$@"; do words+=("$(q "$w")"); done
+  printf '%s' "${words[*]}"
+}
+
+# Runs a command, or prints it in a dry run: on fd 3, the script's stdout, which
+# survives inside $(...).
+exec 3>&1
+x() {
+  if dry; then
+    printf '+ %s\n' "$(quote_all "$@")" >&3
+  else
+    log "+ $(quote_all "$@")"
+    "$@"
+  fi
+}
+
+# A setting with no usable default: a dry run shows a placeholder.
+need() {
+  local name=$1 why=$2
+  if [[ -z ${!name} ]]; then
+    dry || die "set $name: $why"
+    printf -v "$name" '<%s>' "$name"
+  fi
+}
+
+scope=(--zone="$ZONE")
+if [[ -n $PROJECT ]]; then scope+=(--project="$PROJECT"); fi
+
+# The queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...),
+# ABSENT when there is none, UNKNOWN when gcloud could not tell (a network or
+# API hiccup the babysitter should outlive).
+qr_state() {
+  if dry; then
+    x gcloud compute tpus queued-resources describe "$NAME" "${scope[@]}" \
+        --format='value(state.state)'
+    echo ABSENT
+    return
+  fi
+  local out err
+  err=$(mktemp)
+  if out=$(gcloud compute tpus queued-resources describe "$NAME" "${scope[@]}" \
+             --format='value(state.state)' 2>"$err"); then
+    echo "${out:-UNKNOWN}"
+  elif grep -qi 'not[ _]found' "$err"; then
+    echo ABSENT
+  else
+    log "cannot read the state of $NAME: $(tail -n 1 "$err")"
+    echo UNKNOWN
+  fi
+  rm -f "$err"
+}
+
+# Waits until the TPU is ACTIVE; fails if its request ends any other way.
+wait_active() {
+  if dry; then
+    qr_state >/dev/null
+    log "dry run: $NAME taken as ACTIVE"
+    return
+  fi
+  local state last=
+  while true; do
+    state=$(qr_state)
+    if [[ $state != "$last" ]]; then log "$NAME is $state"; fi
+    last=$state
+    case $state in
+      ACTIVE) return 0 ;;
+      # Spot capacity can take hours to come: keep waiting.
+      CREATING|ACCEPTED|PROVISIONING|WAITING_FOR_RESOURCES|UNKNOWN) sleep "$POLL_S" ;;
+      *) return 1 ;;
+    esac
+  done
+}
+
+# Queues the request; a refused one (quota, a wrong flag) ends the script.
+request() {
+  local cmd=(gcloud compute tpus queued-resources create "$NAME" "${scope[@]}"
+             --node-id="$NAME" --accelerator-type="$ACCELERATOR_TYPE"
+             --runtime-version="$RUNTIME_VERSION")
+  case $PROVISIONING in
+    spot) cmd+=(--spot) ;;
+    # best-effort is only in gcloud's alpha track.
+    best-effort) cmd=(gcloud alpha "${cmd[@]:1}" --best-effort) ;;
+    reserved) cmd+=(--reserved) ;;
+    on-demand) ;;
+    *) die "PROVISIONING is '$PROVISIONING'; spot, best-effort, reserved or on-demand" ;;
+  esac
+  local extra=()
+  read -r -a extra <<< "$CREATE_ARGS"
+  x "${cmd[@]}" "${extra[@]}" || die "gcloud refused to create $NAME"
+}
+
+create() {
+  request
+  wait_active || die "the request for $NAME ended in state $(qr_state), not ACTIVE"
+}
+
+delete() {
+  # --force: the TPU goes with its queued resource.
+  x gcloud compute tpus queued-resources delete "$NAME" "${scope[@]}" --force --quiet
+}
+
+# Runs one shell command line on every host of the slice, in parallel. gcloud
+# exits with the first non-zero exit code among the hosts.
+on_all_hosts() {
+  x gcloud compute tpus tpu-vm ssh "$NAME" "${scope[@]}" --worker=all --command="$1"
+}
+
+install() {
+  need REPO 'the git URL of this project, which the TPU hosts clone'
+  local dir
+  dir=$(q "$REMOTE_DIR")
+  local steps=(
+    "set -e"
+    "{ [ -d $dir/.git ] || git clone -q $(q "$REPO") $dir; }"
+    "cd $dir"
+    "git fetch -q origin $(q "$BRANCH")"
+    "git checkout -q --force --detach FETCH_HEAD"
+    "python3 -m pip install -q --user uv"
+    "python3 -m uv venv -q --allow-existing --python $PYTHON_VERSION .venv"
+    'python3 -m uv pip install -q --python .venv/bin/python -e . "jax[tpu]"'
+    'git log -1 --format="installed %h %s"'
+  )
+  local line
+  printf -v line '%s; ' "${steps[@]}"
+  on_all_hosts "${line%; }"
+}
+
+train() {
+  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
+  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  local extra=()
+  read -r -a extra <<< "$EXTRA_ARGS"
+  on_all_hosts "cd $(q "$REMOTE_DIR") && export TFDS_DATA_DIR=$(q "$TFDS_DATA_DIR") && $(
+    quote_all .venv/bin/python -m multistep_cm.main --config="$CONFIG" \
+              --workdir="$WORKDIR" "${extra[@]}")"
+}
+
+# The run resumes by itself from the newest checkpoint in WORKDIR, so after a
+# preemption the babysitter only needs a TPU again and the same command.
+babysit() {
+  local round=0 installed=0 state rc
+  # Before anything costs money.
+  need REPO 'the git URL of this project, which the TPU hosts clone'
+  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
+  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  while true; do
+    round=$((round + 1))
+    state=$(qr_state)
+    log "round $round: $NAME is $state"
+    case $state in
+      ACTIVE) ;;
+      ABSENT) request; wait_active || continue; installed=0 ;;
+      CREATING|ACCEPTED|PROVISIONING|WAITING_FOR_RESOURCES)
+        wait_active || continue ;;
+      UNKNOWN|DELETING) sleep "$POLL_S"; continue ;;
+      *)  # FAILED, SUSPENDING, SUSPENDED (a preempted spot TPU)
+        # The pause keeps a request that fails at once from being repeated
+        # in a tight loop.
+        sleep "$POLL_S"
+        delete; request; wait_active || continue; installed=0 ;;
+    esac
+
+    rc=0
+    if (( !installed )); then install || rc=$?; fi
+    if (( rc == 0 )); then installed=1; train || rc=$?; fi
+
+    if dry; then
+      log "dry run: one round shown. A real run would stop on exit code 0,"
+      log "start another round on $EXIT_PREEMPTED, and on any other code re-create the TPU"
+      log "if it is gone, else stop with that code."
+      return 0
+    fi
+    case $rc in
+      0) log "the run finished"; return 0 ;;
+      "$EXIT_PREEMPTED") log "the run was preempted after saving; resuming" ;;
+      *)
+        # A preempted host's connection drops (exit code 255, or whatever the
+        # host's processes die with) before the queued resource says so.
+        log "exit code $rc; checking in ${SETTLE_S}s whether $NAME is still there"
+        sleep "$SETTLE_S"
+        state=$(qr_state)
+        if [[ $state == ACTIVE ]]; then
+          printf 'error: the run failed with exit code %s on an ACTIVE TPU; not restarting\n' \
+              "$rc" >&2
+          return "$rc"
+        fi
+        log "$NAME is $state: taken as a preemption" ;;
+    esac
+  done
+}
+
+main() {
+  local sub='' arg
+  for arg in "$@"; do
+    case $arg in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help|help) usage; return 0 ;;
+      -*) die "unknown option $arg (see launch/tpu.sh --help)" ;;
+      *) [[ -z $sub ]] || die "one subcommand at a time, got '$sub' and '$arg'"
+         sub=$arg ;;
+    esac
+  done
+  case $sub in
+    create) create ;;
+    install) install ;;
+    run) train ;;
+    babysit) babysit ;;
+    delete) delete ;;
+    '') usage >&2; return 2 ;;
+    *) die "unknown subcommand '$sub': create, install, run, babysit or delete" ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,69 @@
+"""What can be checked about a run before its workdir is touched: each way to
+start it wrongly is one ConfigError (one `error:` line), raised before any
+file is written, so a failing start never changes an existing workdir."""
+
+import os
+
+from multistep_cm.core import data
+from multistep_cm.core import errors
+from multistep_cm.core import sharding
+from multistep_cm.core import stages
+from multistep_cm.core import state
+
+# Counts and intervals a training run divides by or loops over.
+POSITIVE = ('batch_size', 'total_steps', 'log_every', 'ckpt_every',
+            'eval_every', 'keep_checkpoints', 'train_eval.num_samples',
+            'train_eval.batch_size')
+
+
+def _get(config, dotted):
+  for key in dotted.split('.'):
+    config = config[key]
+  return config
+
+
+def check_config(config, train=True):
+  """Raises ConfigError for a config that cannot run on these devices with
+  this data. `train`: also the fields only training uses."""
+  stage = stages.get(config.stage)
+  if train:
+    for name in POSITIVE:
+      value = _get(config, name)
+      if not isinstance(value, int) or value < 1:
+        raise errors.ConfigError(f'config.{name} is {value!r}: it must be a '
+                                 'positive integer.')
+  mesh = state.make_mesh(config)
+  if train and config.batch_size % mesh.size:
+    raise errors.ConfigError(
+        f'config.batch_size {config.batch_size} does not split over the '
+        f'{mesh.size} devices: use a multiple of {mesh.size}.')
+  if train:
+    try:
+      sharding.process_rows(config.batch_size, mesh)
+    except ValueError as e:
+      raise errors.ConfigError(f'config.mesh: {e}') from None
+  # Sampling and scoring a checkpoint need no training data.
+  (data.check_available if train else data.check_known)(config.dataset)
+  stage.check(config)
+
+
+def check_workdir(workdir):
+  """Raises ConfigError unless `workdir` is, or can be made, a writable
+  directory (local paths; a bucket's permissions show at the first write)."""
+  path = str(workdir)
+  if '://' in path:
+    return
+  path = os.path.abspath(path)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.ConfigError(f'workdir {workdir}: {existing} is a file, not a '
+                             'directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.ConfigError(f'workdir {workdir}: {existing} is not writable.')
+
+
+def check_run(config, workdir, train=True):
+  check_config(config, train)
+  check_workdir(workdir)

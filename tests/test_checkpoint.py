@@ -1,0 +1,221 @@
+"""A damaged newest checkpoint: resuming falls back to the newest intact step,
+with one warning, moving the damaged one aside and losing nothing."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from multistep_cm.core import checkpoint
+from multistep_cm.core import errors
+
+# A failed tensorstore read leaves orbax's asyncio tasks to fail on a closed
+# loop later: noise, not a failure of the code under test.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
+# Random float32 arrays: params/w is the largest file of a step, and the one
+# that load_params(key='params') certainly reads.
+SHAPES = {'w': (64, 64), 'b': (64,)}
+
+
+def _state(step):
+  rng = np.random.default_rng(step)
+  params = {k: rng.standard_normal(s).astype(np.float32)
+            for k, s in SHAPES.items()}
+  return {'params': params, 'ema_params': {'b': params['b'] * 0.5},
+          'step': step}
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+      if isinstance(x, np.ndarray) else x, tree)
+
+
+ABSTRACT = _abstract(_state(0))
+
+
+def _assert_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _save(directory, steps=(10, 20, 30)):
+  ckpt = checkpoint.Checkpointer(directory, every_steps=10, keep=3)
+  for step in steps:
+    assert ckpt.save(step, _state(step))
+  ckpt.wait()
+  ckpt.close()
+
+
+def _files(directory):
+  return [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+
+
+def _truncate_largest(step_dir):
+  path = max(_files(step_dir), key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete(name):
+  def damage(step_dir):
+    found = [p for p in _files(step_dir) if os.path.basename(p) == name]
+    assert found
+    for p in found:
+      os.remove(p)
+  return damage
+
+
+# (damage, the step it damages, the step a restart resumes from)
+DAMAGES = {
+    'truncated data': (_truncate_largest, 30, 20),
+    'no manifest.ocdbt': (_delete('manifest.ocdbt'), 30, 20),
+    'no _METADATA': (_delete('_METADATA'), 30, 20),
+    'empty directory': (os.mkdir, 40, 30),
+}
+
+
+def _damage(directory, kind):
+  damage, step, resumed = DAMAGES[kind]
+  damage(str(directory / str(step)))
+  return step, resumed
+
+
+def _warnings(caplog):
+  """This module's warnings: orbax logs its own besides."""
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == logging.WARNING and
+          os.path.samefile(r.pathname, checkpoint.__file__)]
+
+
+@pytest.mark.parametrize('kind', DAMAGES)
+def test_resumes_from_newest_intact_step(tmp_path, caplog, kind):
+  _save(tmp_path)
+  damaged, resumed = _damage(tmp_path, kind)
+
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest_intact(ABSTRACT)
+  assert step == resumed
+  _assert_equal(state, _state(resumed))
+  [warning] = _warnings(caplog)
+  assert '\n' not in warning
+  assert f'step {damaged} in {tmp_path} cannot be restored' in warning
+  assert warning.endswith(
+      f'moved it to {tmp_path}/damaged/{damaged} and trying step {resumed}.')
+  assert os.listdir(tmp_path / 'damaged') == [str(damaged)]
+  assert not os.path.exists(tmp_path / str(damaged))
+  assert {'10', '20'} <= set(os.listdir(tmp_path))
+  assert ckpt.latest_step() == resumed
+
+  # Its step number is free again, and keep=3 keeps three intact steps.
+  assert ckpt.should_save(damaged)
+  assert ckpt.save(damaged, _state(damaged + 1))
+  ckpt.wait()
+  _assert_equal(ckpt.restore(ABSTRACT), _state(damaged + 1))
+  assert ckpt.latest_step() == damaged
+  assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == (
+      [10, 20, 30] if damaged == 30 else [20, 30, 40])
+  ckpt.close()
+
+
+def test_latest_step_skips_an_unfinished_directory(tmp_path):
+  _save(tmp_path)
+  os.mkdir(tmp_path / '40')
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  assert ckpt.latest_step() == 30
+  _assert_equal(ckpt.restore(ABSTRACT), _state(30))
+  ckpt.close()
+
+
+def test_should_save_follows_the_interval(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  assert [s for s in range(1, 31) if ckpt.should_save(s)] == [10, 20, 30]
+  ckpt.save(10, _state(10))
+  ckpt.wait()
+  assert not ckpt.should_save(10) and ckpt.should_save(20)
+  ckpt.close()
+
+
+def test_no_checkpoint_starts_afresh(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  assert ckpt.restore_latest_intact(ABSTRACT) == (None, None)
+  assert ckpt.latest_step() is None
+  ckpt.close()
+
+
+def test_stray_temporary_directories_are_removed(tmp_path):
+  """A save killed midway leaves `<step>.orbax-checkpoint-tmp*` behind."""
+  _save(tmp_path)
+  for name in ('35.orbax-checkpoint-tmp', '45.orbax-checkpoint-tmp-1700000'):
+    os.makedirs(tmp_path / name / 'default')
+    (tmp_path / name / 'default' / 'partial').write_bytes(b'\0' * 100)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  assert ckpt.restore_latest_intact(ABSTRACT)[1] == 30
+  ckpt.save(40, _state(40))  # Orbax finishes its clean-up before a save.
+  ckpt.wait()
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ['20', '30', '40']
+
+
+def test_every_step_damaged_is_one_line_error(tmp_path, caplog):
+  _save(tmp_path)
+  for step in (10, 20, 30):
+    _truncate_largest(tmp_path / str(step))
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    with pytest.raises(errors.UserError, match='can be restored') as e:
+      ckpt.restore_latest_intact(ABSTRACT)
+  assert '\n' not in str(e.value) and f'{tmp_path}/damaged' in str(e.value)
+  assert len(_warnings(caplog)) == 3
+  assert _warnings(caplog)[-1].endswith('no older step is left.')
+  assert sorted(os.listdir(tmp_path / 'damaged')) == ['10', '20', '30']
+  ckpt.close()
+  # A restart does not quietly start the run from scratch either.
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with pytest.raises(checkpoint.DamagedCheckpointError):
+    ckpt.restore_latest_intact(ABSTRACT)
+  ckpt.close()
+
+
+def test_another_config_moves_nothing(tmp_path):
+  """A step that reads but does not fit is a config error, not damage."""
+  _save(tmp_path)
+  before = sorted(_files(tmp_path))
+  abstract = _abstract(_state(0))
+  abstract['params']['w'] = jax.ShapeDtypeStruct((32, 64), np.float32)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r'\(step 30\) does not match the config: 1 '
+                     r'array\(s\) differ, e.g. params/w has shape'):
+    ckpt.restore_latest_intact(abstract)
+  ckpt.close()
+  assert sorted(_files(tmp_path)) == before
+
+
+@pytest.mark.parametrize('kind', ['truncated data', 'empty directory'])
+def test_load_params_skips_a_damaged_step_in_place(tmp_path, caplog, kind):
+  _save(tmp_path / 'checkpoints')
+  damaged, resumed = _damage(tmp_path / 'checkpoints', kind)
+  before = sorted(_files(tmp_path)) + sorted(os.listdir(tmp_path /
+                                                        'checkpoints'))
+  with caplog.at_level(logging.WARNING):
+    params, step = checkpoint.load_params(
+        tmp_path, ABSTRACT['params'], key='params')
+  assert step == resumed
+  _assert_equal(params, _state(resumed)['params'])
+  [warning] = _warnings(caplog)
+  assert warning.endswith(f'left it there and trying step {resumed}.')
+  assert f'step {damaged} in {tmp_path}/checkpoints' in warning
+  assert sorted(_files(tmp_path)) + sorted(
+      os.listdir(tmp_path / 'checkpoints')) == before
+  # An explicit step is never swapped for another.
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=f'step {damaged} .* cannot be restored'):
+    checkpoint.load_params(tmp_path / 'checkpoints' / str(damaged),
+                           ABSTRACT['params'], key='params')

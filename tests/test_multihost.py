@@ -1,0 +1,190 @@
+"""Multi-host runs with real processes on localhost (launch/local.py), and
+preemption: a run on 2 processes x 4 CPU devices equals one on 1 x 8, its
+checkpoint continues on other topologies, SIGTERM saves and exits 75.
+
+Tolerance: the processes compute the same global batches; the parameters then
+differ only by the order of floating-point reductions (gradients summed over
+4 + 4 devices, not 8; and the in-process runs of this suite compile with
+`jax_disable_most_optimizations`, conftest.py): 3.7e-7 of the largest
+parameter after 6 steps, measured between two command-line runs. RTOL 1e-4
+leaves room; different data, or two steps fewer, changes them by ~1.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import toy2d
+from multistep_cm import train
+from multistep_cm.core import preemption
+from multistep_cm.core import state as state_lib
+from multistep_cm.evaluation import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'configs/toy2d.py:smoke,stage=teacher'
+RTOL = 1e-4
+
+
+def _config(total_steps, **overrides):
+  c = toy2d.get_config('smoke,stage=teacher')
+  c.total_steps = total_steps
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _launch(processes, devices, *args, timeout=300):
+  """launch/local.py's job: (exit code, stdout + stderr)."""
+  proc = subprocess.run(
+      [sys.executable, 'launch/local.py', f'--processes={processes}',
+       f'--devices_per_process={devices}', '--', *args],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True, timeout=timeout, check=False)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def _params(workdir, key='params'):
+  config = _config(1)
+  mesh = state_lib.make_mesh(config)
+  params, _, step = state_lib.load_params(config, workdir, mesh, key)
+  return params, step
+
+
+def _assert_close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.abs(x - y).max() <= RTOL * np.abs(y).max(), (
+        np.abs(x - y).max() / np.abs(y).max())
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('two_processes'))
+  code, out = _launch(2, 4, f'--config={CONFIG}', f'--workdir={workdir}',
+                      '--config.total_steps=4')
+  assert code == 0, out
+  return workdir, out
+
+
+def test_two_processes_equal_one(two_process_run, tmp_path):
+  workdir, out = two_process_run
+  for i in range(2):
+    assert re.search(rf'\[{i}\] .*Process {i} of 2: 4 local cpu devices of '
+                     r"8; mesh \{'data': 8, 'fsdp': 1\}", out), out
+  # Only process 0 prints progress and metrics.
+  assert re.search(r'\[0\] .*Step 4/4', out)
+  assert not re.search(r'\[1\] .*(Step \d|train/loss)', out)
+  # Written once: one set of steps, one config, one event file.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert len([f for f in os.listdir(workdir) if f.startswith('events')]) == 1
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+  state, _ = train.train_and_evaluate(_config(4), str(tmp_path / 'one'))
+  params, step = _params(workdir)
+  assert step == 4
+  _assert_close(params, state.params)
+  ema, _ = _params(workdir, 'ema_params')
+  _assert_close(ema, state.ema_params)
+
+
+def test_resumes_on_other_topologies(two_process_run, tmp_path):
+  """The 2 x 4 checkpoint of step 4 continues to step 6 on 1, 2 and 8
+  devices in one process and on a (2, 4) mesh: all equal a 6-step run."""
+  workdir, _ = two_process_run
+  straight, _ = train.train_and_evaluate(_config(6), str(tmp_path / 'one'))
+  copies = {}
+  for name in ('1', '2', '8', 'mesh'):
+    copies[name] = str(tmp_path / name)
+    shutil.copytree(workdir, copies[name])
+  for devices in ('1', '2'):
+    code, out = _launch(1, int(devices), f'--config={CONFIG}',
+                        f'--workdir={copies[devices]}',
+                        '--config.total_steps=6')
+    assert code == 0, out
+    assert 'Resuming from the checkpoint of step 4.' in out
+  train.train_and_evaluate(_config(6), copies['8'])
+  train.train_and_evaluate(_config(6, **{'mesh.shape': (2, 4)}),
+                           copies['mesh'])
+  for name, directory in copies.items():
+    params, step = _params(directory)
+    assert step == 6, name
+    _assert_close(params, straight.params)
+
+
+def test_evaluate_on_two_processes_writes_what_one_writes(two_process_run,
+                                                          tmp_path):
+  workdir, _ = two_process_run
+  overrides = {'evaluate.num_samples': 96, 'evaluate.chunk_size': 48,
+               'evaluate.batch_size': 48}
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  shutil.copytree(workdir, one)
+  shutil.copytree(workdir, two)
+  record = evaluate.run(_config(4, **overrides), one)
+  code, out = _launch(2, 4, f'--config={CONFIG}', f'--workdir={two}',
+                      '--mode=evaluate',
+                      *(f'--config.{k}={v}' for k, v in overrides.items()))
+  assert code == 0, out
+  rel = os.path.relpath(record['samples_npz'], one)
+  with np.load(record['samples_npz']) as a, np.load(os.path.join(two, rel)) as b:
+    assert sorted(a) == sorted(b)
+    np.testing.assert_array_equal(a['arr_1'], b['arr_1'])  # The labels.
+    assert a['arr_0'].shape == (96, 2)
+    np.testing.assert_allclose(a['arr_0'], b['arr_0'], rtol=RTOL, atol=RTOL)
+
+
+def _preempt(argv, workdir, wait_for=r'Step 20/'):
+  """Starts `argv`, sends SIGTERM once its output matches `wait_for`;
+  (exit code, output, seconds from the signal to the exit)."""
+  proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if re.search(wait_for, line):
+      break
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  lines += proc.stdout.readlines()
+  code = proc.wait(timeout=60)
+  del workdir
+  return code, ''.join(lines), time.time() - sent
+
+
+LONG = ('--config.total_steps=100000', '--config.eval_every=100000',
+        '--config.log_every=10', '--config.ckpt_every=1000')
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_sigterm_saves_the_step_and_a_rerun_resumes(processes, tmp_path):
+  workdir = str(tmp_path / 'run')
+  if processes == 1:
+    argv = [sys.executable, '-m', 'multistep_cm.main']
+  else:
+    argv = [sys.executable, 'launch/local.py', '--processes=2',
+            '--devices_per_process=4', '--']
+  argv += [f'--config={CONFIG}', f'--workdir={workdir}', *LONG]
+  code, out, seconds = _preempt(argv, workdir)
+  assert code == preemption.EXIT_CODE, out
+  assert seconds < 30
+  said = re.findall(r'preempted at step (\d+), saved; rerun to resume', out)
+  assert len(said) == processes and len(set(said)) == 1, out  # One step.
+  step = int(said[0])
+  assert step >= 20
+  assert str(step) in os.listdir(os.path.join(workdir, 'checkpoints'))
+  # The rerun resumes there (a short one: to two steps further).
+  rerun = subprocess.run(
+      [sys.executable, '-m', 'multistep_cm.main', f'--config={CONFIG}',
+       f'--workdir={workdir}', f'--config.total_steps={step + 2}',
+       '--config.eval_every=100000'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True, timeout=300, check=False)
+  assert rerun.returncode == 0, rerun.stderr
+  assert f'Resuming from the checkpoint of step {step}.' in rerun.stderr
