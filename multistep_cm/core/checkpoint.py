@@ -10,7 +10,10 @@ with one warning line, so a run resumes from its newest intact step; a run
 moves such a step into `damaged/` beside the steps, never deleting it.
 """
 
+import contextlib
 import os
+import sys
+import time
 
 from absl import logging
 from etils import epath
@@ -211,26 +214,51 @@ def _try_restore(manager, directory, step, target, restore_args, key=None):
   if reason:
     return None, reason
   try:
-    saved = manager.item_metadata(step)
-    if saved is None:
-      return None, 'no readable metadata'
-    where = f'Checkpoint {directory} (step {step})'
-    if key and key not in saved:
-      raise CheckpointMismatchError(f'{where} holds no {key}.')
-    diff = _mismatch(_shapes(saved[key] if key else saved),
-                     _shapes(target[key] if key else target))
-    if diff:
-      raise CheckpointMismatchError(
-          f'{where} does not match {"config.model" if key else "the config"}'
-          f': {diff[0]} {"parameter" if key else "array"}(s) differ, e.g. '
-          f'{diff[1]}.')
-    return manager.restore(step, args=restore_args(target)), None
+    with _stderr_muted():
+      saved = manager.item_metadata(step)
+      if saved is None:
+        return None, 'no readable metadata'
+      where = f'Checkpoint {directory} (step {step})'
+      if key and key not in saved:
+        raise CheckpointMismatchError(f'{where} holds no {key}.')
+      diff = _mismatch(_shapes(saved[key] if key else saved),
+                       _shapes(target[key] if key else target))
+      if diff:
+        raise CheckpointMismatchError(
+            f'{where} does not match {"config.model" if key else "the config"}'
+            f': {diff[0]} {"parameter" if key else "array"}(s) differ, e.g. '
+            f'{diff[1]}.')
+      return manager.restore(step, args=restore_args(target)), None
   except CheckpointMismatchError:
     raise
   # Damage surfaces as OSError, ValueError, TypeError, tensorstore errors and
   # orbax's bare Exception around them.
   except Exception as e:  # pylint: disable=broad-exception-caught
     return None, _reason(e)
+
+
+@contextlib.contextmanager
+def _stderr_muted(drain_s=0.5):
+  """Keeps a failed restore to the one warning line: when one read of a
+  damaged step fails, tensorstore completes the step's other reads into
+  orbax's closed event loop, and each prints a traceback ("Event loop is
+  closed") straight to file descriptor 2. The outcome is reported from the
+  exception, so fd 2 is muted while a restore runs (and, after a failure,
+  settles)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  except Exception:
+    time.sleep(drain_s)
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def _warn_damaged(step, directory, reason, done, older):
