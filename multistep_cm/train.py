@@ -104,6 +104,7 @@ def _check_finite(outs, first_step, ckpt):
     bad = {k: out[k] for k in ('loss', 'grad_norm', 'update_norm')
            if not np.isfinite(out[k])}
     if bad:
+      ckpt.wait()  # A save in flight is of a good step: let it finish.
       good = ckpt.latest_step()
       raise DivergedError(
           f'{_fmt(bad)} at step {step}; nothing non-finite was saved, the '
