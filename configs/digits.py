@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.model.head_dim = 32
   c.model.emb_dim = 256
   c.model.dtype = 'float32'  # bf16 brings no speed on CPU.
+  c.model.attention = 'auto'  # auto, xla or cudnn (models.ATTENTION).
 
   c.optim.ema_decay = 0.999
   c.batch_size = 128

@@ -50,6 +50,8 @@ def build(arg):
   c.model.head_dim = 64
   c.model.emb_dim = 2048
   c.model.dtype = 'bfloat16'
+  # cuDNN flash attention on NVIDIA GPUs, XLA's elsewhere; or xla / cudnn.
+  c.model.attention = 'auto'
   if arg.size == 'small':
     # 3 ResBlocks at 256, 3 transformer blocks at 512, 16 at 1024; dropout
     # 0.2 in the middle.

@@ -43,6 +43,26 @@ class UViTConfig:
   num_classes: int = 0  # 0: unconditional; else label `num_classes` is null.
   out_channels: int = 3
   dtype: str = 'bfloat16'
+  attention: str = 'auto'  # auto, xla or cudnn: see attention_implementation.
+
+
+ATTENTION = ('auto', 'xla', 'cudnn')
+
+
+def attention_implementation(name, dtype, head_dim, backend=None):
+  """The kernel of `jax.nn.dot_product_attention` for config.model.attention:
+  'auto' is cuDNN's flash attention on GPUs, where its shape and dtype rules
+  allow it (16-bit inputs, head_dim a multiple of 8 up to 128), and XLA's
+  elsewhere (the CPU, TPU); 'xla' and 'cudnn' force one."""
+  if name not in ATTENTION:
+    raise ValueError(f'Unknown attention {name!r}: expected one of '
+                     f'{", ".join(ATTENTION)}.')
+  if name != 'auto':
+    return name
+  backend = backend or jax.default_backend()
+  fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if backend == 'gpu' and fits else 'xla'
 
 
 def timestep_embedding(t, dim, max_period=10_000.):
@@ -104,6 +124,7 @@ class TransformerBlock(nn.Module):
   mlp_ratio: int
   dropout: float
   dtype: jnp.dtype
+  attention: str = 'xla'  # A resolved implementation: xla or cudnn.
 
   @nn.compact
   def __call__(self, x, emb, train):
@@ -117,7 +138,7 @@ class TransformerBlock(nn.Module):
     h = h * (1 + s1) + b1
     qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype)(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
     h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
                         kernel_init=nn.initializers.zeros)(h)
     x = x + drop(h)
@@ -137,8 +158,11 @@ class UViT(nn.Module):
   def _block(self, kind, channels, dropout, dtype):
     if kind == 'res':
       return ResBlock(channels, dropout, dtype)
-    return TransformerBlock(channels, self.config.head_dim,
-                            self.config.mlp_ratio, dropout, dtype)
+    cfg = self.config
+    return TransformerBlock(
+        channels, cfg.head_dim, cfg.mlp_ratio, dropout, dtype,
+        attention_implementation(cfg.attention, dtype,
+                                 channels // max(1, channels // cfg.head_dim)))
 
   @nn.compact
   def __call__(self, z, t, labels, train=False):

@@ -126,3 +126,15 @@ def test_command_line_partial_multi_host_settings(tmp_path):
   assert line.startswith('error: a multi-host start needs'), line
   assert line.endswith('missing --process_id ($JAX_PROCESS_ID).'), line
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('attention,phrase', [
+    ('cudnn', "'cudnn' needs an NVIDIA GPU; this run's devices are cpu"),
+    ('flash', "config.model.attention is 'flash'"),
+])
+def test_attention_the_devices_cannot_run(attention, phrase, used_workdir):
+  config = digits.get_config('smoke,stage=teacher')
+  config.model.attention = attention
+  _assert_one_line_and_untouched(
+      lambda: train.train_and_evaluate(config, str(used_workdir)),
+      used_workdir, phrase)

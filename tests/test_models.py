@@ -76,3 +76,28 @@ def test_config_arguments():
   for bad in ('huge', 'size=huge', 'smok'):
     with pytest.raises(ValueError, match='Unknown'):
       imagenet64.get_config(bad)
+
+
+def test_attention_auto_is_xla_on_the_cpu():
+  """`auto` picks XLA here, so the embedded default is unchanged: the same
+  outputs, to the bit, as `xla`; cuDNN only on GPUs, for shapes it takes."""
+  assert jax.default_backend() == 'cpu'
+  outs = {}
+  for attention in ('auto', 'xla'):
+    config = digits.get_config('smoke')
+    config.model.attention = attention
+    model = state_lib.create_model(config)
+    z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    t, labels = jnp.full((4,), 0.3), jnp.arange(4)
+    params = model.init(jax.random.key(0), z, t, labels)
+    outs[attention] = model.apply(params, z, t, labels)
+  assert (outs['auto'] == outs['xla']).all()
+  pick = models.attention_implementation
+  assert pick('auto', jnp.bfloat16, 64) == 'xla'
+  assert pick('auto', jnp.bfloat16, 64, backend='gpu') == 'cudnn'
+  assert pick('auto', jnp.float32, 64, backend='gpu') == 'xla'
+  assert pick('auto', jnp.bfloat16, 256, backend='gpu') == 'xla'
+  assert pick('auto', jnp.bfloat16, 64, backend='tpu') == 'xla'
+  assert pick('cudnn', jnp.float32, 64) == 'cudnn'
+  with pytest.raises(ValueError, match='Unknown attention'):
+    pick('flash', jnp.bfloat16, 64)

@@ -4,6 +4,9 @@ file is written, so a failing start never changes an existing workdir."""
 
 import os
 
+import jax
+
+from multistep_cm import models
 from multistep_cm.core import data
 from multistep_cm.core import errors
 from multistep_cm.core import sharding
@@ -32,6 +35,14 @@ def check_config(config, train=True):
       if not isinstance(value, int) or value < 1:
         raise errors.ConfigError(f'config.{name} is {value!r}: it must be a '
                                  'positive integer.')
+  attention = config.model.get('attention')
+  if attention is not None and attention not in models.ATTENTION:
+    raise errors.ConfigError(f'config.model.attention is {attention!r}: '
+                             f'expected one of {", ".join(models.ATTENTION)}.')
+  if attention == 'cudnn' and jax.default_backend() != 'gpu':
+    raise errors.ConfigError(
+        "config.model.attention 'cudnn' needs an NVIDIA GPU; this run's "
+        f"devices are {jax.default_backend()}: use 'auto' or 'xla'.")
   mesh = state.make_mesh(config)
   if train and config.batch_size % mesh.size:
     raise errors.ConfigError(
