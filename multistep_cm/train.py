@@ -5,7 +5,6 @@ trains the config's stage and evaluates it as it goes."""
 import time
 
 from absl import logging
-from clu import metric_writers
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -132,7 +131,10 @@ def train_and_evaluate(config, workdir):
   if not stage.runs_teacher:
     teacher = None  # CT starts from the teacher but never evaluates it.
   start = int(jax.device_get(state.step))
-  # Only a start that got this far records its config and metrics.
+  # Only a start that got this far records its config and metrics. (clu,
+  # and TensorFlow behind it, are imported here only: the train step itself
+  # needs neither, e.g. on an accelerator machine without them.)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = (metric_writers.create_default_writer(workdir)
             if jax.process_index() == 0 else metric_writers.MultiWriter([]))
   if jax.process_index() == 0:

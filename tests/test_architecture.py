@@ -130,3 +130,39 @@ print('RESULT', len(rows), record['nfe'], png)
   assert result[:2] == ['5', '4']  # Four teacher rows and the "student".
   assert os.path.exists(result[2])
   assert json.loads((tmp_path / 'comparison.json').read_text())
+
+
+def test_train_step_needs_no_tensorflow():
+  """The jitted train step and the sampling recipe build and run where
+  TensorFlow, tfds and clu are missing (an accelerator machine without
+  them): they enter only through the metric writer and tfds datasets."""
+  script = '''
+import sys
+import importlib.abc
+class Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
+      raise ImportError(name)
+sys.meta_path.insert(0, Missing())
+import jax
+from configs import toy2d
+from multistep_cm import models, train
+from multistep_cm.core import data, sharding, state
+config = toy2d.get_config('smoke,stage=teacher')
+mesh = state.make_mesh(config)
+model = state.create_model(config)
+tx = state.make_optimizer(config.optim)
+s, sh = state.init_state(config, model, tx, mesh)
+step = train.make_train_step(config, models.network_fn(model), tx, sh, mesh)
+batch = sharding.global_batch(next(data.train_batches(config.dataset, 64, 0)),
+                              mesh)
+s, out = step(s, batch, None)
+print('RESULT', int(s.step), float(out['loss']) > 0,
+      [m for m in sys.modules if m.startswith(('tensorflow', 'clu'))])
+'''
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split('RESULT')[-1].split() == ['1', 'True', '[]']
