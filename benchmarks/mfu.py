@@ -7,14 +7,20 @@ For the teacher, CD, CT and PD train steps (the project's own
 `train.make_train_step`, on random data; a student's teacher is the network
 itself, which costs the same) and for the 8-step student and the config's
 aDDIM sampler: ms per call, images/s per chip, model FLOPs, achieved TFLOP/s
-per chip, MFU against the chip's bf16 dense peak, compile time and peak
-device memory.
+per chip, MFU against the chip's bf16 dense peak, compile time, the compiled
+program's scratch memory (activations: what remat saves) and the device's
+peak memory so far (where the backend reports it). Also a bare jitted
+forward+backward pass of the network (the teacher step's overhead over it is
+the framework's) and the EMA update alone. `--config.model.*` overrides try
+the levers: scan, remat, attention, norm_float32 (benchmarks/NOTES.md).
 
 FLOPs are counted once, on the host, from each train step's lowered program
 (`jit(...).lower(...).cost_analysis()`: before compilation, so cuBLAS and
-cuDNN calls are counted, which the compiled GPU program's analysis misses);
-a sampler's are its network evaluations times the forward pass's, counted
-the same way. Unknown chips (the CPU) get achieved TFLOP/s only.
+cuDNN calls are counted, which the compiled GPU program's analysis misses),
+lowered unscanned and without remat: XLA counts a scanned loop's body once,
+and recomputation is not model work. A sampler's are its network
+evaluations times the forward pass's, counted the same way. Unknown chips
+(the CPU) get achieved TFLOP/s only.
 """
 
 import time
@@ -40,6 +46,12 @@ flags.DEFINE_integer('per_device_batch', 8, 'Images per chip per call.')
 flags.DEFINE_integer('repeats', 5, 'Timed calls per program.')
 flags.DEFINE_list('stages', list(stages.NAMES), 'Train steps to measure.')
 flags.DEFINE_integer('student_steps', 8, 'Steps of the student sampler.')
+flags.DEFINE_list('samplers', ['student', 'addim'],
+                  'Samplers to measure: student (S steps), addim '
+                  '(config.sampler.steps).')
+flags.DEFINE_bool('ema', True, "Also time the train step's EMA update alone.")
+flags.DEFINE_bool('bare', True, 'Also time a bare forward and backward pass.')
+flags.DEFINE_string('label', '', 'Names this run in the table header.')
 FLAGS = flags.FLAGS
 
 # bf16 dense peak, TFLOP/s per chip, by a substring of `device_kind`.
@@ -64,8 +76,53 @@ def _peak_memory_gb():
   return None if peak is None else peak / 2**30
 
 
+def _temp_gb(compiled):
+  """The compiled program's scratch memory: mostly the activations kept for
+  the backward pass, what remat trades for compute. Known on every backend,
+  before anything runs."""
+  analysis = compiled.memory_analysis()
+  return None if analysis is None else analysis.temp_size_in_bytes / 2**30
+
+
+def _model_config(config):
+  """The config whose lowered programs count the model FLOPs: unscanned
+  (XLA's analysis counts a loop's body once) and without remat (recomputing
+  is not model work). Its programs are lowered, never compiled."""
+  config = config.copy_and_resolve_references()
+  if config.model.get('scan'):
+    config.model.scan = False
+  if config.model.get('remat', 'none') != 'none':
+    config.model.remat = 'none'
+  return config
+
+
+def _model_network(config):
+  """(network, abstract parameters) of `_model_config(config)`."""
+  config = _model_config(config)
+  model = state_lib.create_model(config)
+  _, abstract, _ = state_lib.state_layout(
+      config, model, state_lib.make_optimizer(config.optim),
+      state_lib.make_mesh(config))
+  return models.network_fn(model), abstract.params
+
+
+def _step_flops(config, batch):
+  """Model FLOPs of one train step of `config` on `batch`."""
+  config = _model_config(config)
+  mesh = state_lib.make_mesh(config)
+  model = state_lib.create_model(config)
+  tx = state_lib.make_optimizer(config.optim)
+  _, abstract, shardings = state_lib.state_layout(config, model, tx, mesh)
+  teacher = (abstract.params if stages.get(config.stage).runs_teacher
+             else None)
+  step_fn = train.make_train_step(config, models.network_fn(model), tx,
+                                  shardings, mesh)
+  return _flops(step_fn.lower(abstract, batch, teacher))
+
+
 def _train_step(config, stage, batch_size):
-  """(flops per call, compile seconds, seconds per call) of one train step."""
+  """(flops per call, compile seconds, seconds per call, scratch GiB) of one
+  train step."""
   config = config.copy_and_resolve_references()
   config.stage = stage
   config.batch_size = batch_size
@@ -90,8 +147,57 @@ def _train_step(config, stage, batch_size):
   def call():
     holder[0], out = compiled(holder[0], batch, teacher)
     return out['loss']
-  return _flops(lowered), compile_s, timing.seconds_per_call(
-      call, FLAGS.repeats)
+  return (_step_flops(config, batch), compile_s,
+          timing.seconds_per_call(call, FLAGS.repeats), _temp_gb(compiled))
+
+
+def _bare_step(config, batch_size):
+  """The same for a bare jitted forward and backward pass of the network (a
+  squared error, no optimizer, no EMA): what the teacher step adds to it is
+  the framework's overhead."""
+  model = state_lib.create_model(config)
+  network = models.network_fn(model)
+  mesh = state_lib.make_mesh(config)
+  state, _ = state_lib.init_state(config, model,
+                                  state_lib.make_optimizer(config.optim), mesh)
+  shape = (batch_size,) + state_lib.data_shape(config)
+  z = jax.random.normal(jax.random.key(1), shape)
+  t = jax.random.uniform(jax.random.key(2), (batch_size,))
+  labels = jnp.arange(batch_size) % max(1, config.dataset.num_classes)
+
+  def grad(network):
+    return jax.jit(jax.grad(lambda p: jnp.mean(
+        (network(p, z, t, labels, jax.random.key(3)) - z) ** 2)))
+  t0 = time.perf_counter()
+  compiled = grad(network).lower(state.params).compile()
+  compile_s = time.perf_counter() - t0
+  counting, abstract = _model_network(config)
+  return (_flops(grad(counting).lower(abstract)), compile_s,
+          timing.seconds_per_call(lambda: compiled(state.params),
+                                  FLAGS.repeats), _temp_gb(compiled))
+
+
+def _ema_update(config):
+  """(0 FLOPs counted, compile seconds, seconds per call) of the EMA update
+  of the train step, on its own: its cost is memory traffic."""
+  mesh = state_lib.make_mesh(config)
+  model = state_lib.create_model(config)
+  state, shardings = state_lib.init_state(
+      config, model, state_lib.make_optimizer(config.optim), mesh)
+  update = jax.jit(
+      lambda e, p: jax.tree.map(lambda a, b: 0.999 * a + 0.001 * b, e, p),
+      in_shardings=(shardings.ema_params, shardings.params),
+      out_shardings=shardings.ema_params, donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = update.lower(state.ema_params, state.params).compile()
+  compile_s = time.perf_counter() - t0
+  holder = [state.ema_params]
+
+  def call():
+    holder[0] = compiled(holder[0], state.params)
+    return holder[0]
+  return (0., compile_s, timing.seconds_per_call(call, FLAGS.repeats),
+          _temp_gb(compiled))
 
 
 def _sampler(config, spec, batch_size):
@@ -104,8 +210,9 @@ def _sampler(config, spec, batch_size):
       config, model, state_lib.make_optimizer(config.optim), mesh)
   shape = (batch_size,) + state_lib.data_shape(config)
   labels = generation.eval_labels(config, batch_size)
-  forward = jax.jit(network).lower(
-      state.ema_params, jnp.zeros(shape), jnp.full((batch_size,), 0.5),
+  counting, abstract = _model_network(config)
+  forward = jax.jit(counting).lower(
+      abstract, jnp.zeros(shape), jnp.full((batch_size,), 0.5),
       jnp.asarray(labels))
   generator = generation.Generator(config, network, shardings.ema_params, mesh,
                                    spec)
@@ -115,7 +222,7 @@ def _sampler(config, spec, batch_size):
   jax.block_until_ready(run())  # Compiles.
   compile_s = time.perf_counter() - t0
   return (_flops(forward) * spec.nfe(), compile_s,
-          timing.seconds_per_call(run, FLAGS.repeats, warmup=0))
+          timing.seconds_per_call(run, FLAGS.repeats, warmup=0), None)
 
 
 def main(argv):
@@ -125,26 +232,55 @@ def main(argv):
   batch = FLAGS.per_device_batch * chips
   kind = jax.devices()[0].device_kind
   peak = peak_tflops(kind)
+  steps = {'student': FLAGS.student_steps, 'addim': config.sampler.steps}
+  unknown = set(FLAGS.samplers) - set(steps)
+  if unknown:
+    raise app.UsageError(f'Unknown sampler(s) {sorted(unknown)}: expected '
+                         'student or addim.')
   rows = []
+  if FLAGS.bare:
+    rows.append(('bare forward+backward', batch, *_bare_step(config, batch),
+                 _peak_memory_gb()))
+    _print_row(rows[-1], chips, peak)
   for stage in FLAGS.stages:
     rows.append((f'{stage} train step', batch,
                  *_train_step(config, stage, batch), _peak_memory_gb()))
-  for spec in (samplers.SamplerSpec('student', FLAGS.student_steps),
-               samplers.SamplerSpec('addim', config.sampler.steps)):
+    _print_row(rows[-1], chips, peak)
+  for name in FLAGS.samplers:
+    spec = samplers.SamplerSpec(name, steps[name])
     rows.append((f'{spec.name} sampler', batch,
                  *_sampler(config, spec, batch), _peak_memory_gb()))
+    _print_row(rows[-1], chips, peak)
+  if FLAGS.ema:
+    rows.append(('EMA update alone', batch, *_ema_update(config), None))
+    _print_row(rows[-1], chips, peak)
 
-  print(f'\n{chips} x {kind}; per-device batch {FLAGS.per_device_batch}; '
-        f'peak {peak or "unknown"} TFLOP/s bf16 per chip\n')
+  model = config.model
+  print(f'\n{FLAGS.label or "run"}: {chips} x {kind}; per-device batch '
+        f'{FLAGS.per_device_batch}; peak {peak or "unknown"} TFLOP/s bf16 per '
+        f'chip; attention {model.get("attention", "xla")}, scan '
+        f'{model.get("scan", False)}, remat {model.get("remat", "none")}, '
+        f'float32 norm statistics {model.get("norm_float32", True)}\n')
   print('| program | ms/call | images/s per chip | GFLOP per image | '
-        'TFLOP/s per chip | MFU | compile s | peak GiB |')
-  print('|---|---|---|---|---|---|---|---|')
-  for name, n, flops, compile_s, sec, mem in rows:
-    achieved = flops / sec / chips / 1e12
-    mfu = f'{100 * achieved / peak:.0f} %' if peak else '-'
-    print(f'| {name} | {1e3 * sec:.1f} | {n / sec / chips:.1f} | '
+        'TFLOP/s per chip | MFU | compile s | scratch GiB | peak GiB |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for row in rows:
+    print(_row(row, chips, peak))
+
+
+def _row(row, chips, peak):
+  name, n, flops, compile_s, sec, scratch, mem = row
+  achieved = flops / sec / chips / 1e12
+  mfu = f'{100 * achieved / peak:.0f} %' if peak and flops else '-'
+  gib = lambda x: '-' if x is None else f'{x:.3g}'
+  return (f'| {name} | {1e3 * sec:.1f} | {n / sec / chips:.1f} | '
           f'{flops / n / 1e9:.3g} | {achieved:.3g} | {mfu} | {compile_s:.1f} | '
-          f'{"-" if mem is None else f"{mem:.1f}"} |')
+          f'{gib(scratch)} | {gib(mem)} |')
+
+
+def _print_row(row, chips, peak):
+  """Each row as soon as it is measured: a run cut short keeps them."""
+  print('measured:', _row(row, chips, peak), flush=True)
 
 
 if __name__ == '__main__':

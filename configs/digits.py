@@ -31,6 +31,9 @@ def get_config(arg=None):
   c.model.emb_dim = 256
   c.model.dtype = 'float32'  # bf16 brings no speed on CPU.
   c.model.attention = 'auto'  # auto, xla or cudnn (models.ATTENTION).
+  # Two middle blocks compile fast unscanned; checkpoints keep this layout.
+  c.model.scan = False
+  c.model.remat = 'none'  # none, full or dots_saveable (models.REMAT).
 
   c.optim.ema_decay = 0.999
   c.batch_size = 128

@@ -52,6 +52,14 @@ def build(arg):
   c.model.dtype = 'bfloat16'
   # cuDNN flash attention on NVIDIA GPUs, XLA's elsewhere; or xla / cudnn.
   c.model.attention = 'auto'
+  # The 16 middle blocks as one scan: compile time stops growing with depth.
+  # Checkpoints of the unscanned layout load too (models.relayout).
+  c.model.scan = True
+  # Recompute in the backward pass (full, dots_saveable) to trade time for
+  # memory, e.g. for a larger per-device batch.
+  c.model.remat = 'none'
+  # LayerNorm / GroupNorm statistics in float32 even under bf16 compute.
+  c.model.norm_float32 = True
   if arg.size == 'small':
     # 3 ResBlocks at 256, 3 transformer blocks at 512, 16 at 1024; dropout
     # 0.2 in the middle.

@@ -10,6 +10,7 @@ what the sharding rules and checkpoints work on.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -41,12 +42,28 @@ class UViTConfig:
   head_dim: int = 64
   emb_dim: int = 1024
   num_classes: int = 0  # 0: unconditional; else label `num_classes` is null.
+  # Text conditioning (0: none): the width of the caption's token embeddings,
+  # which every transformer block cross-attends to, and of its pooled vector,
+  # added to the time embedding. Labels are then a dict; see `text_labels`.
+  text_dim: int = 0
+  pooled_dim: int = 0
   out_channels: int = 3
   dtype: str = 'bfloat16'
   attention: str = 'auto'  # auto, xla or cudnn: see attention_implementation.
+  # The middle blocks as one nn.scan: one block to compile whatever the depth;
+  # their parameters gain a leading axis (`relayout` converts checkpoints).
+  scan: bool = False
+  remat: str = 'none'  # Blocks recomputed in the backward pass: see REMAT.
+  # Normalisation statistics in float32 (else in `dtype`, e.g. bfloat16).
+  norm_float32: bool = True
 
 
 ATTENTION = ('auto', 'xla', 'cudnn')
+# What a rematerialised block keeps for its backward pass: nothing ('full'),
+# or the results of its matrix multiplications ('dots_saveable').
+REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+         'dots_saveable': jax.checkpoint_policies.dots_saveable}
+SCANNED = 'mid_blocks'  # The scanned middle stack, in the parameter tree.
 
 
 def attention_implementation(name, dtype, head_dim, backend=None):
@@ -74,20 +91,34 @@ def timestep_embedding(t, dim, max_period=10_000.):
 
 
 class Conditioning(nn.Module):
-  """Embedding of time and (optionally) class label, shared by all blocks."""
+  """Embedding of time and (optionally) class label or pooled caption
+  vector, shared by all blocks."""
   emb_dim: int
   num_classes: int
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, t, labels):
+  def __call__(self, t, labels, pooled=None):
     emb = timestep_embedding(t, min(self.emb_dim, 512))
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(emb)
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(nn.silu(emb))
     if self.num_classes:
       emb += nn.Embed(self.num_classes + 1, self.emb_dim, dtype=self.dtype)(
           labels)
+    if pooled is not None:
+      emb += nn.Dense(self.emb_dim, dtype=self.dtype, name='pooled')(pooled)
     return nn.silu(emb)
+
+
+def text_labels(text, text_mask, pooled=None):
+  """The labels of a text-conditioned network: the caption's token embeddings
+  (b, L, text_dim), which of them are real (b, L) and, if the model has
+  one, the pooled vector (b, pooled_dim). The null caption (classifier-free
+  guidance) is every token masked and a zero pooled vector."""
+  labels = {'text': text, 'text_mask': text_mask}
+  if pooled is not None:
+    labels['pooled'] = pooled
+  return labels
 
 
 def _groups(channels):
@@ -98,15 +129,18 @@ class ResBlock(nn.Module):
   channels: int
   dropout: float
   dtype: jnp.dtype
+  norm_float32: bool = True
 
   @nn.compact
   def __call__(self, x, emb, train):
-    h = nn.silu(nn.GroupNorm(_groups(x.shape[-1]), dtype=self.dtype)(x))
+    norm = functools.partial(nn.GroupNorm, dtype=self.dtype,
+                             force_float32_reductions=self.norm_float32)
+    h = nn.silu(norm(_groups(x.shape[-1]))(x))
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(h)
     scale, shift = jnp.split(
         nn.Dense(2 * self.channels, dtype=self.dtype)(emb)[:, None, None], 2,
         axis=-1)
-    h = nn.GroupNorm(_groups(self.channels), dtype=self.dtype)(h)
+    h = norm(_groups(self.channels))(h)
     h = nn.silu(h * (1 + scale) + shift)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero init: each block starts as the identity, which keeps deep Us stable.
@@ -125,16 +159,20 @@ class TransformerBlock(nn.Module):
   dropout: float
   dtype: jnp.dtype
   attention: str = 'xla'  # A resolved implementation: xla or cudnn.
+  norm_float32: bool = True
 
   @nn.compact
-  def __call__(self, x, emb, train):
+  def __call__(self, x, emb, train, context=None):
     d, heads = self.channels, max(1, self.channels // self.head_dim)
     mod = nn.Dense(4 * d, dtype=self.dtype,
                    kernel_init=nn.initializers.zeros)(emb)[:, None]
     s1, b1, s2, b2 = jnp.split(mod, 4, axis=-1)
     drop = nn.Dropout(self.dropout, deterministic=not train)
+    norm = functools.partial(nn.LayerNorm, use_scale=False, use_bias=False,
+                             dtype=self.dtype,
+                             force_float32_reductions=self.norm_float32)
 
-    h = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x)
+    h = norm()(x)
     h = h * (1 + s1) + b1
     qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype)(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -143,7 +181,23 @@ class TransformerBlock(nn.Module):
                         kernel_init=nn.initializers.zeros)(h)
     x = x + drop(h)
 
-    h = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x)
+    if context is not None:
+      # Cross-attention to the caption: every query also sees a learned null
+      # token, so an empty caption is well defined.
+      tokens, mask = context
+      h = norm()(x)
+      q = nn.DenseGeneral((heads, d // heads), dtype=self.dtype,
+                          name='cross_q')(h)
+      kv = nn.DenseGeneral((2, heads, d // heads), dtype=self.dtype,
+                           name='cross_kv')(tokens)
+      h = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1],
+                                       mask=mask[:, None, None, :])
+      h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
+                          kernel_init=nn.initializers.zeros,
+                          name='cross_out')(h)
+      x = x + drop(h)
+
+    h = norm()(x)
     h = h * (1 + s2) + b2
     h = nn.gelu(nn.Dense(self.mlp_ratio * d, dtype=self.dtype)(h))
     h = drop(h)
@@ -155,36 +209,47 @@ class UViT(nn.Module):
   """U-Net whose low-resolution levels are transformers (simple diffusion)."""
   config: UViTConfig
 
-  def _block(self, kind, channels, dropout, dtype):
-    if kind == 'res':
-      return ResBlock(channels, dropout, dtype)
-    cfg = self.config
-    return TransformerBlock(
-        channels, cfg.head_dim, cfg.mlp_ratio, dropout, dtype,
-        attention_implementation(cfg.attention, dtype,
-                                 channels // max(1, channels // cfg.head_dim)))
+  def _block(self, kind, channels, dropout, dtype, names):
+    """A block named as Linen names it unwrapped (ResBlock_3,
+    TransformerBlock_0): remat leaves the parameter tree as it is."""
+    names[kind] += 1
+    return _block(kind, self.config, channels, dropout, dtype,
+                  f'{_BLOCKS[kind].__name__}_{names[kind] - 1}')
 
   @nn.compact
   def __call__(self, z, t, labels, train=False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels)
+    context, pooled = None, None
+    if cfg.text_dim:
+      context = self._context(labels, dtype)
+      pooled = labels['pooled'] if cfg.pooled_dim else None
+      labels = None
+    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels, pooled)
     h = nn.Conv(cfg.levels[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
 
-    skips = []
+    skips, names = [], {'res': 0, 'attn': 0}
     for i, lv in enumerate(cfg.levels):
       h = self._enter(h, lv.kind, lv.channels, dtype, f'down_in_{i}')
       for _ in range(lv.num_blocks):
-        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype),
-                        h, emb, train)
+        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype,
+                                    names), h, emb, train, context)
         skips.append(h)
       h = nn.avg_pool(h, (2, 2), (2, 2))
 
     h = self._enter(h, 'attn', cfg.mid_channels, dtype, 'mid_in')
-    for _ in range(cfg.mid_blocks):
+    if cfg.scan:
+      stack = nn.scan(_ScanStep, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=nn.broadcast, length=cfg.mid_blocks)
+      b, hh, ww, c = h.shape
+      h = stack(cfg, dtype, train, name=SCANNED)(
+          h.reshape(b, hh * ww, c), emb, context)[0].reshape(h.shape)
+      names['attn'] += cfg.mid_blocks  # The up path's names stay the same.
+    for _ in range(0 if cfg.scan else cfg.mid_blocks):
       h = self._apply(self._block('attn', cfg.mid_channels, cfg.mid_dropout,
-                                  dtype), h, emb, train)
+                                  dtype, names), h, emb, train, context)
 
     for i, lv in reversed(list(enumerate(cfg.levels))):
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
@@ -192,10 +257,11 @@ class UViT(nn.Module):
       for _ in range(lv.num_blocks):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = nn.Dense(lv.channels, dtype=dtype)(h)
-        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype),
-                        h, emb, train)
+        h = self._apply(self._block(lv.kind, lv.channels, lv.dropout, dtype,
+                                    names), h, emb, train, context)
 
-    h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=dtype)(h))
+    h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=dtype,
+                             force_float32_reductions=cfg.norm_float32)(h))
     out = nn.Conv(cfg.out_channels, (3, 3), dtype=dtype,
                   kernel_init=nn.initializers.zeros)(h)
     return out.astype(jnp.float32)
@@ -210,12 +276,88 @@ class UViT(nn.Module):
       h = h + pos.astype(dtype)
     return h
 
+  def _context(self, labels, dtype):
+    """(tokens, mask) the transformer blocks cross-attend to: a learned null
+    token, then the caption's tokens (masked ones zeroed, so that what
+    padding holds cannot matter), normalised and projected once to the
+    embedding width."""
+    text, mask = labels['text'], labels['text_mask'].astype(bool)
+    null = self.param('text_null', nn.initializers.normal(0.02),
+                      (1, 1, self.config.text_dim), jnp.float32)
+    tokens = jnp.concatenate(
+        [jnp.broadcast_to(null, (text.shape[0],) + null.shape[1:]),
+         jnp.where(mask[..., None], text, 0.)], axis=1)
+    tokens = nn.LayerNorm(dtype=dtype, name='text_norm')(tokens.astype(dtype))
+    tokens = nn.Dense(self.config.emb_dim, dtype=dtype,
+                      name='text_proj')(tokens)
+    return tokens, jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+
   @staticmethod
-  def _apply(block, h, emb, train):
-    if isinstance(block, TransformerBlock):
-      b, hh, ww, c = h.shape
-      return block(h.reshape(b, hh * ww, c), emb, train).reshape(h.shape)
-    return block(h, emb, train)
+  def _apply(block, h, emb, train, context=None):
+    if isinstance(block, ResBlock):
+      return block(h, emb, train)
+    b, hh, ww, c = h.shape
+    return block(h.reshape(b, hh * ww, c), emb, train,
+                 context).reshape(h.shape)
+
+
+_BLOCKS = {'res': ResBlock, 'attn': TransformerBlock}
+
+
+def _block(kind, cfg, channels, dropout, dtype, name):
+  """One block of a UViT, rematerialised if `cfg.remat` says so."""
+  if kind == 'res':
+    cls, args = ResBlock, (channels, dropout, dtype, cfg.norm_float32)
+  else:
+    heads = max(1, channels // cfg.head_dim)
+    cls, args = TransformerBlock, (
+        channels, cfg.head_dim, cfg.mlp_ratio, dropout, dtype,
+        attention_implementation(cfg.attention, dtype, channels // heads),
+        cfg.norm_float32)
+  if cfg.remat != 'none':
+    # Arguments self, x, emb, train: train is a Python bool.
+    cls = nn.remat(cls, policy=REMAT[cfg.remat], static_argnums=(3,))
+  return cls(*args, name=name)
+
+
+class _ScanStep(nn.Module):
+  """One middle block as a step of the scan over the stack: (h, emb,
+  context) -> (h, None). `train` is an attribute since a scan carries only arrays."""
+  config: UViTConfig
+  dtype: jnp.dtype
+  train: bool
+
+  @nn.compact
+  def __call__(self, h, emb, context):
+    cfg = self.config
+    block = _block('attn', cfg, cfg.mid_channels, cfg.mid_dropout, self.dtype,
+                   'block')
+    return block(h, emb, self.train, context), None
+
+
+def _mid_names(config):
+  """Names of the middle blocks in the unscanned tree: the transformer blocks
+  after those of the down path."""
+  first = sum(lv.num_blocks for lv in config.levels if lv.kind == 'attn')
+  return [f'TransformerBlock_{first + i}' for i in range(config.mid_blocks)]
+
+
+def relayout(params, config):
+  """Parameters of a UViT in either layout (middle blocks scanned or not),
+  in the layout of `config.scan`: the same weights, stacked along a new
+  leading axis or split from it. Lets a checkpoint of one layout load into
+  a model of the other."""
+  params = dict(params)
+  names = _mid_names(config)
+  if config.scan and SCANNED not in params:
+    blocks = [params.pop(n) for n in names]
+    params[SCANNED] = {'block': jax.tree.map(lambda *b: jnp.stack(b),
+                                             *blocks)}
+  elif not config.scan and SCANNED in params:
+    stacked = params.pop(SCANNED)['block']
+    for i, n in enumerate(names):
+      params[n] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return params
 
 
 @dataclasses.dataclass(frozen=True)

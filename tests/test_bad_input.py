@@ -138,3 +138,12 @@ def test_attention_the_devices_cannot_run(attention, phrase, used_workdir):
   _assert_one_line_and_untouched(
       lambda: train.train_and_evaluate(config, str(used_workdir)),
       used_workdir, phrase)
+
+
+def test_unknown_remat_policy(used_workdir):
+  config = digits.get_config('smoke,stage=teacher')
+  config.model.remat = 'dots'
+  _assert_one_line_and_untouched(
+      lambda: train.train_and_evaluate(config, str(used_workdir)),
+      used_workdir, "config.model.remat is 'dots': expected one of none, "
+      'full, dots_saveable.')

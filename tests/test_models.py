@@ -101,3 +101,105 @@ def test_attention_auto_is_xla_on_the_cpu():
   assert pick('cudnn', jnp.float32, 64) == 'cudnn'
   with pytest.raises(ValueError, match='Unknown attention'):
     pick('flash', jnp.bfloat16, 64)
+
+
+def _perturbed(params, scale=0.1):
+  """Random weights everywhere: the zero-initialised layers would make every
+  layout's output trivially zero."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  return jax.tree.unflatten(tree, [
+      p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _uvit(scan, remat):
+  config = digits.get_config('smoke')
+  config.model.levels = (('res', 16, 1, 0.), ('attn', 32, 2, 0.1))
+  config.model.mid_blocks, config.model.mid_dropout = 3, 0.1
+  config.model.scan, config.model.remat = scan, remat
+  return state_lib.create_model(config)
+
+
+def _close(a, b, rtol):
+  """Every array of `a` within `rtol` of `b`'s, relative to the norm of all
+  of `b`: float32 tolerance for re-associated sums."""
+  diff = [jnp.linalg.norm(x - y) for x, y in zip(jax.tree.leaves(a),
+                                                   jax.tree.leaves(b))]
+  return float(jnp.linalg.norm(jnp.stack(diff))) <= rtol * float(
+      jnp.linalg.norm(jnp.stack([jnp.linalg.norm(y)
+                                 for y in jax.tree.leaves(b)])))
+
+
+@pytest.mark.parametrize('scan,remat', [
+    (False, 'full'), (True, 'none'), (True, 'full'), (True, 'dots_saveable')])
+def test_scanned_and_rematerialised_blocks_compute_the_same(scan, remat):
+  """The same weights give the same outputs and gradients scanned or not,
+  rematerialised or not (float tolerance: a scan fuses differently)."""
+  z = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  t, labels = jnp.linspace(0.1, 0.9, 4), jnp.arange(4)
+  reference = _uvit(False, 'none')
+  weights = _perturbed(reference.init(jax.random.key(1), z, t, labels)[
+      'params'])
+  model = _uvit(scan, remat)
+  params = models.relayout(weights, model.config)
+  # The layout is the model's own: what it would initialise.
+  assert jax.tree.structure(params) == jax.tree.structure(
+      model.init(jax.random.key(1), z, t, labels)['params'])
+  assert (models.SCANNED in params) == scan
+
+  def loss(m, p):
+    return jnp.sum(m.apply({'params': p}, z, t, labels) ** 2)
+  assert _close(model.apply({'params': params}, z, t, labels),
+                reference.apply({'params': weights}, z, t, labels), 1e-5)
+  grads = models.relayout(jax.grad(lambda p: loss(model, p))(params),
+                          reference.config)
+  assert _close(grads, jax.grad(lambda p: loss(reference, p))(weights), 1e-5)
+
+
+def test_relayout_round_trip_is_exact():
+  model = _uvit(True, 'none')
+  z = jnp.zeros((1, 8, 8, 1))
+  params = _perturbed(model.init(jax.random.key(0), z, jnp.zeros(1),
+                                 jnp.zeros(1, jnp.int32))['params'])
+  stacked = params[models.SCANNED]['block']['Dense_0']['kernel']
+  assert stacked.shape[0] == 3
+  flat = models.relayout(params, _uvit(False, 'none').config)
+  assert models.SCANNED not in flat
+  # The middle blocks follow the down path's two transformer blocks.
+  assert (flat['TransformerBlock_3']['Dense_0']['kernel'] == stacked[1]).all()
+  back = models.relayout(flat, model.config)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back,
+                                   params))
+
+
+def test_remat_keeps_the_parameter_tree():
+  """Remat alone changes no names: checkpoints of either setting load."""
+  z, t, labels = jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1, jnp.int32)
+  trees = [jax.tree.structure(jax.eval_shape(
+      lambda m=m: m.init(jax.random.key(0), z, t, labels)))
+           for m in (_uvit(False, 'none'), _uvit(False, 'full'))]
+  assert trees[0] == trees[1]
+
+
+def test_unscanned_checkpoint_loads_into_a_scanned_model(digits_teacher,
+                                                         tmp_path):
+  """A teacher saved with the old (unscanned) layout serves a scanned student,
+  with the same predictions; and the reverse."""
+  config, workdir = digits_teacher
+  mesh = state_lib.make_mesh(config)
+  flat, _, step = state_lib.load_params(config, workdir, mesh)
+  scanned_config = config.copy_and_resolve_references()
+  scanned_config.model.scan = True
+  scanned, _, scanned_step = state_lib.load_params(scanned_config, workdir,
+                                                   mesh)
+  assert step == scanned_step and models.SCANNED in scanned
+  z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
+  t, labels = jnp.array([0.2, 0.5, 0.8]), jnp.array([1, 2, 10])
+  out = state_lib.network(config)(flat, z, t, labels)
+  assert _close(state_lib.network(scanned_config)(scanned, z, t, labels), out,
+                1e-5)
+  # A config that fits neither layout still stops with the mismatch.
+  wider = config.copy_and_resolve_references()
+  wider.model.mid_channels = 64
+  with pytest.raises(Exception, match='does not match config.model'):
+    state_lib.load_params(wider, workdir, mesh)

@@ -113,10 +113,30 @@ def load_params(config, path, mesh, key='ema_params'):
   """(params, their shardings, step): `key` ('ema_params' or 'params') of the
   newest checkpoint at `path`, restored straight into the parameter
   shardings of the config's model; the optimizer state is never read."""
-  _, abstract, shardings = state_layout(config, create_model(config),
+  model = create_model(config)
+  _, abstract, shardings = state_layout(config, model,
                                         make_optimizer(config.optim), mesh)
-  params, step = checkpoint.load_params(
-      path, checkpoint.abstract_like(abstract.params, shardings.params), key)
+  try:
+    params, step = checkpoint.load_params(
+        path, checkpoint.abstract_like(abstract.params, shardings.params), key)
+  except checkpoint.CheckpointMismatchError as mismatch:
+    if config.model.name != 'uvit':
+      raise
+    # Saved with the middle blocks scanned when the config has them unscanned
+    # (or the reverse): the same weights in the other layout.
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+      other.model.scan = not config.model.get('scan', False)
+    _, other_abstract, other_shardings = state_layout(
+        other, create_model(other), make_optimizer(other.optim), mesh)
+    try:
+      params, step = checkpoint.load_params(
+          path, checkpoint.abstract_like(other_abstract.params,
+                                         other_shardings.params), key)
+    except checkpoint.CheckpointMismatchError:
+      raise mismatch from None
+    params = jax.device_put(models.relayout(params, model.config),
+                            shardings.params)
   return params, shardings.params, step
 
 

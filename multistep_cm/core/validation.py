@@ -39,6 +39,10 @@ def check_config(config, train=True):
   if attention is not None and attention not in models.ATTENTION:
     raise errors.ConfigError(f'config.model.attention is {attention!r}: '
                              f'expected one of {", ".join(models.ATTENTION)}.')
+  remat = config.model.get('remat')
+  if remat is not None and remat not in models.REMAT:
+    raise errors.ConfigError(f'config.model.remat is {remat!r}: expected one '
+                             f'of {", ".join(models.REMAT)}.')
   if attention == 'cudnn' and jax.default_backend() != 'gpu':
     raise errors.ConfigError(
         "config.model.attention 'cudnn' needs an NVIDIA GPU; this run's "
