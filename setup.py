@@ -30,10 +30,15 @@ setuptools.setup(
         'pillow>=13.0.0',
     ],
     extras_require={
-        # Only for converting pytorch-fid's Inception weights, once.
-        'convert': ['torch>=2.13.0'],
+        # Only for converting pytorch-fid's Inception weights or an open_clip
+        # checkpoint, once.
+        'convert': ['torch>=2.13.0', 'safetensors>=0.8.0'],
         # torch writes the .pth the converter test reads; xdist runs the
         # suite on two processes (pytest.ini).
-        'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0', 'torch>=2.13.0'],
+        # open_clip for the CLIP parity test, with the torchvision built for
+        # torch 2.13.0 (unpinned, pip would move torch to a CUDA build).
+        'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0', 'torch>=2.13.0',
+                 'open_clip_torch>=3.3.0', 'torchvision==0.28.0',
+                 'safetensors>=0.8.0'],
     },
 )

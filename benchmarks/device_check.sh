@@ -59,7 +59,7 @@ measure() {
   echo "== $label (XLA_FLAGS=$xla) $*" >> "$log"
   XLA_FLAGS=$xla timeout "$limit" "$python" benchmarks/mfu.py \
     --config="$config" --repeats=5 --label="$label" "$@" \
-    2>&1 | tee -a "$log" | sed -n "s/^measured: |/| $label |/p" >> "$table"
+    2>&1 | tee -a "$log" | sed -un "s/^measured: |/| $label |/p" >> "$table"
   local status=${PIPESTATUS[0]}
   ((status == 0)) || echo "| $label | stopped: exit $status after $((SECONDS - start)) s in all (see the log) |" >> "$table"
 }

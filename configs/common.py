@@ -106,6 +106,13 @@ def base():
   c.dataset.num_classes = 10  # 0 for unconditional data.
   c.dataset.flip = False  # Random horizontal flips (tfds datasets only).
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
+  # Captioned images (captioned_digits, text): tokens per caption, the width
+  # of their embeddings and of the pooled vector (0: none); `text` reads
+  # text_dir (multistep_cm/core/text_data.py).
+  c.dataset.text_len = 0
+  c.dataset.text_dim = 0
+  c.dataset.pooled_dim = 0
+  c.dataset.text_dir = ml_collections.config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()  # See models.UViTConfig / MLPConfig.
   c.model.name = 'uvit'
@@ -162,6 +169,13 @@ def base():
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.stages = ()
   c.pipeline.teacher_steps = (8, 512)
+  # Guidance scales (the paper's Table 6): if set, the pipeline trains the
+  # teacher, then per scale w a guidance-distilled teacher (gd) and CD
+  # students at each of `student_steps`, all from the teacher guided at w, and
+  # compares them with the teacher's guided aDDIM at teacher_steps[-1]
+  # (WORKDIR/guided.{md,png}).
+  c.pipeline.guidance = ()
+  c.pipeline.student_steps = (4, 8)
 
   c.batch_size = 128  # Global batch, split over all devices and hosts.
   c.total_steps = 1000

@@ -50,6 +50,28 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
   return jnp.mean(loss)
 
 
+def guidance_distillation_loss(network, params, teacher, teacher_params, x,
+                               labels, rng, logsnr_fn, guidance, num_classes=0):
+  """The guidance-distilled teacher of the paper's Table 6: one evaluation of
+  the network learns the teacher's classifier-free guided prediction
+  (1 + w) cond - w uncond, at the diffusion loss's times and noise: the mean
+  squared error to the guided v. Its samples cost half the guided teacher's
+  evaluations with any sampler (DDIM in the table)."""
+  k_t, k_eps, k_drop = jax.random.split(rng, 3)
+  x = x.astype(jnp.float32)
+  batch = x.shape[0]
+  t = jax.random.uniform(k_t, (batch,))
+  eps = jax.random.normal(k_eps, x.shape)
+  alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
+  a = alpha.reshape((batch,) + (1,) * (x.ndim - 1))
+  z_t = a * x + sigma.reshape(a.shape) * eps
+  target, _ = guidance_lib.guided_v(teacher, teacher_params, z_t, t, labels,
+                                    guidance, num_classes)
+  v_err = network(params, z_t, t, labels, k_drop) - jax.lax.stop_gradient(
+      target)
+  return jnp.mean(_mean_per_example(jnp.square(v_err)))
+
+
 # ----------------------------------------------------------------------------
 # Multistep consistency (Algorithm 1 of the paper, spec section 3).
 # ----------------------------------------------------------------------------
@@ -90,6 +112,13 @@ def sample_times(rng, batch, student_steps, n_seg):
   return i_t / total, (i_t - 1) / total, (step * n_seg) / total
 
 
+def _huber(m, delta):
+  """sqrt(m + delta^2) - delta, written m / (sqrt(m + delta^2) + delta): the
+  same value without the cancellation that loses float32 digits when m is
+  small next to delta^2 (delta = 1, the text-to-image setting)."""
+  return m / (jnp.sqrt(m + delta**2) + delta)
+
+
 def pseudo_huber(err, delta, norm='rms'):
   """sqrt(||e||^2 + delta^2) - delta per example: an l2 (not squared) distance
   made smooth at 0. `norm`: 'rms' normalises ||e||^2 by the dimension (spec
@@ -97,12 +126,11 @@ def pseudo_huber(err, delta, norm='rms'):
   and averages (close to l1 for small delta; for comparison only)."""
   sq = jnp.square(err)
   if norm == 'rms':
-    return jnp.sqrt(_mean_per_example(sq) + delta**2) - delta
+    return _huber(_mean_per_example(sq), delta)
   if norm == 'sum':
-    return jnp.sqrt(jnp.sum(sq, axis=tuple(range(1, err.ndim))) + delta**2
-                    ) - delta
+    return _huber(jnp.sum(sq, axis=tuple(range(1, err.ndim))), delta)
   if norm == 'elementwise':
-    return _mean_per_example(jnp.sqrt(sq + delta**2) - delta)
+    return _mean_per_example(_huber(sq, delta))
   raise ValueError(f'Unknown norm {norm!r}: expected rms, sum or elementwise.')
 
 

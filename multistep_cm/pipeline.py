@@ -19,7 +19,10 @@ from multistep_cm.evaluation import reports
 def run(configs, workdir):
   """Trains `configs.base.pipeline.stages` in turn (a `StageConfigs`: the
   config of each stage), students from the teacher trained first, then
-  writes the comparison. Returns its rows, or None without a student."""
+  writes the comparison. Returns its rows, or None without a student.
+  With `pipeline.guidance`, runs `run_guided` instead."""
+  if configs.base.pipeline.guidance:
+    return run_guided(configs, workdir)
   workdir = epath.Path(workdir)
   runs, teacher_dir = [], None
   for name in configs.base.pipeline.stages:
@@ -46,3 +49,65 @@ def run(configs, workdir):
   if student is None:
     return None
   return reports.compare(*teacher, *student, workdir)
+
+
+def run_guided(configs, workdir):
+  """The paper's Table 6 on the config's data: the teacher (WORKDIR/teacher),
+  then for each guidance scale w of `pipeline.guidance`, in WORKDIR/w<w>/, a
+  guidance-distilled teacher (gd_w<w>) and CD students at each S of
+  `pipeline.student_steps` (cd_s<S>), all from the teacher guided at w (one
+  student per scale); then the table (WORKDIR/guided.{md,json,png}) of each
+  against the teacher's guided aDDIM at `pipeline.teacher_steps[-1]` steps.
+  Returns its rows."""
+  workdir = epath.Path(workdir)
+  base = configs.base.pipeline
+  teacher = configs('teacher')
+  teacher_dir = workdir / 'teacher'
+  runs = [(stages.get('teacher'), teacher, teacher_dir)]
+  for w in base.guidance:
+    changes = {'teacher_checkpoint': str(teacher_dir),
+               'consistency.guidance': float(w)}
+    for name, steps in [('gd', None)] + [('cd', s) for s in
+                                         base.student_steps]:
+      config = configs(name, steps, changes)
+      stage = stages.get(name)
+      runs.append((stage, config, workdir / f'w{w:g}' /
+                   stage.workdir_name(config)))
+  for _, config, _ in runs:
+    validation.check_config(config)
+  validation.check_workdir(workdir)
+  for stage, config, directory in runs:
+    logging.info('=== Stage %s in %s ===', stage.name, directory)
+    train.train_and_evaluate(config, directory)
+
+  rows = []
+  teacher_steps = base.teacher_steps[-1]
+  for w in base.guidance:
+    rows.append((f'w={w:g}: teacher aDDIM {teacher_steps}', teacher,
+                 teacher_dir, stages.sampler_spec('addim', teacher_steps,
+                                                  float(w))))
+    for stage, config, directory in runs[1:]:
+      if config.consistency.guidance != float(w):
+        continue
+      label = ('guidance-distilled teacher, DDIM '
+               f'{config.sampler.steps}' if stage.name == 'gd'
+               else f'multistep CD, S={config.student_steps}')
+      rows.append((f'w={w:g}: {label}', config, directory,
+                   stage.sampler(config)))
+  return reports.table(rows, workdir, 'guided',
+                       per_row=len(rows) // len(base.guidance),
+                       notes=_prompt_notes(teacher))
+
+
+def _prompt_notes(config):
+  """Which prompt each cell of the grids shows (captioned digits)."""
+  if config.dataset.name != 'captioned_digits':
+    return ''
+  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
+  per_class = config.train_eval.grid_size // 10
+  texts, _ = captioned_digits.prompts(per_class)
+  lines = ['', 'Grids: column c is digit c; row j shows prompt j of its '
+           'class, e.g. for the 7s:', '']
+  lines += [f'{j}. "{texts[10 * j + 7]}"' for j in range(per_class)]
+  return '\n'.join(lines) + '\n'
+

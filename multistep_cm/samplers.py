@@ -55,7 +55,8 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
   """
   if kind not in ('ddim', 'addim'):
     raise ValueError(f'Unknown sampler {kind!r}: expected ddim or addim.')
-  net = guidance_lib.guided_network(network, guidance, num_classes)
+  net = guidance_lib.guided_network(network, guidance, num_classes,
+                                    text=isinstance(labels, dict))
 
   def body(i, carry):
     z, _ = carry
@@ -88,7 +89,8 @@ def consistency_sample(network, params, noise, labels, logsnr_fn,
 
 
 def nfe(num_steps, guidance=0., num_classes=0):
-  """Network evaluations of a sampler run: one per step, two when guided."""
+  """Network evaluations of a sampler run: one per step, two when guided
+  (`num_classes` > 0, or any true value for a text-conditioned network)."""
   return num_steps * (2 if guidance and num_classes else 1)
 
 

@@ -27,7 +27,7 @@ def _layer(module):
     return 'paper'
   if parts[0] in ('core', 'evaluation', 'train', 'main'):
     return parts[0]
-  if parts[0] in ('pipeline', 'sweep'):
+  if parts[0] in ('pipeline', 'sweep', 'tools'):
     return 'workflows'
   raise AssertionError(f'{module}: not placed in a layer')
 

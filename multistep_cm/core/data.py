@@ -3,8 +3,12 @@ yields numpy batches `{'x': float32, 'label': int32}` of the local batch size;
 `sharding.global_batch` assembles the global array.
 
 Built-in data (no download): `digits` (scikit-learn's 8x8 digits, 10 classes,
-a fixed held-out split) and `toy2d`. Through tfds: `imagenet_resized/64x64`,
-`imagenet2012` (for 128x128) and `cifar10`. Images are scaled to [-1, 1].
+a fixed held-out split), `captioned_digits` (the same images with captions,
+core/captioned_digits.py) and `toy2d`. Through tfds: `imagenet_resized/64x64`,
+`imagenet2012` (for 128x128) and `cifar10`. `text`: images with precomputed
+caption embeddings in `dataset.text_dir` (core/text_data.py). Images are
+scaled to [-1, 1]. Text batches add 'text', 'text_mask' and, if the data has
+it, 'pooled'.
 """
 
 import concurrent.futures
@@ -19,7 +23,8 @@ from multistep_cm.core import images
 
 # The held-out digits are a fixed random 20% of the 1797 images.
 DIGITS_TEST_SIZE = 360
-EMBEDDED = ('digits', 'toy2d')
+EMBEDDED = ('digits', 'captioned_digits', 'toy2d')
+TEXT = ('captioned_digits', 'text')  # Datasets of captioned images.
 TFDS_NAMES = {'imagenet64': 'imagenet_resized/64x64',
               'imagenet128': 'imagenet2012', 'cifar10': 'cifar10'}
 
@@ -65,6 +70,37 @@ def _digits_batches(global_batch, rows, seed, start_step):
     yield {'x': x[idx], 'label': y[idx]}
 
 
+def _captioned_digits_batches(global_batch, rows, seed, start_step):
+  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
+  x, y, texts, _ = captioned_digits.captions('train')
+  text, mask, pooled = captioned_digits.DigitsTextEncoder()(texts)
+  for step in itertools.count(start_step):
+    idx = step_indices(len(y), global_batch, seed, step, rows)
+    yield {'x': x[idx], 'label': y[idx], 'text': text[idx],
+           'text_mask': mask[idx], 'pooled': pooled[idx]}
+
+
+def _text_dataset(cfg):
+  """The `text` dataset of `cfg`, checked against the config's sizes."""
+  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
+  if not cfg.get('text_dir'):
+    raise errors.ConfigError("Dataset 'text' reads config.dataset.text_dir: "
+                             'set it to a directory written by '
+                             'multistep_cm.tools.write_text_data.')
+  return text_data.open_dataset(
+      cfg.text_dir, image_size=cfg.image_size, channels=cfg.channels,
+      text_len=cfg.text_len, text_dim=cfg.text_dim, pooled_dim=cfg.pooled_dim)
+
+
+def _text_batches(cfg, global_batch, rows, seed, start_step):
+  ds = _text_dataset(cfg)
+
+  def batches():
+    for step in itertools.count(start_step):
+      yield ds.rows(step_indices(len(ds), global_batch, seed, step, rows))
+  return _prefetched(batches())
+
+
 def _toy2d_batches(global_batch, rows, seed, start_step):
   # Every process draws the whole global batch (a few kB) and keeps its rows.
   for step in itertools.count(start_step):
@@ -106,10 +142,10 @@ def _tfds_batches(cfg, split, global_batch, rows, seed, start_step):
 
 
 def check_known(cfg):
-  if cfg.name not in EMBEDDED + tuple(TFDS_NAMES):
+  names = EMBEDDED + tuple(TFDS_NAMES) + ('text',)
+  if cfg.name not in names:
     raise errors.ConfigError(
-        f'Unknown dataset {cfg.name!r}: expected one of '
-        f'{", ".join(EMBEDDED + tuple(TFDS_NAMES))}.')
+        f'Unknown dataset {cfg.name!r}: expected one of {", ".join(names)}.')
 
 
 def check_available(cfg):
@@ -117,6 +153,8 @@ def check_available(cfg):
   check_known(cfg)
   if cfg.name in TFDS_NAMES:
     _tfds_source(cfg, 'train')
+  if cfg.name == 'text':
+    _text_dataset(cfg)
 
 
 def train_batches(cfg, global_batch, seed, start_step=0, rows=None):
@@ -135,6 +173,10 @@ def train_batches(cfg, global_batch, seed, start_step=0, rows=None):
   check_known(cfg)  # A tfds source checks itself as it opens.
   if cfg.name == 'digits':
     return _digits_batches(global_batch, rows, seed, start_step)
+  if cfg.name == 'captioned_digits':
+    return _captioned_digits_batches(global_batch, rows, seed, start_step)
+  if cfg.name == 'text':
+    return _text_batches(cfg, global_batch, rows, seed, start_step)
   if cfg.name == 'toy2d':
     return _toy2d_batches(global_batch, rows, seed, start_step)
   return _tfds_batches(cfg, 'train', global_batch, rows, seed, start_step)
@@ -151,12 +193,18 @@ def one_pass(cfg, split, global_batch):
   check_known(cfg)  # A tfds source checks itself as it opens.
   if cfg.name == 'toy2d':
     raise ValueError('toy2d has points, not images.')
-  if cfg.name == 'digits':
+  if cfg.name in ('digits', 'captioned_digits'):
     x, y = digits(split)
     n = len(y) // pcount  # The same count on every process.
     x, y = x[pidx::pcount][:n], y[pidx::pcount][:n]
     batches = ((x[i:i + local_batch], y[i:i + local_batch])
                for i in range(0, n, local_batch))
+  elif cfg.name == 'text':  # One directory: its examples are the split.
+    ds = _text_dataset(cfg)
+    idx = np.arange(len(ds) // pcount) * pcount + pidx
+    batches = ((r['x'], r['label']) for r in (
+        ds.rows(idx[i:i + local_batch]) for i in range(0, len(idx),
+                                                          local_batch)))
   else:
     batches = _tfds_pass(cfg, split, local_batch)
   for bx, by in batches:
@@ -167,8 +215,10 @@ def one_pass(cfg, split, global_batch):
 
 def num_examples(cfg, split):
   """The size of a split."""
-  if cfg.name == 'digits':
+  if cfg.name in ('digits', 'captioned_digits'):
     return len(digits(split)[1])
+  if cfg.name == 'text':
+    return len(_text_dataset(cfg))
   return len(_tfds_source(cfg, split))
 
 

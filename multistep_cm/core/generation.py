@@ -18,9 +18,26 @@ from multistep_cm.core import state as state_lib
 
 
 def eval_labels(config, n):
-  """Labels cycling through the classes: uniform, and one class per grid column."""
+  """Labels cycling through the classes: uniform, and one class per grid
+  column. Captioned digits: the class each evaluation prompt names."""
   k = config.dataset.num_classes
+  if config.dataset.name == 'captioned_digits':
+    k = 10
   return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
+
+
+def eval_conditioning(config, labels):
+  """What the network is conditioned on for samples of `labels` (from
+  `eval_labels`): the labels themselves, or for captioned digits the
+  encoded evaluation prompts that name those classes (numpy arrays)."""
+  if config.dataset.name != 'captioned_digits':
+    return labels
+  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
+  texts, named = captioned_digits.prompts(-(-len(labels) // 10))
+  assert (named[:len(labels)] == labels).all(), 'prompts out of class order'
+  text, mask, pooled = captioned_digits.DigitsTextEncoder()(
+      texts[:len(labels)])
+  return {'text': text, 'text_mask': mask, 'pooled': pooled}
 
 
 def example_noise(seed_start, n, shape):
@@ -62,10 +79,11 @@ class Generator:
     batch = sharding.batch_sharding(mesh)
 
     def fn(params, feature_params, rng, labels):
+      n = jax.tree.leaves(labels)[0].shape[0]
       if per_example_noise:
-        noise = example_noise(rng, labels.shape[0], shape)
+        noise = example_noise(rng, n, shape)
       else:
-        noise = jax.random.normal(rng, labels.shape + shape)
+        noise = jax.random.normal(rng, (n,) + shape)
       noise = jax.lax.with_sharding_constraint(noise, batch)
       x = spec(network, params, noise, labels, logsnr, num_classes)
       if not images or not (uint8 or features):

@@ -105,13 +105,18 @@ def mesh_batch_size(batch_size, mesh):
 
 
 def padded_batches(x, batch_size, mesh):
-  """Over `x`, a numpy array every process holds in full: (start, the
-  batch-sharded x[start:start + batch_size] zero-padded to batch_size, its
-  number of real rows)."""
-  for i in range(0, len(x), batch_size):
-    chunk = np.asarray(x[i:i + batch_size])
+  """Over `x`, a numpy array (or a pytree of them, e.g. captions) every
+  process holds in full: (start, the batch-sharded x[start:start +
+  batch_size] zero-padded to batch_size, its number of real rows)."""
+  n = len(jax.tree.leaves(x)[0])
+
+  def padded(a, i):
+    chunk = np.asarray(a[i:i + batch_size])
     pad = ((0, batch_size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1)
-    yield i, batch_from_full(np.pad(chunk, pad), mesh), len(chunk)
+    return batch_from_full(np.pad(chunk, pad), mesh)
+  for i in range(0, n, batch_size):
+    yield (i, jax.tree.map(lambda a, i=i: padded(a, i), x),
+           min(batch_size, n - i))
 
 
 def to_host(x, rows):

@@ -8,10 +8,15 @@ how it samples.
            process in place of the teacher
   pd       one phase of progressive distillation (the paper's Table 3
            baseline): S steps from a teacher sampled with 2S
+  gd       guidance distillation (the paper's Table 6 baseline): the
+           teacher fine-tuned to give its guided prediction at guidance
+           `config.consistency.guidance` in one evaluation; sampled with
+           DDIM at `config.sampler.steps`, unguided
 
-A student (cd, ct, pd) starts as the teacher of `config.teacher_checkpoint`
-and samples with S = `config.student_steps` DDIM steps (Algorithm 2),
-unguided; a teacher samples as `config.sampler` says. To add a stage: its
+A student (cd, ct, pd, gd) starts as the teacher of
+`config.teacher_checkpoint`; cd, ct and pd sample with S =
+`config.student_steps` DDIM steps (Algorithm 2), unguided; a teacher samples
+as `config.sampler` says. To add a stage: its
 loss in `multistep_cm.losses`, a builder here, a row in `STAGES`.
 """
 
@@ -34,6 +39,9 @@ class Stage:
   make_loss: Callable
   student: bool = True
   runs_teacher: bool = False
+  # A student that samples as a diffusion model (DDIM, config.sampler.steps)
+  # rather than with the S-step consistency sampler.
+  diffusion_sampler: bool = False
 
   def check(self, config):
     """Raises ConfigError, before anything is written or compiled, for a
@@ -47,6 +55,8 @@ class Stage:
 
   def sampler(self, config):
     """The stage's own sampler: S student steps, or the teacher's."""
+    if self.diffusion_sampler:
+      return sampler_spec('ddim', config.sampler.steps, field='config.sampler')
     if self.student:
       return sampler_spec('student', config.student_steps,
                           field='config.student_steps')
@@ -55,7 +65,17 @@ class Stage:
 
   def workdir_name(self, config):
     """The stage's directory in a pipeline's or sweep's workdir."""
+    if self.diffusion_sampler:
+      return f'{self.name}_w{config.consistency.guidance:g}'
     return f'{self.name}_s{config.student_steps}' if self.student else 'teacher'
+
+
+def batch_labels(batch):
+  """The labels a network takes from a training batch: its caption (the
+  dict of `models.text_labels`) if it has one, else its class labels."""
+  if 'text' in batch:
+    return {k: batch[k] for k in ('text', 'text_mask', 'pooled') if k in batch}
+  return batch['label']
 
 
 def sampler_spec(kind, steps, guidance=0., field=None):
@@ -88,7 +108,7 @@ def _diffusion_loss(config, network):
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state, teacher_params
     return losses.diffusion_loss(
-        network, params, batch['x'], batch['label'], rng, logsnr,
+        network, params, batch['x'], batch_labels(batch), rng, logsnr,
         config.loss.label_dropout, config.dataset.num_classes,
         config.loss.multiscale), {}
   return loss_fn
@@ -103,7 +123,7 @@ def _consistency_loss(mode):
     def loss_fn(params, train_state, teacher_params, batch, rng):
       target = train_state.ema_params if ema_target else None
       return losses.consistency_loss(
-          network, params, batch['x'], batch['label'], rng, logsnr,
+          network, params, batch['x'], batch_labels(batch), rng, logsnr,
           config.student_steps, train_state.step, options, target,
           teacher=network, teacher_params=teacher_params)
     return loss_fn
@@ -117,8 +137,25 @@ def _progressive_loss(config, network):
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state
     return losses.progressive_distillation_loss(
-        network, params, network, teacher_params, batch['x'], batch['label'],
+        network, params, network, teacher_params, batch['x'], batch_labels(batch),
         rng, logsnr, config.student_steps, cc.xvar_frac, cc.guidance,
+        config.dataset.num_classes), {}
+  return loss_fn
+
+
+def _guidance_distillation_loss(config, network):
+  logsnr = schedules.get_logsnr_fn(**config.schedule)
+  guidance = config.consistency.guidance
+  if not guidance > 0:
+    raise errors.ConfigError(
+        "Stage 'gd' distils classifier-free guidance: set "
+        'config.consistency.guidance above 0 (the paper: 0.5 and 3).')
+
+  def loss_fn(params, train_state, teacher_params, batch, rng):
+    del train_state
+    return losses.guidance_distillation_loss(
+        network, params, network, teacher_params, batch['x'],
+        batch_labels(batch), rng, logsnr, guidance,
         config.dataset.num_classes), {}
   return loss_fn
 
@@ -128,6 +165,8 @@ STAGES = {s.name: s for s in (
     Stage('cd', _consistency_loss('cd'), runs_teacher=True),
     Stage('ct', _consistency_loss('ct')),
     Stage('pd', _progressive_loss, runs_teacher=True),
+    Stage('gd', _guidance_distillation_loss, runs_teacher=True,
+          diffusion_sampler=True),
 )}
 NAMES = tuple(STAGES)
 

@@ -29,7 +29,22 @@ def create_model(config):
   cfg = dict(config.model)
   cfg['num_classes'] = config.dataset.num_classes
   cfg['out_channels'] = config.dataset.channels
+  if config.dataset.get('text_dim'):
+    cfg['text_dim'] = config.dataset.text_dim
+    cfg['pooled_dim'] = config.dataset.get('pooled_dim', 0)
   return models.create_model(cfg)
+
+
+def example_labels(config, n):
+  """Null labels of `n` examples, shaped as the config's network takes
+  them: class labels, or captions (`models.text_labels`)."""
+  d = config.dataset
+  if not d.get('text_dim'):
+    return jnp.zeros((n,), jnp.int32)
+  return models.text_labels(
+      jnp.zeros((n, d.text_len, d.text_dim)), jnp.zeros((n, d.text_len), bool),
+      jnp.zeros((n, d.pooled_dim)) if d.get('pooled_dim') else None)
+
 
 
 def network(config):
@@ -72,7 +87,7 @@ def state_layout(config, model, tx, mesh):
 
   def init(rng):
     params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,)),
-                        jnp.zeros((1,), jnp.int32))['params']
+                        example_labels(config, 1))['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params))

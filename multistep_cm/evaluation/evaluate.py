@@ -69,7 +69,8 @@ def protocol(config, step):
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
           config.dataset.name, 'sampler': kind, 'steps': steps,
-      'nfe': spec.nfe(config.dataset.num_classes),
+      'nfe': spec.nfe(config.dataset.num_classes or
+                      config.dataset.get('text_dim', 0)),
       'guidance': guidance, 'sampling_guidance': sampling_guidance,
       'ema': ev.ema, 'seed': ev.seed,
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
@@ -159,6 +160,7 @@ def run(config, workdir):
                                    mesh, spec, per_example_noise=True,
                                    uint8=True, features=scorer.features)
   labels = generation.eval_labels(config, ev.num_samples)
+  conditioning = generation.eval_conditioning(config, labels)
   n_chunks = -(-ev.num_samples // ev.chunk_size)
   paths = [_chunk_path(directory, c) for c in range(n_chunks)]
   # Process 0's view of the finished chunks decides, so all hosts run the
@@ -172,7 +174,9 @@ def run(config, workdir):
   t0, made = time.time(), 0
   for c in todo:
     lo, hi = c * ev.chunk_size, min((c + 1) * ev.chunk_size, ev.num_samples)
-    out = generator(params, labels[lo:hi], ev.seed, ev.batch_size, start=lo,
+    out = generator(params, jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi],
+                                         conditioning),
+                    ev.seed, ev.batch_size, start=lo,
                     feature_params=scorer.feature_params)
     if jax.process_index() == 0:
       _save_atomic(paths[c], labels=labels[lo:hi], **out)

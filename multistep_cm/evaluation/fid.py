@@ -201,7 +201,8 @@ class TrainingFID:
     ev = config.evaluate
     self.params, ref = load_weights_and_reference(config)
     self.mu_sigma = reference_stats(ref, self.params, mesh, ev.batch_size)
-    self.labels = generation.eval_labels(config, ev.train_samples)
+    self.labels = generation.eval_conditioning(
+        config, generation.eval_labels(config, ev.train_samples))
     self.seed, self.batch_size = config.seed + 3, ev.batch_size
     self.generator = generation.Generator(config, network, param_shardings,
                                           mesh, spec,

@@ -32,12 +32,13 @@ class QuickEval:
                                           mesh, self.spec)
     self.labels = generation.eval_labels(
         config, num_samples or config.train_eval.num_samples)
+    self.conditioning = generation.eval_conditioning(config, self.labels)
     self.seed = config.seed + seed_offset
     self.batch_size = config.train_eval.batch_size
     self.scorer = scoring.get(config, quick=True)
 
   def __call__(self, params):
-    samples = self.generator(params, self.labels, self.seed,
+    samples = self.generator(params, self.conditioning, self.seed,
                              self.batch_size)['samples']
     return samples, self.scorer.score({'samples': samples}, self.labels)
 

@@ -29,9 +29,6 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
   floor; WORKDIR/comparison.{md,png}.
   Each row is stored once computed (comparison.json and its grid), so a
   rerun computes only the missing ones. Returns the rows."""
-  workdir = epath.Path(workdir)
-  path = workdir / 'comparison.json'
-  rows = json.loads(path.read_text()) if path.exists() else []
   runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
            student, student_dir,
            stages.get(student.stage).sampler(student))]
@@ -40,37 +37,57 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
     for kind in TEACHER_KINDS:
       runs.append((f'teacher {kind} {steps}', teacher_config, teacher_dir,
                    stages.sampler_spec(kind, steps, guidance)))
-  scorer = scoring.get(teacher_config, quick=True)
+  return table(runs, workdir, 'comparison')
+
+
+def table(runs, workdir, stem, per_row=None, notes=''):
+  """The rows of `runs`, (name, config, workdir, SamplerSpec) each scored by
+  the quick evaluation of that workdir's newest checkpoint with the same
+  seeds, plus the floor: WORKDIR/STEM.md, and STEM.png with their grids side
+  by side. Each row is stored once computed (STEM.json and its grid), so a
+  rerun computes only the missing ones. `per_row`: panels to a row of the
+  PNG; `notes`: markdown written under the table. Returns the rows."""
+  workdir = epath.Path(workdir)
+  path = workdir / f'{stem}.json'
+  rows = json.loads(path.read_text()) if path.exists() else []
+  config = runs[0][1]
+  scorer = scoring.get(config, quick=True)
+  conditional = (config.dataset.num_classes or
+                 config.dataset.get('text_dim', 0))
   grids = {}
   for name, cfg, directory, spec in runs:
-    if name in {r['name'] for r in rows} and _grid_path(workdir, name).exists():
-      grids[name] = _load_grid(_grid_path(workdir, name))
+    grid_path = _grid_path(workdir, stem, name)
+    if name in {r['name'] for r in rows} and grid_path.exists():
+      grids[name] = _load_grid(grid_path)
       continue
     _, samples, scores, _ = quick.from_checkpoint(cfg, directory,
                                                   quick.SEED_TABLES, spec)
     row = {'name': name, 'sampler': spec.kind, 'steps': spec.steps,
-           'nfe': spec.nfe(cfg.dataset.num_classes), **scores}
+           'nfe': spec.nfe(conditional), **scores}
     rows = [r for r in rows if r['name'] != name] + [row]
     grids[name] = samples[:cfg.train_eval.grid_size]
     if jax.process_index() == 0:
-      _save_grid(_grid_path(workdir, name), grids[name])
+      _save_grid(grid_path, grids[name])
       path.write_text(json.dumps(rows, indent=1))
     logging.info('%s: %s', name, scores)
   floor = {'name': scorer.floor_label, 'sampler': '-', 'steps': '-',
            'nfe': '-', **scorer.floor()}
   order = [r for name, *_ in runs for r in rows if r['name'] == name]
-  table = format_table(order + [floor], scorer.metrics)
+  text = format_table(order + [floor], scorer.metrics)
   if jax.process_index() == 0:
-    (workdir / 'comparison.md').write_text(table + '\n')
-    side_by_side(workdir / 'comparison.png', grids,
-                 teacher_config.dataset.num_classes)
-  print('\n' + table + '\n', flush=True)
+    (workdir / f'{stem}.md').write_text(text + '\n' + notes)
+    side_by_side(workdir / f'{stem}.png', grids,
+                 10 if config.dataset.name == 'captioned_digits'
+                 else config.dataset.num_classes, per_row)
+  print('\n' + text + '\n', flush=True)
   return order
 
 
-def _grid_path(workdir, name):
+def _grid_path(workdir, stem, name):
   safe = ''.join(c if c.isalnum() else '_' for c in name)
-  return workdir / 'grids' / f'{safe}.npy'
+  # The pipeline's comparison keeps its grids where it always did.
+  folder = 'grids' if stem == 'comparison' else f'grids_{stem}'
+  return workdir / folder / f'{safe}.npy'
 
 
 def _save_grid(path, samples):
@@ -102,11 +119,16 @@ def _save_figure(fig, path):
   plt.close(fig)
 
 
-def side_by_side(path, grids, num_classes):
-  """One panel per sampler, same noise and labels in every panel."""
-  fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6),
-                           dpi=100)
-  for ax, (name, samples) in zip(np.atleast_1d(axes), grids.items()):
+def side_by_side(path, grids, num_classes, per_row=None):
+  """One panel per sampler, same noise and labels in every panel; `per_row`
+  panels to a row (default: all in one)."""
+  cols = per_row or len(grids)
+  rows = -(-len(grids) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows),
+                           dpi=100, squeeze=False)
+  for ax in axes.flat[len(grids):]:
+    ax.axis('off')
+  for ax, (name, samples) in zip(axes.flat, grids.items()):
     if samples.ndim == 2:
       ax.scatter(samples[:, 0], samples[:, 1], s=2)
       ax.set_aspect('equal')

@@ -138,7 +138,8 @@ class Inception(Scorer):
 
 # Built-in data has its own scorer; every other dataset (tfds images) is
 # scored by the FID Inception.
-SCORERS = {'digits': Digits, 'toy2d': Toy2d}
+# Captioned digits: the class each prompt names is the label to agree with.
+SCORERS = {'digits': Digits, 'captioned_digits': Digits, 'toy2d': Toy2d}
 
 
 def get(config, mesh=None, quick=False):

@@ -1,0 +1,236 @@
+"""The text-to-image path: the text-conditioned UViT, caption dropout and the
+null caption, guided CD and guidance distillation with captions, the stable
+delta = 1 pseudo-Huber, the data the embedded default trains on, the paper's
+config, and the embedded pipeline end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import captioned_digits as captioned_config
+from configs import common
+from configs import text2image
+from multistep_cm import guidance
+from multistep_cm import losses
+from multistep_cm import models
+from multistep_cm import pipeline
+from multistep_cm import schedules
+from multistep_cm.core import data
+from multistep_cm.core import state as state_lib
+
+
+def _perturbed(params, scale=0.1):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  return jax.tree.unflatten(tree, [
+      p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _text_model(scan=False):
+  config = captioned_config.get_config('smoke,stage=teacher')
+  config.model.scan = scan
+  return config, state_lib.create_model(config)
+
+
+def _captions(n=3, length=8, dim=32):
+  text = jax.random.normal(jax.random.key(0), (n, length, dim))
+  # Captions of 5, 2, 8, 1, 2, ... real tokens.
+  mask = jnp.arange(length)[None] < (jnp.arange(n) * 5 % length + 1)[:, None]
+  return models.text_labels(text, mask, text.mean(1))
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_padding_tokens_do_not_change_the_output(scan):
+  config, model = _text_model(scan)
+  labels = _captions()
+  z = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+  t = jnp.array([0.2, 0.5, 0.9])
+  params = _perturbed(model.init(jax.random.key(2), z, t, labels)['params'])
+  out = model.apply({'params': params}, z, t, labels)
+  assert out.shape == z.shape and out.dtype == jnp.float32
+  garbage = dict(labels, text=jnp.where(labels['text_mask'][..., None],
+                                        labels['text'], 1e3))
+  assert (model.apply({'params': params}, z, t, garbage) == out).all()
+  # Real tokens do matter, and so does the caption as a whole.
+  changed = dict(labels, text=labels['text'].at[:, 0].add(1.))
+  assert not jnp.allclose(model.apply({'params': params}, z, t, changed), out)
+  null = guidance.null_labels(labels, 0)
+  assert not jnp.allclose(model.apply({'params': params}, z, t, null), out)
+  del config
+
+
+def test_class_conditional_models_have_no_text_parameters():
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  config = captioned_config.get_config('smoke,stage=teacher')
+  plain = digits.get_config('smoke,stage=teacher')
+  names = str(jax.eval_shape(lambda: state_lib.create_model(plain).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
+      jnp.zeros(1, jnp.int32))))
+  assert 'cross_q' not in names and 'text_null' not in names
+  text = str(jax.eval_shape(lambda: state_lib.create_model(config).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
+      state_lib.example_labels(config, 1))))
+  assert 'cross_q' in text and 'text_null' in text and 'pooled' in text
+
+
+def test_caption_dropout_gives_the_null_caption():
+  labels = _captions(n=64)
+  dropped = guidance.drop_labels(jax.random.key(3), labels, 0.5, 0)
+  gone = ~dropped['text_mask'].any(1)
+  assert 10 < int(gone.sum()) < 54
+  for key in labels:
+    kept = np.asarray(dropped[key])[~np.asarray(gone)]
+    assert (kept == np.asarray(labels[key])[~np.asarray(gone)]).all()
+    assert not np.asarray(dropped[key])[np.asarray(gone)].any()
+  assert guidance.drop_labels(jax.random.key(3), labels, 0., 0) is labels
+  # Class labels draw exactly as before: where(keep, label, num_classes).
+  y = jnp.arange(64) % 10
+  keep = jax.random.bernoulli(jax.random.key(3), 0.5, (64,))
+  assert (guidance.drop_labels(jax.random.key(3), y, 0.5, 10) ==
+          jnp.where(keep, y, 10)).all()
+
+
+# A toy network both ways: class c scales z by w[c] (w[10] for the null
+# label); its text twin reads the class from a one-hot first token, and an
+# empty caption means the null label.
+def _class_net(params, z, t, labels, rng=None):
+  del rng
+  return z * params['w'][labels][:, None, None, None] + jnp.sin(
+      jnp.asarray(t)).reshape(-1, 1, 1, 1)
+
+
+def _text_net(params, z, t, labels, rng=None):
+  del rng
+  mask = labels['text_mask'][:, 0]
+  scale = jnp.where(mask, labels['text'][:, 0] @ params['w'][:10],
+                    params['w'][10])
+  return z * scale[:, None, None, None] + jnp.sin(
+      jnp.asarray(t)).reshape(-1, 1, 1, 1)
+
+
+def _as_text(y):
+  n = y.shape[0]
+  text = jnp.zeros((n, 4, 10)).at[:, 0].set(jax.nn.one_hot(y, 10))
+  return models.text_labels(text, jnp.zeros((n, 4), bool).at[:, 0].set(True))
+
+
+@pytest.mark.parametrize('w', [0.5, 3.])
+def test_guided_cd_and_guidance_distillation_with_text_match_class_labels(w):
+  params = {'w': jnp.linspace(0.5, 1.5, 11)}
+  teacher = {'w': jnp.linspace(1.5, 0.2, 11)}
+  x = jax.random.normal(jax.random.key(4), (16, 4, 4, 1))
+  y = jnp.arange(16) % 10
+  logsnr = schedules.get_logsnr_fn('cosine')
+  rng = jax.random.key(6)
+  cd = losses.ConsistencyOptions(guidance=w, num_classes=10, label_dropout=0.3,
+                                 huber_delta=1.)
+  kwargs = dict(logsnr_fn=logsnr, student_steps=4, iteration=0, options=cd,
+                teacher_params=teacher)
+  by_class = losses.consistency_loss(_class_net, params, x, y, rng,
+                                     teacher=_class_net, **kwargs)[0]
+  by_text = losses.consistency_loss(_text_net, params, x, _as_text(y), rng,
+                                    teacher=_text_net, **kwargs)[0]
+  np.testing.assert_allclose(by_text, by_class, rtol=1e-6)
+  gd = [losses.guidance_distillation_loss(net, params, net, teacher, x, lab,
+                                          rng, logsnr, w, 10)
+        for net, lab in ((_class_net, y), (_text_net, _as_text(y)))]
+  np.testing.assert_allclose(gd[1], gd[0], rtol=1e-6)
+  assert gd[0] > 0
+
+
+def test_guidance_distillation_targets_the_guided_prediction():
+  """With the student at the teacher's weights, the error is exactly the
+  guidance term w (cond - uncond)."""
+  teacher = {'w': jnp.linspace(1.5, 0.2, 11)}
+  x = jax.random.normal(jax.random.key(4), (8, 4, 4, 1))
+  y = jnp.arange(8)
+  logsnr = schedules.get_logsnr_fn('cosine')
+  rng = jax.random.key(7)
+  loss = losses.guidance_distillation_loss(_class_net, teacher, _class_net,
+                                           teacher, x, y, rng, logsnr, 2., 10)
+  k_t, k_eps, _ = jax.random.split(rng, 3)
+  t = jax.random.uniform(k_t, (8,))
+  alpha, sigma = schedules.alpha_sigma(logsnr(t))
+  z = (alpha[:, None, None, None] * x +
+       sigma[:, None, None, None] * jax.random.normal(k_eps, x.shape))
+  gap = (_class_net(teacher, z, t, y) -
+         _class_net(teacher, z, t, jnp.full_like(y, 10)))
+  np.testing.assert_allclose(loss, jnp.mean(jnp.square(2. * gap)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('norm', ['rms', 'sum', 'elementwise'])
+def test_delta_one_pseudo_huber_matches_float64(norm):
+  rng = np.random.default_rng(0)
+  for scale in (1e-4, 1e-2, 1., 30.):
+    err = rng.normal(size=(16, 8, 8, 3)) * scale
+    sq = err**2
+    m = {'rms': sq.mean((1, 2, 3)), 'sum': sq.sum((1, 2, 3)),
+         'elementwise': sq}[norm]
+    ref = np.sqrt(m + 1.) - 1.
+    if norm == 'elementwise':
+      ref = ref.mean((1, 2, 3))
+    got = np.asarray(losses.pseudo_huber(jnp.asarray(err, jnp.float32), 1.,
+                                         norm), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_captioned_digits_batches():
+  config = captioned_config.get_config('smoke,stage=teacher')
+  whole = next(data.train_batches(config.dataset, 8, 0, start_step=3,
+                                  rows=slice(0, 8)))
+  assert set(whole) == {'x', 'label', 'text', 'text_mask', 'pooled'}
+  assert whole['text'].shape == (8, 8, 32) and whole['pooled'].shape == (8, 32)
+  halves = [next(data.train_batches(config.dataset, 8, 0, start_step=3,
+                                    rows=slice(i, i + 4))) for i in (0, 4)]
+  for key in whole:
+    assert (np.concatenate([h[key] for h in halves]) == whole[key]).all()
+
+
+def test_missing_text_data_is_one_line():
+  from multistep_cm.core import errors  # pylint: disable=g-import-not-at-top
+  config = text2image.get_config('smoke')
+  with pytest.raises(errors.ConfigError, match='config.dataset.text_dir'):
+    data.check_available(config.dataset)
+  config = text2image.get_config('smoke,data=/nonexistent/t2i')
+  with pytest.raises(errors.UserError) as e:
+    data.check_available(config.dataset)
+  assert '\n' not in str(e.value) and '/nonexistent/t2i' in str(e.value)
+
+
+def test_paper_text_to_image_size():
+  config = text2image.get_config('')
+  model = state_lib.create_model(config)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 512, 512, 3)), jnp.zeros(1),
+      state_lib.example_labels(config, 1)))['params']
+  count = models.count_params(params)
+  assert 5e9 < count < 8e9, count
+  assert params[models.SCANNED]['block']['cross_q']['kernel'].shape[0] == 16
+
+
+def test_embedded_guided_pipeline_smoke(tmp_path):
+  """Teacher, a guidance-distilled teacher and a 2-step CD student at w=3,
+  and the Table-6-shaped comparison with its grids."""
+  configs = common.StageConfigs(
+      captioned_config.get_config, 'smoke',
+      {'pipeline.guidance': (3.,), 'pipeline.student_steps': (2,)})
+  rows = pipeline.run(configs, str(tmp_path))
+  names = [r['name'] for r in rows]
+  assert names == ['w=3: teacher aDDIM 4',
+                   'w=3: guidance-distilled teacher, DDIM 4',
+                   'w=3: multistep CD, S=2']
+  assert [r['nfe'] for r in rows] == [8, 4, 2]
+  assert all(np.isfinite(r['fd_digits']) for r in rows)
+  saved = json.loads((tmp_path / 'guided.json').read_text())
+  assert [r['name'] for r in saved] == names
+  table = (tmp_path / 'guided.md').read_text()
+  assert 'real held-out digits' in table
+  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
+  first_seven = captioned_digits.prompts(1)[0][7]
+  assert f'0. "{first_seven}"' in table
+  assert (tmp_path / 'guided.png').exists()
+  assert (tmp_path / 'w3' / 'gd_w3').is_dir()
+  assert (tmp_path / 'w3' / 'cd_s2').is_dir()
