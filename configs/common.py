@@ -225,6 +225,16 @@ def base():
   c.evaluate.inception_sha256 = ''
   c.evaluate.reference = ''
   c.evaluate.precision_recall = True  # Needs the reference's arr_0 images.
+  # Text-to-image (dataset `text`): the evaluation captions, a directory
+  # written by multistep_cm.tools.write_text_data with the training encoder
+  # (samples cycle through them; '' = the training captions), and the CLIP
+  # score's converted weights (evaluation/convert_clip.py), their SHA-256
+  # ('' = unchecked) and the same captions' CLIP tokens (convert_clip
+  # --prompts); no CLIP score while clip_weights is ''.
+  c.evaluate.prompts = ''
+  c.evaluate.clip_weights = ''
+  c.evaluate.clip_sha256 = ''
+  c.evaluate.clip_tokens = ''
   # FID during training at every eval_every, on this many samples, when the
   # weights and reference are set (0: off).
   c.evaluate.train_samples = 5_000

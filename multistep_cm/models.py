@@ -322,7 +322,7 @@ def _block(kind, cfg, channels, dropout, dtype, name):
 
 class _ScanStep(nn.Module):
   """One middle block as a step of the scan over the stack: (h, emb,
-  context) -> (h, None). `train` is an attribute since a scan carries only arrays."""
+  context) -> (h, None). `train` is an attribute: a scan carries arrays."""
   config: UViTConfig
   dtype: jnp.dtype
   train: bool

@@ -186,14 +186,14 @@ def test_model_names_and_prompt_tokens(tmp_path, open_clip):
 def test_clip_score_on_constructed_features():
   rng = np.random.default_rng(0)
   a = rng.standard_normal((5, 16))
-  assert clip.clip_score(a, 3. * a) == pytest.approx(100.)
+  assert clip.clip_score(a, 3. * a) == pytest.approx(1.)
   assert clip.clip_score(a, -a) == 0.  # Clamped per pair, as Hessel et al.
   e = np.eye(4)
   assert clip.clip_score(e, np.roll(e, 1, axis=0)) == pytest.approx(0.)
-  # 60 degrees apart: cos = 1/2; mixed with an identical pair: (50 + 100) / 2.
+  # 60 degrees apart: cos = 1/2; mixed with an identical pair: (0.5 + 1) / 2.
   sixty = np.array([[1., 0.], [1., 0.]]), np.array([[.5, .75 ** .5], [2., 0.]])
-  assert clip.clip_score(*sixty) == pytest.approx(75.)
-  # Per-pair clamping: one opposite pair counts 0, not -100.
-  assert clip.clip_score(e[:2], np.stack([e[0], -e[1]])) == pytest.approx(50.)
+  assert clip.clip_score(*sixty) == pytest.approx(0.75)
+  # Per-pair clamping: one opposite pair counts 0, not -1.
+  assert clip.clip_score(e[:2], np.stack([e[0], -e[1]])) == pytest.approx(0.5)
   with pytest.raises(ValueError):
     clip.clip_score(a, a[:3])

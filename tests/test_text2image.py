@@ -234,3 +234,84 @@ def test_embedded_guided_pipeline_smoke(tmp_path):
   assert (tmp_path / 'guided.png').exists()
   assert (tmp_path / 'w3' / 'gd_w3').is_dir()
   assert (tmp_path / 'w3' / 'cd_s2').is_dir()
+
+
+def _tiny_encoder(captions):
+  """Deterministic stand-in for a text encoder: 4 tokens of width 8."""
+  emb = np.zeros((len(captions), 4, 8), np.float32)
+  mask = np.zeros((len(captions), 4), bool)
+  for i, caption in enumerate(captions):
+    for j, word in enumerate(caption.split()[:4]):
+      emb[i, j] = np.random.default_rng(sum(map(ord, word))).normal(size=8)
+      mask[i, j] = True
+  return emb, mask
+
+
+def _tiny_clip_npz(path, config):
+  from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import convert_inception  # pylint: disable=g-import-not-at-top
+  params = clip.CLIP(config).init(
+      jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size,
+                                    3)),
+      jnp.ones((1, config.context_length), jnp.int32))['params']
+  flat = {'/'.join(k.key for k in path_): np.asarray(v) for path_, v in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat[clip.CONFIG_KEY] = np.array(config.to_json())
+  convert_inception.write_npz(path, flat)
+
+
+def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
+  """The `text` dataset's whole path on 12 random captioned images: the data
+  directory, the reference, a text-conditioned teacher trained with FID at
+  its evaluation, then --mode=evaluate with FID and the CLIP score."""
+  from multistep_cm import train  # pylint: disable=g-import-not-at-top
+  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import evaluate as evaluation  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from tests import test_evaluation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  captions = [f'a {c} {s} square' for c, s in zip(
+      ['red', 'blue', 'green'] * 4, ['small'] * 6 + ['large'] * 6)]
+  text_dir = tmp_path / 'data'
+  text_data.write(str(text_dir), rng.integers(0, 256, (12, 16, 16, 3),
+                                               np.uint8), captions,
+                  _tiny_encoder, encoder='test-words/1')
+  config = text2image.get_config(f'smoke,text_len=4,text_dim=8,data={text_dir}')
+  ev = config.evaluate
+  ev.inception_weights = str(tmp_path / 'inception.npz')
+  ev.inception_sha256 = test_evaluation._random_inception_npz(
+      ev.inception_weights)
+  clip_config = clip.CLIPConfig(
+      embed_dim=16, image_size=32, patch_size=8, vision_width=32,
+      vision_layers=1, vision_heads=2, context_length=6, vocab_size=100,
+      text_width=32, text_layers=1, text_heads=2)
+  ev.clip_weights = str(tmp_path / 'clip.npz')
+  _tiny_clip_npz(ev.clip_weights, clip_config)
+  tokens = rng.integers(1, 90, (12, 6)).astype(np.int32)
+  tokens[:, 3] = 99  # End of text: the largest id.
+  from multistep_cm.evaluation import convert_inception  # pylint: disable=g-import-not-at-top
+  ev.clip_tokens = str(tmp_path / 'tokens.npz')
+  convert_inception.write_npz(ev.clip_tokens, {'prompts': np.array(captions),
+                                                'tokens': tokens})
+  ev.batch_size = 8
+  ev.reference = fid.compute_reference(config, str(tmp_path / 'refs'),
+                                       keep_images=8)
+  ev.train_samples = 8
+  workdir = str(tmp_path / 'run')
+  state, scores = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2 and np.isfinite(scores['fid'])
+
+  ev.num_samples, ev.chunk_size = 12, 8
+  record = evaluation.run(config, workdir)
+  m = record['metrics']
+  assert np.isfinite(m['fid']) and 0. <= m['clip_score'] <= 1.
+  assert record['clip']['sha256']
+  with np.load(record['samples_npz']) as f:
+    np.testing.assert_array_equal(f['arr_1'], np.arange(12))  # Caption index.
+
+  # Tokens of other captions: one line, before anything is sampled.
+  convert_inception.write_npz(ev.clip_tokens, {
+      'prompts': np.array(captions[::-1]), 'tokens': tokens})
+  with pytest.raises(clip.ClipWeightsError, match='differ first at caption 0'):
+    evaluation.run(config, workdir)

@@ -23,13 +23,29 @@ def eval_labels(config, n):
   k = config.dataset.num_classes
   if config.dataset.name == 'captioned_digits':
     k = 10
+  if config.dataset.name == 'text':  # The index of each sample's caption.
+    k = len(eval_captions(config))
   return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
+
+
+def eval_captions(config):
+  """The evaluation captions of a `text` dataset (core/text_data.py):
+  config.evaluate.prompts, else the training data's, checked against the
+  config's text sizes."""
+  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  return text_data.open_dataset(
+      config.evaluate.get('prompts') or d.text_dir, text_len=d.text_len,
+      text_dim=d.text_dim, pooled_dim=d.pooled_dim)
 
 
 def eval_conditioning(config, labels):
   """What the network is conditioned on for samples of `labels` (from
   `eval_labels`): the labels themselves, or for captioned digits the
-  encoded evaluation prompts that name those classes (numpy arrays)."""
+  encoded evaluation prompts that name those classes, or for a `text`
+  dataset the embeddings of the captions `labels` index (numpy arrays)."""
+  if config.dataset.name == 'text':
+    return eval_captions(config).conditioning(labels)
   if config.dataset.name != 'captioned_digits':
     return labels
   from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top

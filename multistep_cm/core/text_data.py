@@ -303,12 +303,18 @@ class TextDataset:
     (b, L, D), 'text_mask' bool (b, L), 'pooled' float32 (b, P) if the
     dataset has it, 'label' int32 (b,) (zeros without labels)."""
     idx = np.asarray(idx, np.int64)
-    out = {'x': self._images[idx].astype(np.float32) / 127.5 - 1.,
-           'text': self._emb[idx].astype(np.float32),
-           'text_mask': np.array(self._mask[idx], bool),
-           'label': (np.array(self._labels[idx], np.int32)
-                     if self._labels is not None
-                     else np.zeros(len(idx), np.int32))}
+    return {'x': self._images[idx].astype(np.float32) / 127.5 - 1.,
+            'label': (np.array(self._labels[idx], np.int32)
+                      if self._labels is not None
+                      else np.zeros(len(idx), np.int32)),
+            **self.conditioning(idx)}
+
+  def conditioning(self, idx):
+    """What a network is conditioned on for examples `idx`, without reading
+    their images: 'text', 'text_mask' and, if present, 'pooled'."""
+    idx = np.asarray(idx, np.int64)
+    out = {'text': self._emb[idx].astype(np.float32),
+           'text_mask': np.array(self._mask[idx], bool)}
     if self._pooled is not None:
       out['pooled'] = np.array(self._pooled[idx], np.float32)
     return out

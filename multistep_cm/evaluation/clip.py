@@ -266,13 +266,13 @@ def _text_features(params, tokens, config):
 
 
 def clip_score(image_feats, text_feats):
-  """Mean over matching pairs (rows) of 100 * max(cos(image, text), 0).
+  """Mean over matching pairs (rows) of max(cos(image, text), 0): on the
+  scale of the paper's Table 6 (0.30-0.32 for its models).
 
-  Hessel et al. 2021 define CLIP-S = w * max(cos, 0) with w = 2.5; the
-  text-to-image literature (and torchmetrics' CLIPScore) reports the same
-  cosine with w = 100, which is what this returns. Clamping is per pair, as
-  in Hessel et al.; torchmetrics clamps the mean instead, which differs only
-  when some pair has a negative cosine. Features need not be normalised.
+  Hessel et al. 2021 define CLIP-S = w * max(cos, 0) with w = 2.5, and many
+  text-to-image papers (and torchmetrics' CLIPScore) report it with w = 100;
+  the multistep paper reports the cosine itself (w = 1), as this does.
+  Clamping is per pair, as in Hessel et al. Features need not be normalised.
   """
   a = np.asarray(image_feats, np.float64)
   b = np.asarray(text_feats, np.float64)
@@ -281,7 +281,7 @@ def clip_score(image_feats, text_feats):
                      f'{b.shape}.')
   cos = np.sum(a * b, -1) / np.maximum(
       np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-  return float(100. * np.mean(np.maximum(cos, 0.)))
+  return float(np.mean(np.maximum(cos, 0.)))
 
 
 # ----------------------------------------------------------------------------

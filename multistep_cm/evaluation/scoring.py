@@ -7,6 +7,8 @@ its metrics, their names, and what real data scores (the floor).
           log-density; the floor is fresh true samples
   images  FID, Inception Score and precision/recall of the FID Inception
           against a reference (config.evaluate): every tfds dataset
+  text    the same, and the CLIP score of each sample against its caption
+          when CLIP weights are configured (dataset `text`)
 
 To add a dataset with a metric of its own: a `Scorer` and a row in SCORERS.
 Reports (the pipeline's table, the sweep) name metrics by `Scorer.metrics`.
@@ -17,6 +19,8 @@ import dataclasses
 from absl import logging
 import numpy as np
 
+from multistep_cm.core import generation
+from multistep_cm.evaluation import clip
 from multistep_cm.evaluation import digits_classifier
 from multistep_cm.evaluation import fid
 from multistep_cm.evaluation import inception
@@ -136,6 +140,57 @@ class Inception(Scorer):
             'logits': '1008-way, without the output bias'}}
 
 
+class TextImages(Inception):
+  """FID and the rest as `Inception`, plus the CLIP score (the paper's Table
+  6 scale: the mean clamped cosine) of each sample against the caption it
+  was drawn for, from config.evaluate's clip_weights and clip_tokens, which
+  must hold the evaluation captions in order. Without clip_weights, no CLIP
+  score (one log line)."""
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    ev = config.evaluate
+    self.clip_sha256 = None
+    if not ev.get('clip_weights'):
+      logging.info('No CLIP score: set config.evaluate.clip_weights and '
+                   'clip_tokens for it.')
+      return
+    weights = clip.load_weights(ev.clip_weights, ev.clip_sha256)
+    prompts, tokens = clip.load_tokens(ev.clip_tokens)
+    captions = generation.eval_captions(config)
+    expected = captions.captions(range(len(captions)))
+    if prompts != expected:
+      first = next((i for i, (a, b) in enumerate(zip(prompts, expected))
+                    if a != b), min(len(prompts), len(expected)))
+      raise clip.ClipWeightsError(
+          f'The CLIP tokens in {ev.clip_tokens} are of other captions than '
+          f'the evaluation captions ({len(prompts)} vs {len(expected)}; they '
+          f'differ first at caption {first}): tokenize those captions with '
+          'convert_clip --prompts.')
+    self.clip_sha256 = weights.sha256
+    self.text_features = np.asarray(
+        clip.text_features(weights.params, tokens, weights.config))
+    clip_config = weights.config
+    self.feature_params = {'inception': self.feature_params,
+                           'clip': weights.params}
+    self.features = lambda p, x: {
+        **fid.inception_outputs(p['inception'], x),
+        'clip': clip.image_features(p['clip'], x, clip_config)}
+    self.inputs = Inception.inputs + ('clip',)
+    self.metrics = Inception.metrics + (Metric('clip_score', 'CLIP score',
+                                               False),)
+
+  def score(self, outputs, labels):
+    scores = super().score(outputs, labels)
+    if self.clip_sha256:
+      scores['clip_score'] = clip.clip_score(outputs['clip'],
+                                             self.text_features[labels])
+    return scores
+
+  def record(self):
+    return {**super().record(), 'clip': {'sha256': self.clip_sha256}}
+
+
 # Built-in data has its own scorer; every other dataset (tfds images) is
 # scored by the FID Inception.
 # Captioned digits: the class each prompt names is the label to agree with.
@@ -148,7 +203,10 @@ def get(config, mesh=None, quick=False):
   (their FID comes from --mode=evaluate and `training_fid`)."""
   if config.dataset.name in SCORERS:
     return SCORERS[config.dataset.name](config)
-  return Scorer() if quick else Inception(config, mesh)
+  if quick:
+    return Scorer()
+  return (TextImages if config.dataset.name == 'text' else Inception)(config,
+                                                                      mesh)
 
 
 def training_fid(config, network, param_shardings, mesh, spec):
