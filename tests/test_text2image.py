@@ -262,8 +262,8 @@ def _tiny_clip_npz(path, config):
 
 def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   """The `text` dataset's whole path on 12 random captioned images: the data
-  directory, the reference, a text-conditioned teacher trained with FID at
-  its evaluation, then --mode=evaluate with FID and the CLIP score."""
+  directory, the reference, a text-conditioned teacher, then
+  --mode=evaluate with FID and the CLIP score."""
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
   from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
@@ -297,10 +297,11 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   ev.batch_size = 8
   ev.reference = fid.compute_reference(config, str(tmp_path / 'refs'),
                                        keep_images=8)
-  ev.train_samples = 8
+  # FID during training is the ImageNet test's (test_evaluation.py).
+  ev.train_samples = 0
   workdir = str(tmp_path / 'run')
-  state, scores = train.train_and_evaluate(config, workdir)
-  assert int(state.step) == 2 and np.isfinite(scores['fid'])
+  state, _ = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2
 
   ev.num_samples, ev.chunk_size = 12, 8
   record = evaluation.run(config, workdir)
