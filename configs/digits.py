@@ -34,6 +34,7 @@ def get_config(arg=None):
   # Two middle blocks compile fast unscanned; checkpoints keep this layout.
   c.model.scan = False
   c.model.remat = 'none'  # none, full or dots_saveable (models.REMAT).
+  c.model.norm_float32 = True  # Norm statistics in float32 (all float32 here).
 
   c.optim.ema_decay = 0.999
   c.batch_size = 128
