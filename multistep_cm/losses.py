@@ -20,6 +20,18 @@ def _avg_pool2(x):
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def _forward_process(k_t, k_eps, x, logsnr_fn):
+  """(t ~ U(0, 1), eps, alpha and sigma shaped to broadcast over x, z_t) per
+  example: the noising of the diffusion loss."""
+  batch = x.shape[0]
+  t = jax.random.uniform(k_t, (batch,))
+  eps = jax.random.normal(k_eps, x.shape)
+  alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
+  a = alpha.reshape((batch,) + (1,) * (x.ndim - 1))
+  s = sigma.reshape(a.shape)
+  return t, eps, a, s, a * x + s * eps
+
+
 def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
                    label_dropout=0., num_classes=0, multiscale=False):
   """Continuous-time diffusion loss with t ~ U(0, 1) and the v-loss weighting.
@@ -34,13 +46,7 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
   """
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   x = x.astype(jnp.float32)
-  batch = x.shape[0]
-  t = jax.random.uniform(k_t, (batch,))
-  eps = jax.random.normal(k_eps, x.shape)
-  alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
-  a = alpha.reshape((batch,) + (1,) * (x.ndim - 1))
-  s = sigma.reshape(a.shape)
-  z_t = a * x + s * eps
+  t, eps, a, s, z_t = _forward_process(k_t, k_eps, x, logsnr_fn)
   labels = guidance_lib.drop_labels(k_label, labels, label_dropout,
                                     num_classes)
   v_err = network(params, z_t, t, labels, k_drop) - (a * eps - s * x)
@@ -58,13 +64,8 @@ def guidance_distillation_loss(network, params, teacher, teacher_params, x,
   squared error to the guided v. Its samples cost half the guided teacher's
   evaluations with any sampler (DDIM in the table)."""
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
-  x = x.astype(jnp.float32)
-  batch = x.shape[0]
-  t = jax.random.uniform(k_t, (batch,))
-  eps = jax.random.normal(k_eps, x.shape)
-  alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
-  a = alpha.reshape((batch,) + (1,) * (x.ndim - 1))
-  z_t = a * x + sigma.reshape(a.shape) * eps
+  t, _, _, _, z_t = _forward_process(k_t, k_eps, x.astype(jnp.float32),
+                                     logsnr_fn)
   target, _ = guidance_lib.guided_v(teacher, teacher_params, z_t, t, labels,
                                     guidance, num_classes)
   v_err = network(params, z_t, t, labels, k_drop) - jax.lax.stop_gradient(

@@ -63,42 +63,53 @@ def step_indices(n, global_batch, seed, step, rows):
   return idx
 
 
+def _indexed_batches(arrays, global_batch, rows, seed, start_step):
+  """Batches of in-memory arrays (a dict, a row per example), in the order
+  of `step_indices`."""
+  n = len(next(iter(arrays.values())))
+  for step in itertools.count(start_step):
+    idx = step_indices(n, global_batch, seed, step, rows)
+    yield {k: v[idx] for k, v in arrays.items()}
+
+
 def _digits_batches(global_batch, rows, seed, start_step):
   x, y = digits('train')
-  for step in itertools.count(start_step):
-    idx = step_indices(len(y), global_batch, seed, step, rows)
-    yield {'x': x[idx], 'label': y[idx]}
+  return _indexed_batches({'x': x, 'label': y}, global_batch, rows, seed,
+                          start_step)
 
 
 def _captioned_digits_batches(global_batch, rows, seed, start_step):
   from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
   x, y, texts, _ = captioned_digits.captions('train')
   text, mask, pooled = captioned_digits.DigitsTextEncoder()(texts)
-  for step in itertools.count(start_step):
-    idx = step_indices(len(y), global_batch, seed, step, rows)
-    yield {'x': x[idx], 'label': y[idx], 'text': text[idx],
-           'text_mask': mask[idx], 'pooled': pooled[idx]}
+  return _indexed_batches({'x': x, 'label': y, 'text': text,
+                           'text_mask': mask, 'pooled': pooled},
+                          global_batch, rows, seed, start_step)
+
+
+def _text_expected(cfg):
+  """What a `text` dataset must hold for `cfg`: text_data's expectations."""
+  if not cfg.get('text_dir'):
+    raise errors.ConfigError("Dataset 'text' reads config.dataset.text_dir: "
+                             'set it to a directory written by '
+                             'multistep_cm.tools.write_text_data.')
+  return dict(image_size=cfg.image_size, channels=cfg.channels,
+              text_len=cfg.text_len, text_dim=cfg.text_dim,
+              pooled_dim=cfg.pooled_dim)
 
 
 def _text_dataset(cfg):
   """The `text` dataset of `cfg`, checked against the config's sizes."""
   from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
-  if not cfg.get('text_dir'):
-    raise errors.ConfigError("Dataset 'text' reads config.dataset.text_dir: "
-                             'set it to a directory written by '
-                             'multistep_cm.tools.write_text_data.')
-  return text_data.open_dataset(
-      cfg.text_dir, image_size=cfg.image_size, channels=cfg.channels,
-      text_len=cfg.text_len, text_dim=cfg.text_dim, pooled_dim=cfg.pooled_dim)
+  return text_data.open_dataset(cfg.text_dir, **_text_expected(cfg))
 
 
 def _text_batches(cfg, global_batch, rows, seed, start_step):
-  ds = _text_dataset(cfg)
-
-  def batches():
-    for step in itertools.count(start_step):
-      yield ds.rows(step_indices(len(ds), global_batch, seed, step, rows))
-  return _prefetched(batches())
+  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
+  # Opens and checks the dataset before the first batch is asked for.
+  return _prefetched(text_data.train_batches(
+      cfg.text_dir, global_batch, seed, start_step, rows,
+      **_text_expected(cfg)))
 
 
 def _toy2d_batches(global_batch, rows, seed, start_step):

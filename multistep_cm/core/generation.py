@@ -28,6 +28,12 @@ def eval_labels(config, n):
   return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
 
 
+def conditioned(config):
+  """Whether the config's network is conditioned, on classes or captions:
+  then a guided sampler costs two evaluations per step."""
+  return bool(config.dataset.num_classes or config.dataset.get('text_dim', 0))
+
+
 def eval_captions(config):
   """The evaluation captions of a `text` dataset (core/text_data.py):
   config.evaluate.prompts, else the training data's, checked against the

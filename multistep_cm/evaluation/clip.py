@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm.core import errors
+from multistep_cm.evaluation import inception
 
 HIGHEST = jax.lax.Precision.HIGHEST
 CONFIG_KEY = '__config__'
@@ -303,20 +304,10 @@ def param_shapes(config):
 def check_arrays(arrays, config, source):
   """Raises ClipWeightsError unless `arrays` has exactly the names and shapes
   of the network for `config`."""
-  want = param_shapes(config)
-  missing = sorted(set(want) - set(arrays))
-  extra = sorted(set(arrays) - set(want))
-  wrong = sorted(k for k in set(want) & set(arrays)
-                 if tuple(arrays[k].shape) != want[k])
-  if missing or extra or wrong:
-    parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
-             f'{len(extra)} unexpected (e.g. {extra[0]})' if extra else '',
-             f'{len(wrong)} of wrong shape (e.g. {wrong[0]}: '
-             f'{tuple(arrays[wrong[0]].shape)} instead of {want[wrong[0]]})'
-             if wrong else '']
+  mismatch = inception.describe_mismatch(arrays, param_shapes(config))
+  if mismatch:
     raise ClipWeightsError(
-        f'{source} does not match the CLIP config {config}: '
-        f'{"; ".join(p for p in parts if p)}.')
+        f'{source} does not match the CLIP config {config}: {mismatch}.')
 
 
 def config_from_json(text, source):

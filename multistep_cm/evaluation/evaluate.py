@@ -69,8 +69,7 @@ def protocol(config, step):
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
           config.dataset.name, 'sampler': kind, 'steps': steps,
-      'nfe': spec.nfe(config.dataset.num_classes or
-                      config.dataset.get('text_dim', 0)),
+      'nfe': spec.nfe(generation.conditioned(config)),
       'guidance': guidance, 'sampling_guidance': sampling_guidance,
       'ema': ev.ema, 'seed': ev.seed,
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,

@@ -12,6 +12,7 @@ import jax
 import matplotlib
 import numpy as np
 
+from multistep_cm.core import generation
 from multistep_cm.core import images
 from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
@@ -52,8 +53,6 @@ def table(runs, workdir, stem, per_row=None, notes=''):
   rows = json.loads(path.read_text()) if path.exists() else []
   config = runs[0][1]
   scorer = scoring.get(config, quick=True)
-  conditional = (config.dataset.num_classes or
-                 config.dataset.get('text_dim', 0))
   grids = {}
   for name, cfg, directory, spec in runs:
     grid_path = _grid_path(workdir, stem, name)
@@ -63,7 +62,7 @@ def table(runs, workdir, stem, per_row=None, notes=''):
     _, samples, scores, _ = quick.from_checkpoint(cfg, directory,
                                                   quick.SEED_TABLES, spec)
     row = {'name': name, 'sampler': spec.kind, 'steps': spec.steps,
-           'nfe': spec.nfe(conditional), **scores}
+           'nfe': spec.nfe(generation.conditioned(cfg)), **scores}
     rows = [r for r in rows if r['name'] != name] + [row]
     grids[name] = samples[:cfg.train_eval.grid_size]
     if jax.process_index() == 0:
