@@ -7,8 +7,8 @@ setuptools.setup(
     version='0.1.0',
     description='Multistep Consistency Models (Heek, Hoogeboom, Salimans 2024) '
                 'in JAX/Flax: diffusion teachers, distillation, samplers.',
-    packages=setuptools.find_packages(include=['multistep_cm', 'multistep_cm.*',
-                                               'configs']),
+    # configs/ holds experiments, read from the checkout; not installed.
+    packages=setuptools.find_packages(include=['multistep_cm', 'multistep_cm.*']),
     package_data={'multistep_cm.evaluation': ['assets/*.npz']},
     python_requires='>=3.11',
     # Lower bounds are the versions this was tested with.

@@ -24,8 +24,8 @@ Arguments: those of configs/digits.py (`stage=` including `gd`, `steps=S`,
 `smoke`) and `guidance=w` (a single stage's guidance scale).
 """
 
-from configs import common
 from configs import digits
+from multistep_cm.core import config as common
 from multistep_cm.core import stages
 
 

@@ -15,12 +15,13 @@ student needs --config.teacher_checkpoint), `steps=S` sets the student's
 steps, `smoke` shrinks everything to run in seconds.
 """
 
-from configs import common
+from multistep_cm.core import config as common
 
 
 def get_config(arg=None):
   arg = common.parse_embedded_arg(arg)
   c = common.base()
+  c.dataset.name = 'digits'
   # Sized for a 2-core CPU: ~0.14 s per step at batch 128.
   c.model.levels = (('res', 32, 1, 0.), ('attn', 96, 1, 0.1))
   c.model.mid_channels = 128

@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.dataset.image_size = 128
   c.schedule.image_size = 128
   c.schedule.noise_size_high = 128
-  c.loss.multiscale = True  # Simple diffusion's multiscale loss, one 2x2 level.
+  c.loss.multiscale = 1  # Simple diffusion's multiscale loss, one 2x2 level.
   if arg.smoke:
     c.model.levels = (('res', 8, 1, 0.),) + tuple(c.model.levels)
     return c

@@ -16,7 +16,7 @@ aDDIM steps; 8-step CD students 1.6 / 1.4, CT 1.5 / 1.5. The teacher's own
 training length is not in the paper, so its `total_steps` is our choice.
 """
 
-from configs import common
+from multistep_cm.core import config as common
 
 ARGS = {'size': ('small', 'large'), **common.STAGE_ARG}
 

@@ -12,7 +12,7 @@ floor). Arguments as in digits.py: `stage=teacher|cd|ct|pd`, `steps=S`,
 
 import ml_collections
 
-from configs import common
+from multistep_cm.core import config as common
 
 
 def get_config(arg=None):

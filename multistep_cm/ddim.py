@@ -1,4 +1,5 @@
-"""The deterministic step primitives of spec section 2: DDIM, its inverse, aDDIM.
+"""The step primitives of spec section 2: DDIM, its inverse, aDDIM, and the
+ancestral (DDPM) step that samples the posterior q(z_s | z_t, x).
 
 Every function maps between two times t > u given alpha/sigma at both. These
 may be Python scalars, 0-d arrays or per-example arrays of shape (batch,); a
@@ -63,6 +64,25 @@ def addim_step(x_pred, z_t, alpha_t, sigma_t, alpha_s, sigma_s, x_var):
                        1e-12)
   zeta = jnp.square(c) * x_var
   return alpha_s * x_pred + jnp.sqrt(jnp.square(sigma_s) + zeta / eps_sq) * eps
+
+
+def ddpm_step(x_pred, z_t, alpha_t, sigma_t, alpha_s, sigma_s, noise):
+  """Ancestral step from t to s: a draw of the posterior q(z_s | z_t, x) with
+  x = x_pred (Kingma et al. 2021), with alpha_ts = alpha_t / alpha_s and
+  sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2:
+    mean = alpha_ts sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_ts^2 / sigma_t^2 x,
+    var = sigma_ts^2 sigma_s^2 / sigma_t^2,
+  plus sqrt(var) `noise` (standard normal, shaped like z_t)."""
+  x_pred, z_t, noise = _f32(x_pred, z_t, noise)
+  alpha_t, sigma_t, alpha_s, sigma_s, _, _ = _coefs(
+      z_t, alpha_t, sigma_t, alpha_s, sigma_s)
+  alpha_ts = alpha_t / alpha_s
+  var_ts = jnp.maximum(jnp.square(sigma_t) - jnp.square(alpha_ts * sigma_s),
+                       0.)
+  inv_var_t = 1. / jnp.square(sigma_t)
+  mean = (alpha_ts * jnp.square(sigma_s) * inv_var_t * z_t +
+          alpha_s * var_ts * inv_var_t * x_pred)
+  return mean + jnp.sqrt(var_ts * jnp.square(sigma_s) * inv_var_t) * noise
 
 
 def x_from_v(v_pred, z_t, alpha_t, sigma_t):

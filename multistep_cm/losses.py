@@ -1,11 +1,13 @@
 """Training losses. Networks enter as plain functions
-`(params, z_t, t, labels, rng) -> v_prediction` (see `models.network_fn`)."""
+`(params, z_t, t, cond, rng) -> v_prediction` (see `models.network_fn`);
+what `cond` is, its null and its dropout, a `conditioning.Condition` says."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from multistep_cm import conditioning
 from multistep_cm import ddim
 from multistep_cm import guidance as guidance_lib
 from multistep_cm import schedules
@@ -33,31 +35,35 @@ def _forward_process(k_t, k_eps, x, logsnr_fn):
 
 
 def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
-                   label_dropout=0., num_classes=0, multiscale=False):
+                   label_dropout=0., condition=conditioning.UNCONDITIONAL,
+                   multiscale=0):
   """Continuous-time diffusion loss with t ~ U(0, 1) and the v-loss weighting.
 
   (SNR(t) + 1) ||x_hat - x||^2 equals ||v_hat - v||^2 exactly, so the loss is
-  the mean squared v error. With `multiscale`, the error is also measured
-  after one 2x2 average pool and the two per-pixel means are averaged (simple
-  diffusion's multiscale loss with one extra level); the pooled error is the
-  error of the pooled v because pooling is linear.
+  the mean squared v error. `multiscale` (an int; True is 1) adds that many
+  levels of simple diffusion's multiscale loss: the error is also measured
+  after 1, 2, ... successive 2x2 average pools, and the per-pixel means of
+  all levels are averaged with equal weights; the pooled error is the error
+  of the pooled v because pooling is linear. `label_dropout` replaces the
+  condition of that fraction of examples by its null (`condition.drop`).
 
   Returns the scalar loss averaged over the batch.
   """
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   x = x.astype(jnp.float32)
   t, eps, a, s, z_t = _forward_process(k_t, k_eps, x, logsnr_fn)
-  labels = guidance_lib.drop_labels(k_label, labels, label_dropout,
-                                    num_classes)
+  labels = condition.drop(k_label, labels, label_dropout)
   v_err = network(params, z_t, t, labels, k_drop) - (a * eps - s * x)
-  loss = _mean_per_example(jnp.square(v_err))
-  if multiscale:
-    loss = 0.5 * (loss + _mean_per_example(jnp.square(_avg_pool2(v_err))))
-  return jnp.mean(loss)
+  levels = [_mean_per_example(jnp.square(v_err))]
+  for _ in range(int(multiscale)):
+    v_err = _avg_pool2(v_err)
+    levels.append(_mean_per_example(jnp.square(v_err)))
+  return jnp.mean(sum(levels) / len(levels))
 
 
 def guidance_distillation_loss(network, params, teacher, teacher_params, x,
-                               labels, rng, logsnr_fn, guidance, num_classes=0):
+                               labels, rng, logsnr_fn, guidance,
+                               condition=conditioning.UNCONDITIONAL):
   """The guidance-distilled teacher of the paper's Table 6: one evaluation of
   the network learns the teacher's classifier-free guided prediction
   (1 + w) cond - w uncond, at the diffusion loss's times and noise: the mean
@@ -67,7 +73,7 @@ def guidance_distillation_loss(network, params, teacher, teacher_params, x,
   t, _, _, _, z_t = _forward_process(k_t, k_eps, x.astype(jnp.float32),
                                      logsnr_fn)
   target, _ = guidance_lib.guided_v(teacher, teacher_params, z_t, t, labels,
-                                    guidance, num_classes)
+                                    guidance, condition)
   v_err = network(params, z_t, t, labels, k_drop) - jax.lax.stop_gradient(
       target)
   return jnp.mean(_mean_per_example(jnp.square(v_err)))
@@ -116,15 +122,23 @@ def sample_times(rng, batch, student_steps, n_seg):
 def _huber(m, delta):
   """sqrt(m + delta^2) - delta, written m / (sqrt(m + delta^2) + delta): the
   same value without the cancellation that loses float32 digits when m is
-  small next to delta^2 (delta = 1, the text-to-image setting)."""
+  small next to delta^2 (delta = 1, the text-to-image setting). delta = 0 is
+  the plain norm sqrt(m), its gradient taken as 0 at m = 0 (that form would
+  divide 0 by 0 there)."""
+  if delta == 0:
+    positive = m > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, m, 1.)), 0.)
   return m / (jnp.sqrt(m + delta**2) + delta)
 
 
 def pseudo_huber(err, delta, norm='rms'):
   """sqrt(||e||^2 + delta^2) - delta per example: an l2 (not squared) distance
-  made smooth at 0. `norm`: 'rms' normalises ||e||^2 by the dimension (spec
-  A1, the default), 'sum' does not, 'elementwise' applies it per dimension
-  and averages (close to l1 for small delta; for comparison only)."""
+  made smooth at 0 (delta = 0: the plain l2 norm; delta < 0 is an error).
+  `norm`: 'rms' normalises ||e||^2 by the dimension (spec A1, the default),
+  'sum' does not, 'elementwise' applies it per dimension and averages (close
+  to l1 for small delta; for comparison only)."""
+  if delta < 0:
+    raise ValueError(f'huber_delta must be >= 0, not {delta}.')
   sq = jnp.square(err)
   if norm == 'rms':
     return _huber(_mean_per_example(sq), delta)
@@ -145,23 +159,24 @@ def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
 
 
 def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
-              num_classes=0):
+              condition=conditioning.UNCONDITIONAL):
   """The teacher's x prediction (guided when `guidance` > 0) and its plain
   conditional prediction, which sets the aDDIM variance (spec A9). Dropout off."""
   alpha, sigma = _ab(logsnr_fn, t)
   guided, cond = guidance_lib.guided_v(teacher, teacher_params, z, t, labels,
-                                       guidance, num_classes)
+                                       guidance, condition)
   return (ddim.x_from_v(guided, z, alpha, sigma),
           ddim.x_from_v(cond, z, alpha, sigma))
 
 
 def teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
-                       logsnr_fn, xvar_frac=0.75, guidance=0., num_classes=0):
+                       logsnr_fn, xvar_frac=0.75, guidance=0.,
+                       condition=conditioning.UNCONDITIONAL):
   """One aDDIM step z_t -> z_s of the teacher, its x variance xvar_frac times
   the per-example error of the conditional prediction against the data x
   (spec section 3): the step both CD and PD distil."""
   x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, labels, logsnr_fn,
-                            guidance, num_classes)
+                            guidance, condition)
   x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
   return ddim.addim_step(x_tea, z_t, *_ab(logsnr_fn, t), *_ab(logsnr_fn, s),
                          x_var)
@@ -172,7 +187,7 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
                            teacher=None, teacher_params=None, xvar_frac=0.75,
                            huber_delta=1e-4, norm='rms',
                            weighting='snr_plus_one', guidance=0.,
-                           num_classes=0):
+                           condition=conditioning.UNCONDITIONAL):
   """Per-example multistep consistency loss for given draws (Alg. 1, 4-12).
 
   `t`, `s`, `t_step` are (batch,) times with s = t - 1/T and t_step the
@@ -189,7 +204,7 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
   z_t = e(a_t) * x + e(s_t) * eps
   if mode == 'cd':
     z_s = teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
-                             logsnr_fn, xvar_frac, guidance, num_classes)
+                             logsnr_fn, xvar_frac, guidance, condition)
   elif mode == 'ct':
     z_s = e(a_s) * x + e(s_s) * eps
   else:
@@ -225,9 +240,11 @@ class ConsistencyOptions:
   `mode` 'cd' steps with the teacher's aDDIM, 'ct' with the forward process;
   N, the teacher steps, anneals log-linearly from `anneal_start` to
   `anneal_end` over `anneal_steps` iterations; `xvar_frac` is aDDIM's eta;
-  `huber_delta`, `norm` (A1) and `weighting` (A2) shape the distance;
-  `guidance` guides the CD teacher (A9) with label `num_classes` as null;
-  `label_dropout` replaces student labels by the null label.
+  `huber_delta` (>= 0), `norm` (A1) and `weighting` (A2) shape the
+  distance; `guidance` guides the CD teacher (A9) with the null of
+  `condition`; `label_dropout` replaces the condition of that fraction of
+  examples by its null before any network sees it: the student, its target
+  and the CD teacher alike.
   """
   mode: str = 'cd'
   anneal_start: float = 64.
@@ -238,7 +255,7 @@ class ConsistencyOptions:
   norm: str = 'rms'
   weighting: str = 'snr_plus_one'
   guidance: float = 0.
-  num_classes: int = 0
+  condition: conditioning.Condition = conditioning.UNCONDITIONAL
   label_dropout: float = 0.
 
   def __post_init__(self):
@@ -250,6 +267,8 @@ class ConsistencyOptions:
                          f'{", ".join(allowed)}.')
     if self.guidance and self.mode == 'ct':
       raise ValueError('Guidance needs a teacher: CT has none (use CD).')
+    if self.huber_delta < 0:
+      raise ValueError(f'huber_delta must be >= 0, not {self.huber_delta}.')
 
 
 def consistency_loss(student, params, x, labels, rng, logsnr_fn,
@@ -268,14 +287,13 @@ def consistency_loss(student, params, x, labels, rng, logsnr_fn,
                           o.anneal_end, o.anneal_steps)
   t, s, t_step = sample_times(k_t, x.shape[0], student_steps, n_seg)
   eps = jax.random.normal(k_eps, x.shape)
-  labels = guidance_lib.drop_labels(k_label, labels, o.label_dropout,
-                                    o.num_classes)
+  labels = o.condition.drop(k_label, labels, o.label_dropout)
   target = params if target_params is None else target_params
   terms = consistency_loss_terms(
       student, params, target, x, labels, eps, t, s, t_step, logsnr_fn,
       k_drop, mode=o.mode, teacher=teacher, teacher_params=teacher_params,
       xvar_frac=o.xvar_frac, huber_delta=o.huber_delta, norm=o.norm,
-      weighting=o.weighting, guidance=o.guidance, num_classes=o.num_classes)
+      weighting=o.weighting, guidance=o.guidance, condition=o.condition)
   return jnp.mean(terms), {'n_seg': n_seg}
 
 
@@ -286,7 +304,7 @@ def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
                                teacher=None, teacher_params=None, **options):
   """`consistency_loss` with its options as keyword arguments: the fields of
   `ConsistencyOptions` (mode, xvar_frac, huber_delta, norm, weighting,
-  guidance, num_classes, and those named here)."""
+  guidance, condition, and those named here)."""
   options = ConsistencyOptions(anneal_start=anneal_start,
                                anneal_end=anneal_end,
                                anneal_steps=anneal_steps,
@@ -298,7 +316,8 @@ def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
 
 def progressive_distillation_loss(student, params, teacher, teacher_params, x,
                                   labels, rng, logsnr_fn, student_steps,
-                                  xvar_frac=0.75, guidance=0., num_classes=0):
+                                  xvar_frac=0.75, guidance=0.,
+                                  condition=conditioning.UNCONDITIONAL):
   """Progressive distillation (Salimans & Ho 2022) with an aDDIM teacher, the
   paper's Table 3 baseline: one student step of 1/S matches two teacher
   steps of 1/(2S). Squared error in x, weighted by SNR + 1 (the v-loss).
@@ -315,7 +334,7 @@ def progressive_distillation_loss(student, params, teacher, teacher_params, x,
   z_t = z
   for u0, u1 in ((t, t - half), (t - half, t - 2 * half)):
     z = teacher_addim_step(teacher, teacher_params, z, u0, u1, x, labels,
-                           logsnr_fn, xvar_frac, guidance, num_classes)
+                           logsnr_fn, xvar_frac, guidance, condition)
   a_s, s_s = _ab(logsnr_fn, t - 2 * half)
   x_tgt = jax.lax.stop_gradient(ddim.inverse_ddim(z, z_t, a_t, s_t, a_s, s_s))
   x_hat = _x_pred(student, params, z_t, t, labels, k_drop, logsnr_fn)

@@ -157,9 +157,9 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
   # pylint: disable=g-import-not-at-top
-  from configs import common
   from multistep_cm import pipeline
   from multistep_cm import train
+  from multistep_cm.core import config as config_lib
   from multistep_cm.core import preemption
   from multistep_cm.core import validation
   from multistep_cm.evaluation import evaluate
@@ -171,7 +171,8 @@ def main(argv):
     _initialize_distributed()
     _log_start(config)
     if FLAGS.mode == 'train' and config.pipeline.stages:
-      pipeline.run(common.StageConfigs.from_flag(FLAGS['config']), workdir)
+      pipeline.run(config_lib.StageConfigs.from_flag(FLAGS['config']),
+                   workdir)
     elif FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
     else:

@@ -1,6 +1,7 @@
 """Denoising networks: the UViT of simple diffusion and an MLP for 2-D data.
 
-Both predict v = alpha eps - sigma x from (z_t, t, label). Losses and samplers
+Both predict v = alpha eps - sigma x from (z_t, t, cond), where a
+`conditioning.Condition` builds the network's inputs from `cond`. Losses and samplers
 never see these classes: they see the plain function of `network_fn`, so any
 JAX model with that signature, or an analytic denoiser, can take their place.
 
@@ -17,6 +18,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from multistep_cm import conditioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +44,10 @@ class UViTConfig:
   mlp_ratio: int = 4
   head_dim: int = 64
   emb_dim: int = 1024
-  num_classes: int = 0  # 0: unconditional; else label `num_classes` is null.
-  # Text conditioning (0: none): the width of the caption's token embeddings,
-  # which every transformer block cross-attends to, and of its pooled vector,
-  # added to the time embedding. Labels are then a dict; see `text_labels`.
-  text_dim: int = 0
-  pooled_dim: int = 0
+  # What the network is conditioned on: its vector joins the time embedding;
+  # its tokens (captions), if any, are cross-attended to by every transformer
+  # block.
+  condition: conditioning.Condition = conditioning.UNCONDITIONAL
   out_channels: int = 3
   dtype: str = 'bfloat16'
   attention: str = 'auto'  # auto, xla or cudnn: see attention_implementation.
@@ -91,34 +92,21 @@ def timestep_embedding(t, dim, max_period=10_000.):
 
 
 class Conditioning(nn.Module):
-  """Embedding of time and (optionally) class label or pooled caption
-  vector, shared by all blocks."""
+  """Embedding of time and the condition's vector (a class embedding, a
+  pooled caption vector, ...), shared by all blocks."""
   emb_dim: int
-  num_classes: int
+  condition: conditioning.Condition
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, t, labels, pooled=None):
+  def __call__(self, t, cond):
     emb = timestep_embedding(t, min(self.emb_dim, 512))
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(emb)
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(nn.silu(emb))
-    if self.num_classes:
-      emb += nn.Embed(self.num_classes + 1, self.emb_dim, dtype=self.dtype)(
-          labels)
-    if pooled is not None:
-      emb += nn.Dense(self.emb_dim, dtype=self.dtype, name='pooled')(pooled)
+    vector = self.condition.vector(cond, self.emb_dim, self.dtype)
+    if vector is not None:
+      emb += vector
     return nn.silu(emb)
-
-
-def text_labels(text, text_mask, pooled=None):
-  """The labels of a text-conditioned network: the caption's token embeddings
-  (b, L, text_dim), which of them are real (b, L) and, if the model has
-  one, the pooled vector (b, pooled_dim). The null caption (classifier-free
-  guidance) is every token masked and a zero pooled vector."""
-  labels = {'text': text, 'text_mask': text_mask}
-  if pooled is not None:
-    labels['pooled'] = pooled
-  return labels
 
 
 def _groups(channels):
@@ -217,16 +205,13 @@ class UViT(nn.Module):
                   f'{_BLOCKS[kind].__name__}_{names[kind] - 1}')
 
   @nn.compact
-  def __call__(self, z, t, labels, train=False):
+  def __call__(self, z, t, cond, train=False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    context, pooled = None, None
-    if cfg.text_dim:
-      context = self._context(labels, dtype)
-      pooled = labels['pooled'] if cfg.pooled_dim else None
-      labels = None
-    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels, pooled)
+    context = cfg.condition.context(self, cond, cfg.emb_dim, dtype,
+                                    cfg.norm_float32)
+    emb = Conditioning(cfg.emb_dim, cfg.condition, dtype)(t, cond)
     h = nn.Conv(cfg.levels[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
 
     skips, names = [], {'res': 0, 'attn': 0}
@@ -275,22 +260,6 @@ class UViT(nn.Module):
                        h.shape[1:], jnp.float32)
       h = h + pos.astype(dtype)
     return h
-
-  def _context(self, labels, dtype):
-    """(tokens, mask) the transformer blocks cross-attend to: a learned null
-    token, then the caption's tokens (masked ones zeroed, so that what
-    padding holds cannot matter), normalised and projected once to the
-    embedding width."""
-    text, mask = labels['text'], labels['text_mask'].astype(bool)
-    null = self.param('text_null', nn.initializers.normal(0.02),
-                      (1, 1, self.config.text_dim), jnp.float32)
-    tokens = jnp.concatenate(
-        [jnp.broadcast_to(null, (text.shape[0],) + null.shape[1:]),
-         jnp.where(mask[..., None], text, 0.)], axis=1)
-    tokens = nn.LayerNorm(dtype=dtype, name='text_norm')(tokens.astype(dtype))
-    tokens = nn.Dense(self.config.emb_dim, dtype=dtype,
-                      name='text_proj')(tokens)
-    return tokens, jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
 
   @staticmethod
   def _apply(block, h, emb, train, context=None):
@@ -366,7 +335,7 @@ class MLPConfig:
   width: int = 256
   num_blocks: int = 4
   emb_dim: int = 128
-  num_classes: int = 0
+  condition: conditioning.Condition = conditioning.UNCONDITIONAL
   out_channels: int = 2
   dropout: float = 0.
   dtype: str = 'float32'
@@ -376,11 +345,11 @@ class MLP(nn.Module):
   config: MLPConfig
 
   @nn.compact
-  def __call__(self, z, t, labels, train=False):
+  def __call__(self, z, t, cond, train=False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    emb = Conditioning(cfg.emb_dim, cfg.num_classes, dtype)(t, labels)
+    emb = Conditioning(cfg.emb_dim, cfg.condition, dtype)(t, cond)
     h = nn.Dense(cfg.width, dtype=dtype)(z.astype(dtype))
     for _ in range(cfg.num_blocks):
       g = nn.LayerNorm(dtype=dtype)(h) + nn.Dense(cfg.width, dtype=dtype)(emb)
@@ -392,9 +361,12 @@ class MLP(nn.Module):
     return out.astype(jnp.float32)
 
 
-def create_model(model_config):
-  """Builds the Linen module named by a config's `model` section."""
+def create_model(model_config, condition=None):
+  """Builds the Linen module named by a config's `model` section (its
+  fields, `out_channels`, and `condition` unless given here)."""
   cfg = dict(model_config)
+  if condition is not None:
+    cfg['condition'] = condition
   name = cfg.pop('name')
   if name == 'uvit':
     cfg['levels'] = tuple(Level(*lv) for lv in cfg['levels'])
@@ -405,12 +377,12 @@ def create_model(model_config):
 
 
 def network_fn(model):
-  """The plain function `(params, z_t, t, labels, rng) -> v_prediction` that
+  """The plain function `(params, z_t, t, cond, rng) -> v_prediction` that
   losses and samplers take. `rng=None` means evaluation mode (no dropout)."""
-  def fn(params, z_t, t, labels, rng=None):
+  def fn(params, z_t, t, cond, rng=None):
     train = rng is not None
     rngs = {'dropout': rng} if train else {}
-    return model.apply({'params': params}, z_t, t, labels, train=train,
+    return model.apply({'params': params}, z_t, t, cond, train=train,
                        rngs=rngs)
   return fn
 

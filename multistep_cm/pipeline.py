@@ -2,7 +2,7 @@
 compare the student with the teacher's samplers.
 
 Each stage runs in its own sub-directory of the workdir (its stage's
-`workdir_name`) with the config its single-stage command would use, and
+`run_key`) with the config its single-stage command would use, and
 resumes there after a crash; each row of the comparison is stored once
 computed, so a restarted comparison only computes what is missing.
 """
@@ -10,6 +10,7 @@ computed, so a restarted comparison only computes what is missing.
 from absl import logging
 from etils import epath
 
+from multistep_cm import datasets
 from multistep_cm import train
 from multistep_cm.core import stages
 from multistep_cm.core import validation
@@ -30,7 +31,7 @@ def run(configs, workdir):
     changes = ({'teacher_checkpoint': str(teacher_dir)} if stage.student
                else {})
     config = configs(name, changes=changes)
-    directory = workdir / stage.workdir_name(config)
+    directory = workdir / stage.run_key(config)
     if not stage.student:
       teacher_dir = directory
     runs.append((stage, config, directory))
@@ -53,26 +54,29 @@ def run(configs, workdir):
 
 def run_guided(configs, workdir):
   """The paper's Table 6 on the config's data: the teacher (WORKDIR/teacher),
-  then for each guidance scale w of `pipeline.guidance`, in WORKDIR/w<w>/, a
-  guidance-distilled teacher (gd_w<w>) and CD students at each S of
-  `pipeline.student_steps` (cd_s<S>), all from the teacher guided at w (one
-  student per scale); then the table (WORKDIR/guided.{md,json,png}) of each
-  against the teacher's guided aDDIM at `pipeline.teacher_steps[-1]` steps.
+  then for each guidance scale w of `pipeline.guidance`, in WORKDIR/w<w>/,
+  the stages of `pipeline.guided_stages` (by default a guidance-distilled
+  teacher, gd_w<w>, and CD students at each S of `pipeline.student_steps`,
+  cd_s<S>), all from the teacher guided at w (one student per scale); then
+  the table (WORKDIR/guided.{md,json,png}) of each against the teacher's
+  guided aDDIM and ancestral DDPM at `pipeline.teacher_steps[-1]` steps.
   Returns its rows."""
   workdir = epath.Path(workdir)
   base = configs.base.pipeline
   teacher = configs('teacher')
-  teacher_dir = workdir / 'teacher'
-  runs = [(stages.get('teacher'), teacher, teacher_dir)]
+  teacher_stage = stages.get('teacher')
+  teacher_dir = workdir / teacher_stage.run_key(teacher)
+  runs = [(teacher_stage, teacher, teacher_dir)]
   for w in base.guidance:
     changes = {'teacher_checkpoint': str(teacher_dir),
                'consistency.guidance': float(w)}
-    for name, steps in [('gd', None)] + [('cd', s) for s in
-                                         base.student_steps]:
-      config = configs(name, steps, changes)
+    for name in base.guided_stages:
       stage = stages.get(name)
-      runs.append((stage, config, workdir / f'w{w:g}' /
-                   stage.workdir_name(config)))
+      for steps in (base.student_steps if stage.sampling == 'student'
+                    else (None,)):
+        config = configs(name, steps, changes)
+        runs.append((stage, config,
+                     workdir / f'w{w:g}' / stage.run_key(config)))
   for _, config, _ in runs:
     validation.check_config(config)
   validation.check_workdir(workdir)
@@ -83,31 +87,16 @@ def run_guided(configs, workdir):
   rows = []
   teacher_steps = base.teacher_steps[-1]
   for w in base.guidance:
-    rows.append((f'w={w:g}: teacher aDDIM {teacher_steps}', teacher,
-                 teacher_dir, stages.sampler_spec('addim', teacher_steps,
-                                                  float(w))))
+    for kind, label in (('addim', 'aDDIM'), ('ddpm', 'DDPM')):
+      rows.append((f'w={w:g}: teacher {label} {teacher_steps}', teacher,
+                   teacher_dir, teacher_stage.sampler(teacher, kind,
+                                                      teacher_steps,
+                                                      float(w))))
     for stage, config, directory in runs[1:]:
-      if config.consistency.guidance != float(w):
-        continue
-      label = ('guidance-distilled teacher, DDIM '
-               f'{config.sampler.steps}' if stage.name == 'gd'
-               else f'multistep CD, S={config.student_steps}')
-      rows.append((f'w={w:g}: {label}', config, directory,
-                   stage.sampler(config)))
+      if config.consistency.guidance == float(w):
+        rows.append((f'w={w:g}: {stage.label(config)}', config, directory,
+                     stage.sampler(config)))
   return reports.table(rows, workdir, 'guided',
                        per_row=len(rows) // len(base.guidance),
-                       notes=_prompt_notes(teacher))
-
-
-def _prompt_notes(config):
-  """Which prompt each cell of the grids shows (captioned digits)."""
-  if config.dataset.name != 'captioned_digits':
-    return ''
-  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
-  per_class = config.train_eval.grid_size // 10
-  texts, _ = captioned_digits.prompts(per_class)
-  lines = ['', 'Grids: column c is digit c; row j shows prompt j of its '
-           'class, e.g. for the 7s:', '']
-  lines += [f'{j}. "{texts[10 * j + 7]}"' for j in range(per_class)]
-  return '\n'.join(lines) + '\n'
-
+                       notes=datasets.get(teacher).notes(
+                           teacher.train_eval.grid_size))

@@ -21,8 +21,8 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
-from configs import common
 from multistep_cm import train
+from multistep_cm.core import config as config_lib
 from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
 from multistep_cm.evaluation import reports
@@ -50,35 +50,39 @@ def _config(configs, stage, steps, teacher_dir, train_steps=None):
 
 def sweep(configs, workdir, steps, stage_names, train_steps=None):
   """Trains and scores every (stage, S) of the plan; returns the scores by
-  '<stage>_s<S>', also stored in WORKDIR/sweep.json."""
+  run key ('<stage>_s<S>'), also stored in WORKDIR/sweep.json."""
   workdir = epath.Path(workdir)
   teacher = configs('teacher')
-  teacher_dir = workdir / stages.get('teacher').workdir_name(teacher)
+  teacher_dir = workdir / stages.get('teacher').run_key(teacher)
   train.train_and_evaluate(teacher, teacher_dir)
   results_path = workdir / 'sweep.json'
   results = (json.loads(results_path.read_text()) if results_path.exists()
              else {})
   root = workdir / 'sweep'
-  plan = [(stage, s, teacher_dir) for stage in stage_names if stage != 'pd'
-          for s in steps]
-  if 'pd' in stage_names:
-    # Each PD phase halves the steps of the one before; the first halves the
-    # teacher's 2 S_max aDDIM steps.
+  plan = []  # (stage, S, config)
+  for name in stage_names:
+    stage = stages.get(name)
+    if not stage.chains:
+      plan += [(stage, s, _config(configs, name, s, teacher_dir, train_steps))
+               for s in steps]
+      continue
+    # Each phase of a chaining stage (PD) halves the steps of the one
+    # before; the first halves the teacher's 2 S_max aDDIM steps.
     prev = teacher_dir
     for s in sorted(steps, reverse=True):
-      plan.append(('pd', s, prev))
-      prev = root / stages.get('pd').workdir_name(
-          _config(configs, 'pd', s, prev, train_steps))
-  for stage, s, parent in plan:
-    key = f'{stage}_s{s}'
+      c = _config(configs, name, s, prev, train_steps)
+      plan.append((stage, s, c))
+      prev = root / stage.run_key(c)
+  for stage, s, c in plan:
+    key = stage.run_key(c)
     if key in results:
       continue
-    c = _config(configs, stage, s, parent, train_steps)
-    directory = root / stages.get(stage).workdir_name(c)
-    logging.info('=== %s, S = %d, in %s ===', stage.upper(), s, directory)
+    directory = root / key
+    logging.info('=== %s, S = %d, in %s ===', stage.name.upper(), s,
+                 directory)
     train.train_and_evaluate(c, directory)
     scores = quick.from_checkpoint(c, directory, quick.SEED_TABLES)[2]
-    results[key] = {'stage': stage, 'steps': s, **scores}
+    results[key] = {'stage': stage.name, 'steps': s, **scores}
     if jax.process_index() == 0:
       results_path.write_text(json.dumps(results, indent=1))
   return results
@@ -86,7 +90,7 @@ def sweep(configs, workdir, steps, stage_names, train_steps=None):
 
 def main(argv):
   del argv
-  configs = common.StageConfigs.from_flag(FLAGS['config'])
+  configs = config_lib.StageConfigs.from_flag(FLAGS['config'])
   steps = [int(s) for s in FLAGS.steps]
   results = sweep(configs, FLAGS.workdir, steps, FLAGS.stages,
                   FLAGS.train_steps)

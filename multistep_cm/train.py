@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from multistep_cm import datasets
 from multistep_cm import models
 from multistep_cm.core import checkpoint
-from multistep_cm.core import data
 from multistep_cm.core import errors
 from multistep_cm.core import images
 from multistep_cm.core import preemption
@@ -83,7 +83,8 @@ def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
     n = config.train_eval.grid_size
     path = epath.Path(workdir) / 'samples' / f'step_{step:07d}.png'
     images.save_samples_png(path, samples[:n], quick_eval.labels[:n],
-                            config.dataset.num_classes, title=f'step {step}')
+                            datasets.get(config).grid_columns,
+                            title=f'step {step}')
     logging.info('Step %d: wrote %s; %s (%.1fs, %d samples, %s)', step, path,
                  _fmt(scores), time.time() - t0, len(samples),
                  quick_eval.spec.name)
@@ -145,8 +146,8 @@ def train_and_evaluate(config, workdir):
                config.total_steps)
 
   train_step = make_train_step(config, network, tx, state_sh, mesh)
-  batches = data.train_batches(
-      config.dataset, config.batch_size, config.seed, start,
+  batches = datasets.train_batches(
+      config, config.batch_size, config.seed, start,
       rows=sharding.process_rows(config.batch_size, mesh))
   quick_eval = quick.QuickEval(config, network, state_sh.ema_params, mesh,
                                quick.SEED_TRAINING)

@@ -1,5 +1,7 @@
 """The module boundaries: dependencies point one way, from the method up to
-the entry point, and nothing reaches into another module's private names."""
+the entry point, nothing reaches into another module's private names, the
+library never imports the experiments, and no dataset is asked for by name
+outside the dataset table."""
 
 import ast
 import json
@@ -9,12 +11,14 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / 'multistep_cm'
 
 # Layers, lowest first: a module may import its own layer and those below.
-PAPER = {'schedules', 'ddim', 'guidance', 'losses', 'samplers', 'models',
-         'toy2d'}
+PAPER = {'schedules', 'ddim', 'conditioning', 'guidance', 'losses',
+         'samplers', 'models', 'toy2d'}
 LAYERS = ('paper', 'core', 'evaluation', 'train', 'workflows', 'main')
 
 
@@ -27,6 +31,8 @@ def _layer(module):
     return 'paper'
   if parts[0] in ('core', 'evaluation', 'train', 'main'):
     return parts[0]
+  if parts[0] == 'datasets':
+    return 'core'  # The dataset table: what training and evaluation share.
   if parts[0] in ('pipeline', 'sweep', 'tools'):
     return 'workflows'
   raise AssertionError(f'{module}: not placed in a layer')
@@ -91,6 +97,68 @@ def test_no_module_uses_another_modules_private_names():
   assert not wrong, wrong
 
 
+def test_the_library_never_imports_the_experiments():
+  wrong = [f'{module} imports {imported}' for module, tree in _modules()
+           for imported, _ in _imports(module, tree)
+           if imported.split('.')[0] == 'configs']
+  assert not wrong, wrong
+
+
+def _strings(node):
+  """The string constants of an expression: itself, or a tuple, list or set
+  of them."""
+  if isinstance(node, ast.Constant) and isinstance(node.value, str):
+    return {node.value}
+  if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+    return set().union(*(_strings(e) for e in node.elts))
+  return set()
+
+
+def dataset_branches(module, tree, names):
+  """Where `tree` branches on one of the dataset `names`: a comparison or
+  membership test against it, a `case` of it, or a dict keyed by it."""
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Compare):
+      hit = set().union(*(_strings(n) for n in [node.left] +
+                          node.comparators)) & names
+    elif isinstance(node, ast.MatchValue):
+      hit = _strings(node.value) & names
+    elif isinstance(node, ast.Dict):
+      hit = set().union(*(_strings(k) for k in node.keys if k)) & names
+    else:
+      continue
+    found += [f'{module}:{node.lineno} {name!r}' for name in sorted(hit)]
+  return found
+
+
+def _dataset_names():
+  from multistep_cm import datasets  # pylint: disable=g-import-not-at-top
+  return set(datasets.TABLE)
+
+
+def test_no_dataset_is_branched_on_outside_the_table():
+  names = _dataset_names()
+  wrong = [hit for module, tree in _modules()
+           if not module.startswith('multistep_cm.datasets')
+           for hit in dataset_branches(module, tree, names)]
+  assert not wrong, wrong
+
+
+@pytest.mark.parametrize('mutation', [
+    "if config.dataset.name == 'digits':\n  pass\n",
+    "SCORERS = {'toy2d': 1}\n",
+    "x = cfg.name in ('imagenet64', 'cifar10')\n",
+    "match name:\n  case 'captioned_digits':\n    pass\n",
+])
+def test_the_dataset_rule_catches_a_branch(mutation):
+  """The rule above can fail: a module with one added branch on a dataset
+  name is caught."""
+  source = (PACKAGE / 'core' / 'generation.py').read_text() + '\n' + mutation
+  hits = dataset_branches('mutated', ast.parse(source), _dataset_names())
+  assert hits, hits
+
+
 def test_the_paper_modules_import_nothing_of_the_framework():
   for module, tree in _modules():
     if _layer(module) == 'paper':
@@ -147,14 +215,15 @@ sys.meta_path.insert(0, Missing())
 import jax
 from configs import toy2d
 from multistep_cm import models, train
-from multistep_cm.core import data, sharding, state
+from multistep_cm import datasets
+from multistep_cm.core import sharding, state
 config = toy2d.get_config('smoke,stage=teacher')
 mesh = state.make_mesh(config)
 model = state.create_model(config)
 tx = state.make_optimizer(config.optim)
 s, sh = state.init_state(config, model, tx, mesh)
 step = train.make_train_step(config, models.network_fn(model), tx, sh, mesh)
-batch = sharding.global_batch(next(data.train_batches(config.dataset, 64, 0)),
+batch = sharding.global_batch(next(datasets.train_batches(config, 64, 0)),
                               mesh)
 s, out = step(s, batch, None)
 print('RESULT', int(s.step), float(out['loss']) > 0,

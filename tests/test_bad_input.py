@@ -36,6 +36,13 @@ BAD = [
      'set config.teacher_checkpoint'),
     ('teacher sampler without steps', {'sampler.steps': 0},
      'config.sampler: A sampler needs at least one step'),
+    ('negative pseudo-Huber delta',
+     {'stage': 'ct', 'teacher_checkpoint': '/any', 'consistency.huber_delta':
+      -1e-4}, 'huber_delta must be >= 0'),
+    ('multiscale past the image', {'loss.multiscale': 4},
+     'config.loss.multiscale is 4'),
+    ('unknown teacher sampler', {'sampler.kind': 'euler'},
+     "Unknown sampler 'euler'"),
 ]
 
 

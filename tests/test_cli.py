@@ -71,7 +71,7 @@ def test_evaluate_without_inception_weights(tmp_path):
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   line = _last_line(proc)
   assert line.startswith('error: No Inception weights configured.'), line
-  assert 'python -m multistep_cm.evaluation.convert_inception' in line
+  assert 'python -m multistep_cm.tools.convert_inception' in line
 
 
 def test_reference_of_wrong_weights_file(tmp_path):

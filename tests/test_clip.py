@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from multistep_cm.evaluation import clip
-from multistep_cm.evaluation import convert_clip
-from multistep_cm.evaluation import convert_inception
+from multistep_cm.tools import convert_clip
+from multistep_cm.tools import convert_inception
 
 # Small enough for CPU, with every size distinct so that a swapped axis or
 # hyperparameter cannot line up by chance.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from multistep_cm import conditioning
 from multistep_cm import ddim
 from multistep_cm import losses
 from multistep_cm import models
@@ -23,7 +24,8 @@ B = 16
 def _mlp(seed=0):
   """A random nonlinear network: an MLP whose zero-initialised head is jittered."""
   model = models.MLP(models.MLPConfig(width=32, num_blocks=2, emb_dim=16,
-                                      out_channels=3, num_classes=4))
+                                      out_channels=3,
+                                      condition=conditioning.ClassLabels(4)))
   params = model.init(jax.random.key(seed), jnp.zeros((1, 3)), jnp.zeros(1),
                       jnp.zeros(1, jnp.int32))['params']
   params = jax.tree.map(
@@ -219,7 +221,8 @@ def test_consistency_sampler_makes_s_network_evaluations():
       samplers.consistency_sample(net, None, noise, jnp.zeros(2, int),
                                   schedules.cosine_logsnr, S)
     assert len(calls) == S == samplers.nfe(S)
-  assert samplers.nfe(8, guidance=1., num_classes=10) == 16
+  assert samplers.nfe(8, guidance=1.,
+                      condition=conditioning.ClassLabels(10)) == 16
 
 
 def test_empirical_x_var():
@@ -248,7 +251,7 @@ def test_guided_teacher_step():
   labels = jnp.array([0, 1, 2])
   guided, cond = losses.teacher_x(teacher, None, z, t, labels,
                                   schedules.cosine_logsnr, guidance=2.,
-                                  num_classes=4)
+                                  condition=conditioning.ClassLabels(4))
   np.testing.assert_allclose(cond[:, 0], [0, 1, 2], atol=1e-5)
   np.testing.assert_allclose(guided[:, 0], 3. * np.array([0, 1, 2]) - 2. * 4,
                              atol=1e-4)

@@ -8,12 +8,13 @@ from configs import digits
 from configs import imagenet64
 from configs import toy2d as toy2d_config
 from multistep_cm import toy2d
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 
 
 def test_digits_split():
-  xtr, ytr = data.digits('train')
-  xte, yte = data.digits('test')
+  xtr, ytr = digits_data.load('train')
+  xte, yte = digits_data.load('test')
   assert xtr.shape == (1797 - 360, 8, 8, 1) and xte.shape == (360, 8, 8, 1)
   assert xtr.min() >= -1 and xtr.max() <= 1 and xtr.dtype == np.float32
   assert set(np.unique(ytr)) == set(range(10)) == set(np.unique(yte))
@@ -24,9 +25,9 @@ def test_digits_split():
 
 
 def test_digits_batches_resume():
-  it = data.train_batches(digits.get_config().dataset, 32, seed=0)
+  it = datasets.train_batches(digits.get_config(), 32, seed=0)
   first = list(itertools.islice(it, 100))
-  resumed = next(data.train_batches(digits.get_config().dataset, 32, seed=0,
+  resumed = next(datasets.train_batches(digits.get_config(), 32, seed=0,
                                     start_step=57))
   np.testing.assert_array_equal(resumed['x'], first[57]['x'])
   # One epoch covers every training image exactly once.
@@ -42,16 +43,16 @@ def test_global_batch_is_the_same_on_every_topology(name, bounds):
   """Processes holding rows [bounds[i], bounds[i + 1]) of a global batch
   read, together, exactly the batch one process reads: at every step, across
   an epoch boundary of digits (1437 examples) too."""
-  cfg = (digits if name == 'digits' else toy2d_config).get_config().dataset
+  cfg = (digits if name == 'digits' else toy2d_config).get_config()
   batch = bounds[-1]
-  whole = data.train_batches(cfg, batch, seed=3, start_step=178)
-  parts = [data.train_batches(cfg, batch, seed=3, start_step=178,
+  whole = datasets.train_batches(cfg, batch, seed=3, start_step=178)
+  parts = [datasets.train_batches(cfg, batch, seed=3, start_step=178,
                               rows=slice(lo, hi))
            for lo, hi in zip(bounds, bounds[1:])]
   for _ in range(3):
     expected = next(whole)
     got = [next(p) for p in parts]
-    for key in ('x', 'label'):
+    for key in ('x', 'cond'):
       np.testing.assert_array_equal(
           np.concatenate([g[key] for g in got]), expected[key])
 
@@ -65,28 +66,28 @@ def test_toy2d_density_is_the_mixture():
 
 
 def test_missing_tfds_dataset(tmp_path):
-  cfg = imagenet64.get_config('small').dataset
-  cfg.data_dir = str(tmp_path)
-  with pytest.raises(data.DatasetNotPreparedError,
+  cfg = imagenet64.get_config('small')
+  cfg.dataset.data_dir = str(tmp_path)
+  with pytest.raises(datasets.DatasetNotPreparedError,
                      match=r'tfds build imagenet_resized/64x64.*TFDS_DATA_DIR'):
-    data.check_available(cfg)
+    datasets.check_available(cfg)
 
 
 def test_unknown_dataset():
-  cfg = imagenet64.get_config('small').dataset
-  cfg.name = 'imagenet65'
+  cfg = imagenet64.get_config('small')
+  cfg.dataset.name = 'imagenet65'
   with pytest.raises(ValueError, match='Unknown dataset'):
-    data.check_available(cfg)
+    datasets.check_available(cfg)
 
 
 def test_one_pass_covers_the_split_once():
   from multistep_cm.core import images  # pylint: disable=g-import-not-at-top
-  cfg = digits.get_config().dataset
-  x, y = data.digits('train')
-  batches = list(data.one_pass(cfg, 'train', 400))
+  cfg = digits.get_config()
+  x, y = digits_data.load('train')
+  batches = list(datasets.one_pass(cfg, 'train', 400))
   assert [len(b[0]) for b in batches] == [400] * 4  # The last one padded.
   got = np.concatenate([b[0][b[2]] for b in batches])
   np.testing.assert_array_equal(got, images.to_uint8(x))
   np.testing.assert_array_equal(np.concatenate([b[1][b[2]] for b in batches]),
                                 y)
-  assert data.num_examples(cfg, 'train') == len(y) == 1437
+  assert datasets.num_examples(cfg, 'train') == len(y) == 1437

@@ -13,11 +13,13 @@ from configs import digits
 from configs import imagenet64
 from configs import toy2d
 from multistep_cm import train
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
+from multistep_cm.datasets import tfds_images
 from multistep_cm.core import errors
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
-from multistep_cm.evaluation import convert_inception
+from multistep_cm.tools import convert_inception
 from multistep_cm.evaluation import evaluate as evaluation
 from multistep_cm.evaluation import fid
 from tests import inception_golden
@@ -116,13 +118,14 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   examples = [{'image': rng.integers(0, 256, (64, 64, 3), np.uint8),
                'label': i % 1000} for i in range(12)]
-  monkeypatch.setattr(data, '_tfds_source', lambda cfg, split: examples)
+  monkeypatch.setattr(tfds_images.TfdsImages, '_source',
+                      lambda self, split: examples)
   weights = str(tmp_path / 'inception.npz')
   config = imagenet64.get_config('smoke')
   config.evaluate.inception_weights = weights
   config.evaluate.inception_sha256 = _random_inception_npz(weights)
   config.evaluate.batch_size = 8
-  batch = next(data.train_batches(config.dataset, 8, 0))
+  batch = next(datasets.train_batches(config, 8, 0))
   assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
   assert -1 <= batch['x'].min() and batch['x'].max() <= 1
   ref_path = fid.compute_reference(config, str(tmp_path / 'refs'),
@@ -171,9 +174,13 @@ def test_protocol_of_a_guided_student():
   config.evaluate.guidance = 2.
   with pytest.raises(errors.ConfigError, match='cannot be guided'):
     evaluation.protocol(config, step=7)
-  config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights.
+  config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights:
+  with pytest.raises(errors.ConfigError, match='cannot be guided'):
+    evaluation.protocol(config, step=7)  # still never guided.
+  config.evaluate.guidance = -1.
   p = evaluation.protocol(config, step=7)
-  assert p['nfe'] == 2 * p['steps'] and p['guidance'] == 2.
+  assert p['nfe'] == p['steps'] and p['sampling_guidance'] == 0.
+  assert p['guidance'] == 1.5  # The distillation's, on record.
 
 
 def test_noise_of_a_sample_is_independent_of_its_batch():

@@ -1,13 +1,14 @@
 import numpy as np
 
 from multistep_cm import toy2d
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.evaluation import digits_classifier
 from multistep_cm.evaluation import metrics
 
 
 def test_digits_classifier_accuracy():
-  x, y = data.digits('test')
+  x, y = digits_data.load('test')
   assert digits_classifier.accuracy(x, y) >= 0.95
 
 
@@ -15,7 +16,7 @@ def test_digits_classifier_is_reproducible():
   # The shipped weights are what the training script makes (a few hundred
   # steps suffice to tell the procedure is the same one).
   params = digits_classifier.train(steps=300)
-  x, y = data.digits('test')
+  x, y = digits_data.load('test')
   assert digits_classifier.accuracy(x, y, params) > 0.9
 
 
@@ -53,5 +54,5 @@ def test_toy2d_metrics():
 
 
 def test_fd_digits_needs_the_held_out_count():
-  x, y = data.digits('test')
+  x, y = digits_data.load('test')
   assert set(digits_classifier.evaluate(x[:100], y[:100])) == {'class_accuracy'}

@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from configs import common
+from multistep_cm.core import config as common
 from configs import digits
 from configs import toy2d
 from multistep_cm import pipeline

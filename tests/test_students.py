@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from configs import digits
+from multistep_cm import conditioning
 from multistep_cm import samplers
 from multistep_cm import train
 from multistep_cm.core import checkpoint
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
@@ -87,7 +89,7 @@ def test_no_recompilation_while_n_anneals(teacher_dir, count_compiles,
   mesh, state, step_fn = fresh_train_step(config)
   # Its own buffers: the state's are donated to the step.
   teacher = jax.tree.map(jax.numpy.copy, state.params)
-  batches = data.train_batches(config.dataset, config.batch_size, 0)
+  batches = datasets.train_batches(config, config.batch_size, 0)
   step = lambda s: step_fn(s, sharding.global_batch(next(batches), mesh),
                            teacher)
   state, out = step(state)  # The first call compiles.
@@ -123,6 +125,7 @@ def test_students_sample_unguided_whatever_the_teacher_sampler_says():
   assert samples.shape == (8, 8, 8, 1)
   assert seen == [list(range(8))] * 3  # Never the null label 10, never 2S.
   spec = stages.get('cd').sampler(config)
-  assert (spec.kind, spec.steps, spec.nfe(10)) == ('student', 3, 3)
+  assert (spec.kind, spec.steps, spec.nfe(conditioning.ClassLabels(10))) == (
+      'student', 3, 3)
   with pytest.raises(ValueError, match='unguided'):
     samplers.SamplerSpec('student', 3, guidance=2.)

@@ -3,6 +3,7 @@ null caption, guided CD and guidance distillation with captions, the stable
 delta = 1 pseudo-Huber, the data the embedded default trains on, the paper's
 config, and the embedded pipeline end to end."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,14 +12,16 @@ import numpy as np
 import pytest
 
 from configs import captioned_digits as captioned_config
-from configs import common
+from multistep_cm.core import config as common
 from configs import text2image
+from multistep_cm import conditioning
 from multistep_cm import guidance
 from multistep_cm import losses
 from multistep_cm import models
 from multistep_cm import pipeline
 from multistep_cm import schedules
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import state as state_lib
 
 
@@ -35,11 +38,16 @@ def _text_model(scan=False):
   return config, state_lib.create_model(config)
 
 
+CAPTIONS = conditioning.Captions(8, 32, 32)  # Captioned digits' sizes.
+ONE_HOT = conditioning.Captions(4, 10)  # A one-hot class as first token.
+CLASSES = conditioning.ClassLabels(10)
+
+
 def _captions(n=3, length=8, dim=32):
   text = jax.random.normal(jax.random.key(0), (n, length, dim))
   # Captions of 5, 2, 8, 1, 2, ... real tokens.
   mask = jnp.arange(length)[None] < (jnp.arange(n) * 5 % length + 1)[:, None]
-  return models.text_labels(text, mask, text.mean(1))
+  return CAPTIONS.make(text, mask, text.mean(1))
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -57,7 +65,7 @@ def test_padding_tokens_do_not_change_the_output(scan):
   # Real tokens do matter, and so does the caption as a whole.
   changed = dict(labels, text=labels['text'].at[:, 0].add(1.))
   assert not jnp.allclose(model.apply({'params': params}, z, t, changed), out)
-  null = guidance.null_labels(labels, 0)
+  null = CAPTIONS.null(labels)
   assert not jnp.allclose(model.apply({'params': params}, z, t, null), out)
   del config
 
@@ -72,24 +80,24 @@ def test_class_conditional_models_have_no_text_parameters():
   assert 'cross_q' not in names and 'text_null' not in names
   text = str(jax.eval_shape(lambda: state_lib.create_model(config).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
-      state_lib.example_labels(config, 1))))
+      state_lib.condition(config).example(1))))
   assert 'cross_q' in text and 'text_null' in text and 'pooled' in text
 
 
 def test_caption_dropout_gives_the_null_caption():
   labels = _captions(n=64)
-  dropped = guidance.drop_labels(jax.random.key(3), labels, 0.5, 0)
+  dropped = CAPTIONS.drop(jax.random.key(3), labels, 0.5)
   gone = ~dropped['text_mask'].any(1)
   assert 10 < int(gone.sum()) < 54
   for key in labels:
     kept = np.asarray(dropped[key])[~np.asarray(gone)]
     assert (kept == np.asarray(labels[key])[~np.asarray(gone)]).all()
     assert not np.asarray(dropped[key])[np.asarray(gone)].any()
-  assert guidance.drop_labels(jax.random.key(3), labels, 0., 0) is labels
+  assert CAPTIONS.drop(jax.random.key(3), labels, 0.) is labels
   # Class labels draw exactly as before: where(keep, label, num_classes).
   y = jnp.arange(64) % 10
   keep = jax.random.bernoulli(jax.random.key(3), 0.5, (64,))
-  assert (guidance.drop_labels(jax.random.key(3), y, 0.5, 10) ==
+  assert (CLASSES.drop(jax.random.key(3), y, 0.5) ==
           jnp.where(keep, y, 10)).all()
 
 
@@ -114,7 +122,7 @@ def _text_net(params, z, t, labels, rng=None):
 def _as_text(y):
   n = y.shape[0]
   text = jnp.zeros((n, 4, 10)).at[:, 0].set(jax.nn.one_hot(y, 10))
-  return models.text_labels(text, jnp.zeros((n, 4), bool).at[:, 0].set(True))
+  return ONE_HOT.make(text, jnp.zeros((n, 4), bool).at[:, 0].set(True))
 
 
 @pytest.mark.parametrize('w', [0.5, 3.])
@@ -125,18 +133,21 @@ def test_guided_cd_and_guidance_distillation_with_text_match_class_labels(w):
   y = jnp.arange(16) % 10
   logsnr = schedules.get_logsnr_fn('cosine')
   rng = jax.random.key(6)
-  cd = losses.ConsistencyOptions(guidance=w, num_classes=10, label_dropout=0.3,
-                                 huber_delta=1.)
-  kwargs = dict(logsnr_fn=logsnr, student_steps=4, iteration=0, options=cd,
+  cd = losses.ConsistencyOptions(guidance=w, condition=CLASSES,
+                                 label_dropout=0.3, huber_delta=1.)
+  kwargs = dict(logsnr_fn=logsnr, student_steps=4, iteration=0,
                 teacher_params=teacher)
   by_class = losses.consistency_loss(_class_net, params, x, y, rng,
-                                     teacher=_class_net, **kwargs)[0]
-  by_text = losses.consistency_loss(_text_net, params, x, _as_text(y), rng,
-                                    teacher=_text_net, **kwargs)[0]
+                                     teacher=_class_net, options=cd,
+                                     **kwargs)[0]
+  by_text = losses.consistency_loss(
+      _text_net, params, x, _as_text(y), rng, teacher=_text_net,
+      options=dataclasses.replace(cd, condition=ONE_HOT), **kwargs)[0]
   np.testing.assert_allclose(by_text, by_class, rtol=1e-6)
   gd = [losses.guidance_distillation_loss(net, params, net, teacher, x, lab,
-                                          rng, logsnr, w, 10)
-        for net, lab in ((_class_net, y), (_text_net, _as_text(y)))]
+                                          rng, logsnr, w, condition)
+        for net, lab, condition in ((_class_net, y, CLASSES),
+                                    (_text_net, _as_text(y), ONE_HOT))]
   np.testing.assert_allclose(gd[1], gd[0], rtol=1e-6)
   assert gd[0] > 0
 
@@ -150,7 +161,8 @@ def test_guidance_distillation_targets_the_guided_prediction():
   logsnr = schedules.get_logsnr_fn('cosine')
   rng = jax.random.key(7)
   loss = losses.guidance_distillation_loss(_class_net, teacher, _class_net,
-                                           teacher, x, y, rng, logsnr, 2., 10)
+                                           teacher, x, y, rng, logsnr, 2.,
+                                           CLASSES)
   k_t, k_eps, _ = jax.random.split(rng, 3)
   t = jax.random.uniform(k_t, (8,))
   alpha, sigma = schedules.alpha_sigma(logsnr(t))
@@ -179,24 +191,28 @@ def test_delta_one_pseudo_huber_matches_float64(norm):
 
 def test_captioned_digits_batches():
   config = captioned_config.get_config('smoke,stage=teacher')
-  whole = next(data.train_batches(config.dataset, 8, 0, start_step=3,
+  whole = next(datasets.train_batches(config, 8, 0, start_step=3,
                                   rows=slice(0, 8)))
-  assert set(whole) == {'x', 'label', 'text', 'text_mask', 'pooled'}
-  assert whole['text'].shape == (8, 8, 32) and whole['pooled'].shape == (8, 32)
-  halves = [next(data.train_batches(config.dataset, 8, 0, start_step=3,
-                                    rows=slice(i, i + 4))) for i in (0, 4)]
-  for key in whole:
-    assert (np.concatenate([h[key] for h in halves]) == whole[key]).all()
+  assert set(whole) == {'x', 'cond'}
+  assert set(whole['cond']) == {'text', 'text_mask', 'pooled'}
+  assert whole['cond']['text'].shape == (8, 8, 32)
+  assert whole['cond']['pooled'].shape == (8, 32)
+  halves = [next(datasets.train_batches(config, 8, 0, start_step=3,
+                                        rows=slice(i, i + 4)))
+            for i in (0, 4)]
+  for got, want in zip(jax.tree.leaves(jax.tree.map(
+      lambda *h: np.concatenate(h), *halves)), jax.tree.leaves(whole)):
+    assert (got == want).all()
 
 
 def test_missing_text_data_is_one_line():
   from multistep_cm.core import errors  # pylint: disable=g-import-not-at-top
   config = text2image.get_config('smoke')
   with pytest.raises(errors.ConfigError, match='config.dataset.text_dir'):
-    data.check_available(config.dataset)
+    datasets.check_available(config)
   config = text2image.get_config('smoke,data=/nonexistent/t2i')
   with pytest.raises(errors.UserError) as e:
-    data.check_available(config.dataset)
+    datasets.check_available(config)
   assert '\n' not in str(e.value) and '/nonexistent/t2i' in str(e.value)
 
 
@@ -205,7 +221,7 @@ def test_paper_text_to_image_size():
   model = state_lib.create_model(config)
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 512, 512, 3)), jnp.zeros(1),
-      state_lib.example_labels(config, 1)))['params']
+      state_lib.condition(config).example(1)))['params']
   count = models.count_params(params)
   assert 5e9 < count < 8e9, count
   assert params[models.SCANNED]['block']['cross_q']['kernel'].shape[0] == 16
@@ -219,16 +235,16 @@ def test_embedded_guided_pipeline_smoke(tmp_path):
       {'pipeline.guidance': (3.,), 'pipeline.student_steps': (2,)})
   rows = pipeline.run(configs, str(tmp_path))
   names = [r['name'] for r in rows]
-  assert names == ['w=3: teacher aDDIM 4',
+  assert names == ['w=3: teacher aDDIM 4', 'w=3: teacher DDPM 4',
                    'w=3: guidance-distilled teacher, DDIM 4',
                    'w=3: multistep CD, S=2']
-  assert [r['nfe'] for r in rows] == [8, 4, 2]
+  assert [r['nfe'] for r in rows] == [8, 8, 4, 2]
   assert all(np.isfinite(r['fd_digits']) for r in rows)
   saved = json.loads((tmp_path / 'guided.json').read_text())
   assert [r['name'] for r in saved] == names
   table = (tmp_path / 'guided.md').read_text()
   assert 'real held-out digits' in table
-  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
+  from multistep_cm.datasets import captioned_digits  # pylint: disable=g-import-not-at-top
   first_seven = captioned_digits.prompts(1)[0][7]
   assert f'0. "{first_seven}"' in table
   assert (tmp_path / 'guided.png').exists()
@@ -249,7 +265,7 @@ def _tiny_encoder(captions):
 
 def _tiny_clip_npz(path, config):
   from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
-  from multistep_cm.evaluation import convert_inception  # pylint: disable=g-import-not-at-top
+  from multistep_cm.tools import convert_inception  # pylint: disable=g-import-not-at-top
   params = clip.CLIP(config).init(
       jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size,
                                     3)),
@@ -265,7 +281,7 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   directory, the reference, a text-conditioned teacher, then
   --mode=evaluate with FID and the CLIP score."""
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
-  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
+  from multistep_cm.datasets import text_data  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import evaluate as evaluation  # pylint: disable=g-import-not-at-top
   from multistep_cm.evaluation import fid  # pylint: disable=g-import-not-at-top
@@ -290,7 +306,7 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   _tiny_clip_npz(ev.clip_weights, clip_config)
   tokens = rng.integers(1, 90, (12, 6)).astype(np.int32)
   tokens[:, 3] = 99  # End of text: the largest id.
-  from multistep_cm.evaluation import convert_inception  # pylint: disable=g-import-not-at-top
+  from multistep_cm.tools import convert_inception  # pylint: disable=g-import-not-at-top
   ev.clip_tokens = str(tmp_path / 'tokens.npz')
   convert_inception.write_npz(ev.clip_tokens, {'prompts': np.array(captions),
                                                 'tokens': tokens})

@@ -11,10 +11,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from multistep_cm.core import captioned_digits
-from multistep_cm.core import data
+from multistep_cm.datasets import captioned_digits
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
-from multistep_cm.core import text_data
+from multistep_cm.datasets import base
+from multistep_cm.datasets import text_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LEN, TINY_DIM = 5, 6
@@ -190,7 +192,7 @@ def test_train_batches_order_and_process_rows(written):
   resumed = next(text_data.train_batches(written, 4, seed=5, start_step=4))
   for key in batches[1]:
     np.testing.assert_array_equal(resumed[key], batches[1][key])
-  expected = ds.rows(data.step_indices(7, 4, 5, 3, slice(0, 4)))
+  expected = ds.rows(base.step_indices(7, 4, 5, 3, slice(0, 4)))
   for key in expected:
     np.testing.assert_array_equal(batches[0][key], expected[key])
   parts = [text_data.train_batches(written, 4, 5, 3, rows=slice(lo, hi))
@@ -316,7 +318,7 @@ def _named_class(caption):
 @pytest.mark.parametrize('split', ['train', 'test'])
 def test_captions_name_the_class_and_a_true_trait(split):
   x, y, caps, traits = captioned_digits.captions(split)
-  xd, yd = data.digits(split)
+  xd, yd = digits_data.load(split)
   np.testing.assert_array_equal(x, xd)
   np.testing.assert_array_equal(y, yd)
   assert [_named_class(c) for c in caps] == y.tolist()
@@ -347,7 +349,7 @@ def test_prompts_cover_classes_and_traits():
     assert {'thin', 'thick', 'upright', 'slanted'} <= words
 
 
-_ENCODE = ('from multistep_cm.core import captioned_digits as c; import sys; '
+_ENCODE = ('from multistep_cm.datasets import captioned_digits as c; import sys; '
            "sys.stdout.buffer.write(b''.join(a.tobytes() for a in "
            "c.DigitsTextEncoder()(['a thin seven', 'digit 3, upright'])))")
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
-from multistep_cm.core import tfds_source
+from multistep_cm.datasets import tfds_source
 
 NAME = 'msc_tiny_images'
 NUM_CLASSES = 5
@@ -76,7 +77,7 @@ def test_open_source_returns_the_written_examples(source):
 
 
 def _error_message(name, data_dir):
-  with pytest.raises(data.DatasetNotPreparedError) as e:
+  with pytest.raises(datasets.DatasetNotPreparedError) as e:
     tfds_source.open_source(name, 'train', data_dir)
   assert isinstance(e.value, errors.UserError)
   msg = str(e.value)
@@ -128,7 +129,7 @@ def test_tfrecord_only_says_to_convert_or_rebuild(tmp_path):
 def test_preprocess_matches_tf_area_resize(shape, size):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   img = np.random.default_rng(sum(shape)).integers(0, 256, shape, np.uint8)
-  ours = tfds_source.preprocess('imagenet128', size, img)
+  ours = tfds_source.preprocess(size, img, crop=True)
   # The tf.data preprocessing this module replaced: centre square crop, then
   # tf's area resize.
   h, w = shape[:2]
@@ -146,11 +147,11 @@ def test_preprocess_matches_tf_area_resize(shape, size):
 
 def test_preprocess_scales_stored_sizes_and_checks_them():
   img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
-  x = tfds_source.preprocess('cifar10', 32, img)
+  x = tfds_source.preprocess(32, img)
   np.testing.assert_array_equal(x, img.astype(np.float32) / 127.5 - 1.)
   assert x.min() >= -1 and x.max() <= 1
   with pytest.raises(ValueError, match='32x32, not the configured 64x64'):
-    tfds_source.preprocess('cifar10', 64, img)
+    tfds_source.preprocess(64, img)
 
 
 def test_flip_is_a_fixed_function_of_the_seed():
@@ -167,24 +168,24 @@ def test_load_rows_order_and_flips(source):
   seeds = [(42, 7, r) for r in range(len(indices))]
   flips = [tfds_source.flip(s) for s in seeds]
   assert any(flips) and not all(flips)
-  x, y = tfds_source.load_rows(source, indices, 'imagenet128', 8)
-  xf, yf = tfds_source.load_rows(source, indices, 'imagenet128', 8, seeds)
+  x, y = tfds_source.load_rows(source, indices, 8, crop=True)
+  xf, yf = tfds_source.load_rows(source, indices, 8, seeds, crop=True)
   assert x.shape == (len(indices), 8, 8, 3) and x.dtype == np.float32
   assert y.dtype == np.int32
   np.testing.assert_array_equal(y, [source[int(i)]['label'] for i in indices])
   np.testing.assert_array_equal(yf, y)
   for r, i in enumerate(indices):
-    want = tfds_source.preprocess('imagenet128', 8, source[int(i)]['image'])
+    want = tfds_source.preprocess(8, source[int(i)]['image'], crop=True)
     np.testing.assert_array_equal(x[r], want)
     np.testing.assert_array_equal(xf[r], want[:, ::-1] if flips[r] else want)
   # Rows read in two parts (two processes) make the same batch.
-  parts = [tfds_source.load_rows(source, indices[s], 'imagenet128', 8,
-                                 seeds[s]) for s in (slice(0, 3), slice(3, 8))]
+  parts = [tfds_source.load_rows(source, indices[s], 8, seeds[s], crop=True)
+           for s in (slice(0, 3), slice(3, 8))]
   np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), xf)
   with pytest.raises(ValueError, match='3 flip seeds for 8 rows'):
-    tfds_source.load_rows(source, indices, 'imagenet128', 8, seeds[:3])
+    tfds_source.load_rows(source, indices, 8, seeds[:3], crop=True)
   with pytest.raises(ValueError, match='at least one index'):
-    tfds_source.load_rows(source, [], 'imagenet128', 8)
+    tfds_source.load_rows(source, [], 8, crop=True)
 
 
 def test_reads_without_tensorflow(array_record_dir, source):
@@ -206,9 +207,9 @@ def test_reads_without_tensorflow(array_record_dir, source):
 
       sys.meta_path[:] = [HideTF(f) for f in sys.meta_path]
       import numpy as np
-      from multistep_cm.core import tfds_source
+      from multistep_cm.datasets import tfds_source
       src = tfds_source.open_source({NAME!r}, 'train', {array_record_dir!r})
-      x, y = tfds_source.load_rows(src, [4, 1, 9], 'imagenet128', 8, [1, 2, 3])
+      x, y = tfds_source.load_rows(src, [4, 1, 9], 8, [1, 2, 3], crop=True)
       assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'
       np.savez(sys.argv[1], x=x, y=y)
   """)
@@ -221,6 +222,6 @@ def test_reads_without_tensorflow(array_record_dir, source):
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(out)
-  x, y = tfds_source.load_rows(source, [4, 1, 9], 'imagenet128', 8, [1, 2, 3])
+  x, y = tfds_source.load_rows(source, [4, 1, 9], 8, [1, 2, 3], crop=True)
   np.testing.assert_array_equal(got['x'], x)
   np.testing.assert_array_equal(got['y'], y)

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from configs import digits
 from configs import toy2d
 from multistep_cm import train
-from multistep_cm.core import data
+from multistep_cm import datasets
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import quick
@@ -54,8 +55,8 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   train.train_and_evaluate(config, str(tmp_path / 'b'))
 
   starts = []
-  real = data.train_batches
-  monkeypatch.setattr(data, 'train_batches',
+  real = datasets.train_batches
+  monkeypatch.setattr(datasets, 'train_batches',
                       lambda *a, **k: starts.append(a[3]) or real(*a, **k))
   config.total_steps = 4
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'))
@@ -69,7 +70,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 def test_train_step_never_recompiles(count_compiles, fresh_train_step):
   config = digits.get_config('smoke')
   mesh, state, step_fn = fresh_train_step(config)
-  batches = data.train_batches(config.dataset, config.batch_size, 0)
+  batches = datasets.train_batches(config, config.batch_size, 0)
   step = lambda s: step_fn(s, sharding.global_batch(next(batches), mesh), None)
   state, _ = step(state)  # The first call compiles.
   with count_compiles() as compiles:
@@ -106,7 +107,7 @@ def test_shardings_on_a_2x4_mesh():
                      jax.tree.leaves(state.ema_params)):
     assert p.sharding == m.sharding == e.sharding
   batch = sharding.global_batch(
-      next(data.train_batches(config.dataset, 16, 0)), mesh)
+      next(datasets.train_batches(config, 16, 0)), mesh)
   for x in batch.values():
     assert x.sharding.spec == P(('data', 'fsdp'))
     assert {s.data.shape[0] for s in x.addressable_shards} == {2}

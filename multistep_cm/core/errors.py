@@ -12,3 +12,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
   """No finished checkpoint where one was expected."""
+
+
+class DatasetNotPreparedError(UserError):
+  """A dataset that is not prepared where the run looks for it."""

@@ -12,54 +12,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multistep_cm import datasets
 from multistep_cm import schedules
 from multistep_cm.core import sharding
-from multistep_cm.core import state as state_lib
 
 
-def eval_labels(config, n):
-  """Labels cycling through the classes: uniform, and one class per grid
-  column. Captioned digits: the class each evaluation prompt names."""
-  k = config.dataset.num_classes
-  if config.dataset.name == 'captioned_digits':
-    k = 10
-  if config.dataset.name == 'text':  # The index of each sample's caption.
-    k = len(eval_captions(config))
-  return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
+def eval_inputs(config, n):
+  """(labels, condition) of `n` evaluation samples: what sample i is drawn
+  for and scored against, and what the network is given for it; both from
+  the config's dataset (`datasets.base.Dataset`)."""
+  dataset = datasets.get(config)
+  labels = dataset.eval_labels(n)
+  return labels, dataset.eval_conditioning(labels)
 
 
-def conditioned(config):
-  """Whether the config's network is conditioned, on classes or captions:
-  then a guided sampler costs two evaluations per step."""
-  return bool(config.dataset.num_classes or config.dataset.get('text_dim', 0))
+# Stochastic samplers draw their per-step noise from keys folded with this,
+# apart from the initial noise's.
+STEP_NOISE = 1 << 30
 
 
-def eval_captions(config):
-  """The evaluation captions of a `text` dataset (core/text_data.py):
-  config.evaluate.prompts, else the training data's, checked against the
-  config's text sizes."""
-  from multistep_cm.core import text_data  # pylint: disable=g-import-not-at-top
-  d = config.dataset
-  return text_data.open_dataset(
-      config.evaluate.get('prompts') or d.text_dir, text_len=d.text_len,
-      text_dim=d.text_dim, pooled_dim=d.pooled_dim)
-
-
-def eval_conditioning(config, labels):
-  """What the network is conditioned on for samples of `labels` (from
-  `eval_labels`): the labels themselves, or for captioned digits the
-  encoded evaluation prompts that name those classes, or for a `text`
-  dataset the embeddings of the captions `labels` index (numpy arrays)."""
-  if config.dataset.name == 'text':
-    return eval_captions(config).conditioning(labels)
-  if config.dataset.name != 'captioned_digits':
-    return labels
-  from multistep_cm.core import captioned_digits  # pylint: disable=g-import-not-at-top
-  texts, named = captioned_digits.prompts(-(-len(labels) // 10))
-  assert (named[:len(labels)] == labels).all(), 'prompts out of class order'
-  text, mask, pooled = captioned_digits.DigitsTextEncoder()(
-      texts[:len(labels)])
-  return {'text': text, 'text_mask': mask, 'pooled': pooled}
+def example_keys(seed_start, n):
+  """Per-step noise keys of examples start, ..., start + n - 1 (as
+  `example_noise`), one per example."""
+  key = jax.random.key(seed_start[0])
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i),
+                                               STEP_NOISE))(
+                                                   seed_start[1] +
+                                                   jnp.arange(n))
 
 
 def example_noise(seed_start, n, shape):
@@ -95,19 +74,20 @@ class Generator:
     self.mesh = mesh
     self.per_example_noise = per_example_noise
     logsnr = schedules.get_logsnr_fn(**config.schedule)
-    shape = state_lib.data_shape(config)
-    images = len(shape) == 3
-    num_classes = config.dataset.num_classes
+    dataset = datasets.get(config)
+    shape, images, condition = dataset.shape, dataset.images, dataset.condition
     batch = sharding.batch_sharding(mesh)
 
     def fn(params, feature_params, rng, labels):
       n = jax.tree.leaves(labels)[0].shape[0]
       if per_example_noise:
         noise = example_noise(rng, n, shape)
+        steps = example_keys(rng, n)
       else:
         noise = jax.random.normal(rng, (n,) + shape)
+        steps = jax.random.fold_in(rng, STEP_NOISE)
       noise = jax.lax.with_sharding_constraint(noise, batch)
-      x = spec(network, params, noise, labels, logsnr, num_classes)
+      x = spec(network, params, noise, labels, logsnr, condition, steps)
       if not images or not (uint8 or features):
         return {'samples': x}
       x = to_uint8(x)

@@ -26,7 +26,7 @@ def grid(images, cols, pad=1, min_side=480):
   return out[..., 0] if c == 1 else out
 
 
-def save_samples_png(path, samples, labels, num_classes, title=''):
+def save_samples_png(path, samples, labels, columns, title=''):
   """A grid of images (one column per class when labels cycle through the
   classes), or a scatter plot for 2-D points."""
   path = epath.Path(path)  # Local or gs://.
@@ -35,7 +35,7 @@ def save_samples_png(path, samples, labels, num_classes, title=''):
   if samples.ndim == 2:
     _scatter(path, samples, labels, title)
     return
-  cols = num_classes if num_classes and len(samples) % num_classes == 0 else (
+  cols = columns if columns and len(samples) % columns == 0 else (
       int(np.ceil(np.sqrt(len(samples)))))
   with path.open('wb') as f:
     Image.fromarray(grid(to_uint8(samples), cols)).save(f, format='PNG')

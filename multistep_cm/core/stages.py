@@ -1,28 +1,34 @@
 """The stages of the method, in one table: what each trains, from what, and
 how it samples.
 
-  teacher  a diffusion model, trained with the v-loss
+  teacher  a diffusion model, trained with the v-loss; samples as
+           `config.sampler` says
   cd       multistep consistency distillation: Algorithm 1 with the
            teacher's aDDIM step
   ct       multistep consistency training: Algorithm 1 with the forward
            process in place of the teacher
   pd       one phase of progressive distillation (the paper's Table 3
-           baseline): S steps from a teacher sampled with 2S
+           baseline): S steps from a teacher sampled with 2S; its
+           checkpoint teaches the next phase
   gd       guidance distillation (the paper's Table 6 baseline): the
            teacher fine-tuned to give its guided prediction at guidance
            `config.consistency.guidance` in one evaluation; sampled with
-           DDIM at `config.sampler.steps`, unguided
+           DDIM at `config.sampler.steps`
 
-A student (cd, ct, pd, gd) starts as the teacher of
-`config.teacher_checkpoint`; cd, ct and pd sample with S =
-`config.student_steps` DDIM steps (Algorithm 2), unguided; a teacher samples
-as `config.sampler` says. To add a stage: its
-loss in `multistep_cm.losses`, a builder here, a row in `STAGES`.
+A distilled stage (cd, ct, pd, gd) starts as the teacher of
+`config.teacher_checkpoint` (to train; sampling it needs its checkpoint
+only) and is never guided at sampling: its guidance was fixed at
+distillation. cd, ct and pd sample with S = `config.student_steps` DDIM
+steps (Algorithm 2). `Stage.sampler` is the one place that resolves how a
+stage samples, for training-time evaluation, --mode=sample,
+--mode=evaluate, the pipeline and the sweep. To add a stage: its loss in
+`multistep_cm.losses`, a builder here, a row in `STAGES`.
 """
 
 import dataclasses
 from typing import Callable
 
+from multistep_cm import datasets
 from multistep_cm import losses
 from multistep_cm import samplers
 from multistep_cm import schedules
@@ -37,45 +43,78 @@ class Stage:
   teacher network, so its parameters are kept on the devices."""
   name: str
   make_loss: Callable
-  student: bool = True
+  student: bool = True  # Distilled from a teacher; never guided at sampling.
   runs_teacher: bool = False
-  # A student that samples as a diffusion model (DDIM, config.sampler.steps)
-  # rather than with the S-step consistency sampler.
-  diffusion_sampler: bool = False
+  # How it samples: 'student' (S consistency steps, config.student_steps),
+  # 'diffusion' (DDIM at config.sampler.steps, unguided) or 'config'
+  # (config.sampler, the teacher's).
+  sampling: str = 'student'
+  # Its checkpoint teaches the next stage of the same kind at half the
+  # steps (a chain of progressive-distillation phases).
+  chains: bool = False
+  # The label of its rows in the reports: (config) -> str.
+  label: Callable = lambda config: ''
 
-  def check(self, config):
+  def check(self, config, train=True):
     """Raises ConfigError, before anything is written or compiled, for a
-    config this stage cannot train."""
-    if self.student and not config.teacher_checkpoint:
+    config this stage cannot train (`train`), or sample."""
+    if train and self.student and not config.teacher_checkpoint:
       raise errors.ConfigError(
           f'Stage {self.name!r} starts from a teacher: set '
           'config.teacher_checkpoint to its workdir.')
     self.make_loss(config, network=None)  # Builders check their options.
     self.sampler(config)
 
-  def sampler(self, config):
-    """The stage's own sampler: S student steps, or the teacher's."""
-    if self.diffusion_sampler:
-      return sampler_spec('ddim', config.sampler.steps, field='config.sampler')
+  def sampler(self, config, kind='', steps=0, guidance=-1., field=None):
+    """How this stage samples: its own sampler, or `kind`, `steps` and
+    classifier-free `guidance` where given (as in config.evaluate: '', 0 and
+    a negative guidance take the stage's own). A distilled stage is never
+    guided; asking for guidance is a ConfigError. `field`: the config
+    section errors name."""
+    own = {'student': 'student', 'diffusion': 'ddim',
+           'config': config.sampler.kind}[self.sampling]
+    kind = kind or own
+    if kind == 'student' and self.sampling != 'student':
+      raise errors.ConfigError(
+          f'The student sampler needs a student stage (cd, ct, pd); stage '
+          f'{self.name!r} samples as a diffusion model ('
+          f'{", ".join(k for k in samplers.KINDS if k != "student")}).')
+    steps = steps or (config.student_steps if kind == 'student'
+                      else config.sampler.steps)
     if self.student:
-      return sampler_spec('student', config.student_steps,
-                          field='config.student_steps')
-    return sampler_spec(config.sampler.kind, config.sampler.steps,
-                        config.sampler.guidance, field='config.sampler')
+      if guidance > 0:
+        raise errors.ConfigError(
+            f'Stage {self.name!r} cannot be guided at sampling: its guidance '
+            'was fixed at distillation (config.consistency.guidance).')
+      guidance = 0.
+    elif guidance < 0:
+      guidance = config.sampler.guidance
+    field = field or ('config.student_steps' if kind == 'student' else
+                      'config.sampler')
+    return sampler_spec(kind, steps, guidance, field=field)
 
-  def workdir_name(self, config):
-    """The stage's directory in a pipeline's or sweep's workdir."""
-    if self.diffusion_sampler:
-      return f'{self.name}_w{config.consistency.guidance:g}'
-    return f'{self.name}_s{config.student_steps}' if self.student else 'teacher'
+  def guidance(self, config, spec):
+    """The guidance its samples carry: sampled with it (a teacher), or
+    distilled with it."""
+    return config.consistency.guidance if self.student else spec.guidance
+
+  def run_key(self, config):
+    """The stage's name in a pipeline's or sweep's workdir and results."""
+    return self.key(config.student_steps, config.consistency.guidance)
+
+  def key(self, steps=None, guidance=None):
+    """`run_key` of a config with these student steps and guidance."""
+    if self.sampling == 'diffusion':
+      return f'{self.name}_w{guidance:g}'
+    return f'{self.name}_s{steps}' if self.student else self.name
 
 
-def batch_labels(batch):
-  """The labels a network takes from a training batch: its caption (the
-  dict of `models.text_labels`) if it has one, else its class labels."""
-  if 'text' in batch:
-    return {k: batch[k] for k in ('text', 'text_mask', 'pooled') if k in batch}
-  return batch['label']
+def evaluation_sampler(config):
+  """The sampler of config.stage with config.evaluate's overrides: what
+  --mode=sample and --mode=evaluate draw with."""
+  ev = config.evaluate
+  return get(config.stage).sampler(config, ev.sampler, ev.steps, ev.guidance,
+                                   field='config.evaluate')
 
 
 def sampler_spec(kind, steps, guidance=0., field=None):
@@ -97,20 +136,28 @@ def consistency_options(config, mode):
         mode=mode, anneal_start=cc.anneal_start, anneal_end=cc.anneal_end,
         anneal_steps=cc.anneal_steps, xvar_frac=cc.xvar_frac,
         huber_delta=cc.huber_delta, norm=cc.norm, weighting=cc.weighting,
-        guidance=cc.guidance, num_classes=config.dataset.num_classes)
+        guidance=cc.guidance, condition=datasets.get(config).condition)
   except ValueError as e:
     raise errors.ConfigError(f'config.consistency: {e}') from None
 
 
 def _diffusion_loss(config, network):
   logsnr = schedules.get_logsnr_fn(**config.schedule)
+  dataset = datasets.get(config)
+  condition = dataset.condition
+  multiscale = int(config.loss.multiscale)
+  if multiscale < 0 or (multiscale and not dataset.images) or (
+      config.dataset.image_size % 2**multiscale):
+    raise errors.ConfigError(
+        f'config.loss.multiscale is {multiscale}: the number of 2x2-pooled '
+        'levels of an image, 0 or more, each halving config.dataset.'
+        f'image_size ({config.dataset.image_size}) exactly.')
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state, teacher_params
     return losses.diffusion_loss(
-        network, params, batch['x'], batch_labels(batch), rng, logsnr,
-        config.loss.label_dropout, config.dataset.num_classes,
-        config.loss.multiscale), {}
+        network, params, batch['x'], condition.from_batch(batch), rng, logsnr,
+        config.loss.label_dropout, condition, multiscale), {}
   return loss_fn
 
 
@@ -123,7 +170,8 @@ def _consistency_loss(mode):
     def loss_fn(params, train_state, teacher_params, batch, rng):
       target = train_state.ema_params if ema_target else None
       return losses.consistency_loss(
-          network, params, batch['x'], batch_labels(batch), rng, logsnr,
+          network, params, batch['x'], options.condition.from_batch(batch),
+          rng, logsnr,
           config.student_steps, train_state.step, options, target,
           teacher=network, teacher_params=teacher_params)
     return loss_fn
@@ -133,13 +181,14 @@ def _consistency_loss(mode):
 def _progressive_loss(config, network):
   logsnr = schedules.get_logsnr_fn(**config.schedule)
   cc = config.consistency
+  condition = datasets.get(config).condition
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state
     return losses.progressive_distillation_loss(
-        network, params, network, teacher_params, batch['x'], batch_labels(batch),
-        rng, logsnr, config.student_steps, cc.xvar_frac, cc.guidance,
-        config.dataset.num_classes), {}
+        network, params, network, teacher_params, batch['x'],
+        condition.from_batch(batch), rng, logsnr, config.student_steps,
+        cc.xvar_frac, cc.guidance, condition), {}
   return loss_fn
 
 
@@ -150,23 +199,32 @@ def _guidance_distillation_loss(config, network):
     raise errors.ConfigError(
         "Stage 'gd' distils classifier-free guidance: set "
         'config.consistency.guidance above 0 (the paper: 0.5 and 3).')
+  condition = datasets.get(config).condition
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state
     return losses.guidance_distillation_loss(
         network, params, network, teacher_params, batch['x'],
-        batch_labels(batch), rng, logsnr, guidance,
-        config.dataset.num_classes), {}
+        condition.from_batch(batch), rng, logsnr, guidance, condition), {}
   return loss_fn
 
 
+def _steps_label(method):
+  return lambda config: f'{method}, S={config.student_steps}'
+
+
 STAGES = {s.name: s for s in (
-    Stage('teacher', _diffusion_loss, student=False),
-    Stage('cd', _consistency_loss('cd'), runs_teacher=True),
-    Stage('ct', _consistency_loss('ct')),
-    Stage('pd', _progressive_loss, runs_teacher=True),
+    Stage('teacher', _diffusion_loss, student=False, sampling='config',
+          label=lambda config: 'teacher'),
+    Stage('cd', _consistency_loss('cd'), runs_teacher=True,
+          label=_steps_label('multistep CD')),
+    Stage('ct', _consistency_loss('ct'), label=_steps_label('multistep CT')),
+    Stage('pd', _progressive_loss, runs_teacher=True, chains=True,
+          label=_steps_label('progressive distillation')),
     Stage('gd', _guidance_distillation_loss, runs_teacher=True,
-          diffusion_sampler=True),
+          sampling='diffusion',
+          label=lambda config: ('guidance-distilled teacher, DDIM '
+                                f'{config.sampler.steps}')),
 )}
 NAMES = tuple(STAGES)
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from multistep_cm import datasets
 from multistep_cm import models
 from multistep_cm.core import checkpoint
 from multistep_cm.core import errors
@@ -25,26 +26,16 @@ class TrainState:
   opt_state: Any
 
 
+def condition(config):
+  """What the config's network is conditioned on: its dataset's
+  `conditioning.Condition`."""
+  return datasets.get(config).condition
+
+
 def create_model(config):
   cfg = dict(config.model)
-  cfg['num_classes'] = config.dataset.num_classes
   cfg['out_channels'] = config.dataset.channels
-  if config.dataset.get('text_dim'):
-    cfg['text_dim'] = config.dataset.text_dim
-    cfg['pooled_dim'] = config.dataset.get('pooled_dim', 0)
-  return models.create_model(cfg)
-
-
-def example_labels(config, n):
-  """Null labels of `n` examples, shaped as the config's network takes
-  them: class labels, or captions (`models.text_labels`)."""
-  d = config.dataset
-  if not d.get('text_dim'):
-    return jnp.zeros((n,), jnp.int32)
-  return models.text_labels(
-      jnp.zeros((n, d.text_len, d.text_dim)), jnp.zeros((n, d.text_len), bool),
-      jnp.zeros((n, d.pooled_dim)) if d.get('pooled_dim') else None)
-
+  return models.create_model(cfg, condition(config))
 
 
 def network(config):
@@ -53,11 +44,8 @@ def network(config):
 
 
 def data_shape(config):
-  """Shape of one example: (H, W, C) images, or (C,) points for toy2d."""
-  if config.model.name == 'mlp':
-    return (config.dataset.channels,)
-  s = config.dataset.image_size
-  return (s, s, config.dataset.channels)
+  """Shape of one example: (H, W, C) images, or (C,) points."""
+  return datasets.get(config).shape
 
 
 def learning_rate_fn(optim):
@@ -87,7 +75,7 @@ def state_layout(config, model, tx, mesh):
 
   def init(rng):
     params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,)),
-                        example_labels(config, 1))['params']
+                        condition(config).example(1))['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params))

@@ -6,8 +6,8 @@ import os
 
 import jax
 
+from multistep_cm import datasets
 from multistep_cm import models
-from multistep_cm.core import data
 from multistep_cm.core import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
@@ -57,9 +57,12 @@ def check_config(config, train=True):
       sharding.process_rows(config.batch_size, mesh)
     except ValueError as e:
       raise errors.ConfigError(f'config.mesh: {e}') from None
-  # Sampling and scoring a checkpoint need no training data.
-  (data.check_available if train else data.check_known)(config.dataset)
-  stage.check(config)
+  # Sampling and scoring a checkpoint need no training data, nor a
+  # distilled stage's teacher.
+  dataset = datasets.get(config)
+  if train:
+    dataset.check()
+  stage.check(config, train)
 
 
 def check_workdir(workdir):

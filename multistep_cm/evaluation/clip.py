@@ -15,7 +15,7 @@ model.
 
 Tokens: open_clip's BPE tokenizer is not reimplemented here. The evaluation
 prompts (a text file, one prompt per line) are tokenized once, on a machine
-with open_clip, by `python -m multistep_cm.evaluation.convert_clip
+with open_clip, by `python -m multistep_cm.tools.convert_clip
 --prompts=prompts.txt --model=ViT-B-32 --out=prompt_tokens.npz`; `load_tokens`
 reads the result.
 """
@@ -43,7 +43,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 HOW_TO_GET = (
     'Convert an open_clip ViT checkpoint once, on a machine with torch: '
-    '`python -m multistep_cm.evaluation.convert_clip --weights=<state dict '
+    '`python -m multistep_cm.tools.convert_clip --weights=<state dict '
     '.safetensors/.bin/.pt> --model=<open_clip name, e.g. ViT-B-32> '
     '--out=clip.npz` (OpenAI\'s weights need a -quickgelu name).')
 

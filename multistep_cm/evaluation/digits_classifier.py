@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multistep_cm.core import data
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.evaluation import metrics
 
 WEIGHTS = epath.Path(__file__).parent / 'assets' / 'digits_classifier.npz'
@@ -36,7 +36,7 @@ def _forward(params, x):
 
 def train(seed=0, steps=TRAIN_STEPS):
   """Full-batch AdamW with weight decay and input noise; deterministic."""
-  x, y = data.digits('train')
+  x, y = digits_data.load('train')
   keys = jax.random.split(jax.random.key(seed), len(SIZES))
   params = {}
   for i, (m, n) in enumerate(zip(SIZES[:-1], SIZES[1:])):
@@ -89,7 +89,8 @@ def accuracy(images, labels, params=None):
 @functools.lru_cache(maxsize=1)
 def reference_stats():
   """Feature statistics of the digits train split."""
-  return metrics.gaussian_stats(features_and_logits(data.digits('train')[0])[0])
+  return metrics.gaussian_stats(
+      features_and_logits(digits_data.load('train')[0])[0])
 
 
 def fd_digits(images):
@@ -103,7 +104,7 @@ def fd_digits(images):
 def evaluate(images, labels):
   """Class accuracy, and FD-digits (the mean over chunks of the held-out size)
   when there are at least that many images."""
-  n = data.DIGITS_TEST_SIZE
+  n = digits_data.TEST_SIZE
   chunks = [images[i:i + n] for i in range(0, len(images) - n + 1, n)]
   scores = {'class_accuracy': accuracy(images, labels)}
   if chunks:
@@ -113,7 +114,7 @@ def evaluate(images, labels):
 
 def floor():
   """The scores of real held-out digits: the best a model can hope for."""
-  x, y = data.digits('test')
+  x, y = digits_data.load('test')
   return evaluate(x, y)
 
 
@@ -123,7 +124,7 @@ def main(argv):
   WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
   with WEIGHTS.open('wb') as f:
     np.savez(f, **params)
-  x, y = data.digits('test')
+  x, y = digits_data.load('test')
   print(f'wrote {WEIGHTS}; held-out accuracy {accuracy(x, y, params):.4f}')
 
 

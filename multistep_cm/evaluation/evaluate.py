@@ -29,6 +29,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from multistep_cm import datasets
 from multistep_cm import samplers
 from multistep_cm.core import errors
 from multistep_cm.core import generation
@@ -40,41 +41,22 @@ from multistep_cm.evaluation import scoring
 
 
 def protocol(config, step):
-  """What is evaluated, resolved from config.evaluate (empty fields: the
-  stage's own sampler, steps and guidance)."""
+  """What is evaluated: the stage's sampler with config.evaluate's overrides
+  (`stages.Stage.sampler`), and the rest of the protocol."""
   ev = config.evaluate
   stage = stages.get(config.stage)
-  kind = ev.sampler or stage.sampler(config).kind
-  if kind not in samplers.KINDS:
-    raise errors.ConfigError(
-        f'Unknown config.evaluate.sampler {kind!r}: expected one of '
-        f'{", ".join(samplers.KINDS)}.')
-  if kind == 'student' and not stage.student:
-    raise errors.ConfigError(
-        'config.evaluate.sampler=student needs a student stage (cd, ct, pd); '
-        'a teacher samples with ddim or addim.')
-  steps = ev.steps or (config.student_steps if kind == 'student' else
-                       config.sampler.steps)
-  guidance = config.sampler.guidance if ev.guidance < 0 else ev.guidance
-  sampling_guidance = guidance
-  if kind == 'student':
-    # One student per guidance scale (A9): guided at distillation, sampled
-    # without guidance, one network evaluation per step.
-    if ev.guidance > 0:
-      raise errors.ConfigError(
-          'A student cannot be guided at sampling: its guidance was fixed at '
-          'distillation (config.consistency.guidance).')
-    guidance, sampling_guidance = config.consistency.guidance, 0.
-  spec = stages.sampler_spec(kind, steps, sampling_guidance)
+  spec = stages.evaluation_sampler(config)
+  dataset = datasets.get(config)
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
-          config.dataset.name, 'sampler': kind, 'steps': steps,
-      'nfe': spec.nfe(generation.conditioned(config)),
-      'guidance': guidance, 'sampling_guidance': sampling_guidance,
+          config.dataset.name, 'sampler': spec.kind, 'steps': spec.steps,
+      'nfe': spec.nfe(dataset.condition),
+      # Sampled with (a teacher), or distilled with (never guided again).
+      'guidance': stage.guidance(config, spec),
+      'sampling_guidance': spec.guidance,
       'ema': ev.ema, 'seed': ev.seed,
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
-      'labels': 'sample i has class i mod num_classes (uniform; 50 per class '
-                'for 50k ImageNet samples)',
+      'labels': dataset.label_description,
       'uint8': 'clip to [-1, 1], round((x + 1) * 127.5)',
   }
 
@@ -158,8 +140,7 @@ def run(config, workdir):
   generator = generation.Generator(config, state.network(config), param_sh,
                                    mesh, spec, per_example_noise=True,
                                    uint8=True, features=scorer.features)
-  labels = generation.eval_labels(config, ev.num_samples)
-  conditioning = generation.eval_conditioning(config, labels)
+  labels, conditioning = generation.eval_inputs(config, ev.num_samples)
   n_chunks = -(-ev.num_samples // ev.chunk_size)
   paths = [_chunk_path(directory, c) for c in range(n_chunks)]
   # Process 0's view of the finished chunks decides, so all hosts run the
@@ -201,7 +182,8 @@ def run(config, workdir):
   if grid.dtype == np.uint8:
     grid = grid.astype(np.float32) / 127.5 - 1.
   images.save_samples_png(directory / 'grid.png', grid, first['labels'][:n],
-                          config.dataset.num_classes, title=protocol_name(p))
+                          datasets.get(config).grid_columns,
+                          title=protocol_name(p))
   (directory / 'protocol.json').write_text(json.dumps(p, indent=2))
   logging.info('Evaluation %s: %s. Wrote %s/{samples.npz,grid.png,'
                'protocol.json}.', protocol_name(p), ', '.join(

@@ -16,7 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from multistep_cm.core import data
+from multistep_cm import datasets
 from multistep_cm.core import errors
 from multistep_cm.core import generation
 from multistep_cm.core import progress
@@ -130,8 +130,9 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   `sigma` (float64, over the whole split) and `arr_0`, the first
   `keep_images` images (uint8) for precision/recall. Returns its path."""
   cfg = config.dataset
-  if cfg.name == 'toy2d':
-    raise ReferenceError('toy2d has points, not images: no FID statistics.')
+  if not datasets.get(config).images:
+    raise ReferenceError(f'{cfg.name} has points, not images: no FID '
+                         'statistics.')
   params = inception.load_params(config.evaluate.inception_weights,
                                  config.evaluate.inception_sha256)
   mesh = state.make_mesh(config)
@@ -139,9 +140,9 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   fn = make_feature_fn(mesh)
   stats = metrics.FeatureStats(inception.FEATURES)
   kept, n, t0 = [], 0, time.time()
-  total = data.num_examples(cfg, split)
+  total = datasets.num_examples(config, split)
   local_keep = keep_images // jax.process_count()
-  for i, (x, _, mask) in enumerate(data.one_pass(cfg, split, bs)):
+  for i, (x, _, mask) in enumerate(datasets.one_pass(config, split, bs)):
     feats, _ = fn(params, sharding.global_batch(x, mesh))
     global_mask = np.asarray(multihost_utils.process_allgather(mask,
                                                                tiled=True))
@@ -201,8 +202,7 @@ class TrainingFID:
     ev = config.evaluate
     self.params, ref = load_weights_and_reference(config)
     self.mu_sigma = reference_stats(ref, self.params, mesh, ev.batch_size)
-    self.labels = generation.eval_conditioning(
-        config, generation.eval_labels(config, ev.train_samples))
+    _, self.labels = generation.eval_inputs(config, ev.train_samples)
     self.seed, self.batch_size = config.seed + 3, ev.batch_size
     self.generator = generation.Generator(config, network, param_shardings,
                                           mesh, spec,

@@ -41,7 +41,7 @@ WEIGHTS_ENV = 'MULTISTEP_CM_INCEPTION'
 HOW_TO_GET = (
     'Download pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth (release '
     '"fid_weights" of github.com/mseitzer/pytorch-fid) on a machine with '
-    'internet, convert it once with `python -m multistep_cm.evaluation.convert_inception '
+    'internet, convert it once with `python -m multistep_cm.tools.convert_inception '
     '--pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz` '
     '(needs `pip install torch`), and set config.evaluate.inception_weights '
     f'(or ${WEIGHTS_ENV}) to the .npz.')

@@ -11,6 +11,7 @@ from absl import logging
 from etils import epath
 import jax
 
+from multistep_cm import datasets
 from multistep_cm.core import generation
 from multistep_cm.core import images
 from multistep_cm.core import stages
@@ -23,16 +24,15 @@ SEED_TRAINING, SEED_SAMPLE_MODE, SEED_TABLES = 1, 2, 3
 class QuickEval:
   """`(params) -> (samples, scores)`: `num_samples` (default
   config.train_eval.num_samples) samples of `spec` (default the stage's own
-  sampler), labels cycling through the classes."""
+  sampler), drawn for the dataset's evaluation labels."""
 
   def __init__(self, config, network, param_shardings, mesh, seed_offset,
                spec=None, num_samples=None):
     self.spec = spec or stages.get(config.stage).sampler(config)
     self.generator = generation.Generator(config, network, param_shardings,
                                           mesh, self.spec)
-    self.labels = generation.eval_labels(
+    self.labels, self.conditioning = generation.eval_inputs(
         config, num_samples or config.train_eval.num_samples)
-    self.conditioning = generation.eval_conditioning(config, self.labels)
     self.seed = config.seed + seed_offset
     self.batch_size = config.train_eval.batch_size
     self.scorer = scoring.get(config, quick=True)
@@ -57,18 +57,20 @@ def from_checkpoint(config, workdir, seed_offset, spec=None, num_samples=None,
 
 
 def write_samples(config, workdir, num_samples):
-  """--mode=sample: `num_samples` samples of the newest checkpoint as a PNG
-  grid and an ADM-layout .npz (uint8 NHWC `arr_0`, labels `arr_1`). Returns
+  """--mode=sample: `num_samples` samples of the newest checkpoint, drawn
+  with the stage's sampler and config.evaluate's overrides, as a PNG grid
+  and an ADM-layout .npz (uint8 NHWC `arr_0`, labels `arr_1`). Returns
   their paths."""
   quick, samples, scores, step = from_checkpoint(
-      config, workdir, SEED_SAMPLE_MODE, num_samples=num_samples)
+      config, workdir, SEED_SAMPLE_MODE, stages.evaluation_sampler(config),
+      num_samples=num_samples)
   base = epath.Path(workdir) / (f'samples_step{step}_{quick.spec.name}'
                                 f'_n{num_samples}')
   png, npz = base.with_suffix('.png'), base.with_suffix('.npz')
   if jax.process_index() == 0:
     n = config.train_eval.grid_size
     images.save_samples_png(png, samples[:n], quick.labels[:n],
-                            config.dataset.num_classes)
+                            datasets.get(config).grid_columns)
     images.save_npz(npz, samples, quick.labels)
   logging.info('Wrote %s and .npz (%d samples, %s)%s', png, num_samples,
                quick.spec.name, '; ' + ', '.join(

@@ -12,7 +12,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from multistep_cm.core import generation
+from multistep_cm import datasets
 from multistep_cm.core import images
 from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
@@ -33,11 +33,11 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
   runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
            student, student_dir,
            stages.get(student.stage).sampler(student))]
-  guidance = teacher_config.sampler.guidance
+  teacher = stages.get(teacher_config.stage)
   for steps in teacher_config.pipeline.teacher_steps:
     for kind in TEACHER_KINDS:
       runs.append((f'teacher {kind} {steps}', teacher_config, teacher_dir,
-                   stages.sampler_spec(kind, steps, guidance)))
+                   teacher.sampler(teacher_config, kind, steps)))
   return table(runs, workdir, 'comparison')
 
 
@@ -62,7 +62,7 @@ def table(runs, workdir, stem, per_row=None, notes=''):
     _, samples, scores, _ = quick.from_checkpoint(cfg, directory,
                                                   quick.SEED_TABLES, spec)
     row = {'name': name, 'sampler': spec.kind, 'steps': spec.steps,
-           'nfe': spec.nfe(generation.conditioned(cfg)), **scores}
+           'nfe': spec.nfe(datasets.get(cfg).condition), **scores}
     rows = [r for r in rows if r['name'] != name] + [row]
     grids[name] = samples[:cfg.train_eval.grid_size]
     if jax.process_index() == 0:
@@ -76,8 +76,7 @@ def table(runs, workdir, stem, per_row=None, notes=''):
   if jax.process_index() == 0:
     (workdir / f'{stem}.md').write_text(text + '\n' + notes)
     side_by_side(workdir / f'{stem}.png', grids,
-                 10 if config.dataset.name == 'captioned_digits'
-                 else config.dataset.num_classes, per_row)
+                 datasets.get(config).grid_columns, per_row)
   print('\n' + text + '\n', flush=True)
   return order
 
@@ -118,8 +117,9 @@ def _save_figure(fig, path):
   plt.close(fig)
 
 
-def side_by_side(path, grids, num_classes, per_row=None):
-  """One panel per sampler, same noise and labels in every panel; `per_row`
+def side_by_side(path, grids, columns, per_row=None):
+  """One panel per sampler, same noise and labels in every panel, grids of
+  `columns` columns (when they divide the samples; else 10); `per_row`
   panels to a row (default: all in one)."""
   cols = per_row or len(grids)
   rows = -(-len(grids) // cols)
@@ -132,7 +132,7 @@ def side_by_side(path, grids, num_classes, per_row=None):
       ax.scatter(samples[:, 0], samples[:, 1], s=2)
       ax.set_aspect('equal')
     else:
-      cols = num_classes if len(samples) % max(num_classes, 1) == 0 else 10
+      cols = columns if len(samples) % max(columns, 1) == 0 else 10
       ax.imshow(images.grid(images.to_uint8(samples), cols, min_side=0),
                 cmap='gray', interpolation='nearest')
     ax.set_title(name, fontsize=9)
@@ -143,7 +143,10 @@ def side_by_side(path, grids, num_classes, per_row=None):
 
 def sweep_report(results, workdir, steps, stage_names, scorer, floor):
   """WORKDIR/sweep.md (one table per metric: a row per method, a column per
-  S) and WORKDIR/sweep.png (each metric against S, the floor dashed)."""
+  S) and WORKDIR/sweep.png (each metric against S, the floor dashed), from
+  `results` by run key."""
+  by_stage = {name: {s: results.get(stages.get(name).key(steps=s))
+                     for s in steps} for name in stage_names}
   metrics = [m for m in scorer.metrics
              if any(m.key in r for r in results.values())]
   lines = []
@@ -152,7 +155,7 @@ def sweep_report(results, workdir, steps, stage_names, scorer, floor):
                  ' |')
     lines.append('|---|' + '---|' * len(steps))
     for stage in stage_names:
-      vals = [results.get(f'{stage}_s{s}', {}).get(m.key) for s in steps]
+      vals = [(by_stage[stage][s] or {}).get(m.key) for s in steps]
       lines.append(f'| {stage.upper()} | ' + ' | '.join(
           '-' if v is None else f'{v:.4g}' for v in vals) + ' |')
     lines.append('')
@@ -165,8 +168,8 @@ def sweep_report(results, workdir, steps, stage_names, scorer, floor):
                            dpi=100)
   for ax, m in zip(np.atleast_1d(axes), metrics):
     for stage in stage_names:
-      pts = [(s, results[f'{stage}_s{s}'][m.key]) for s in steps
-             if f'{stage}_s{s}' in results]
+      pts = [(s, by_stage[stage][s][m.key]) for s in steps
+             if by_stage[stage][s]]
       if pts:
         ax.plot(*zip(*pts), marker='o', label=stage.upper())
     if m.key in floor:

@@ -1,17 +1,22 @@
-"""How samples are scored, in one table: one scorer per kind of data, with
-its metrics, their names, and what real data scores (the floor).
+"""How samples are scored, in one table: each dataset names its scorer
+(`datasets.base.Dataset.scorer`), a row here with its metrics, their names,
+and what real data scores (the floor).
 
-  digits  FD-digits and class accuracy of the digits classifier; the floor
-          is the held-out digits
-  toy2d   sliced Wasserstein distance to the true mixture and mean true
-          log-density; the floor is fresh true samples
-  images  FID, Inception Score and precision/recall of the FID Inception
-          against a reference (config.evaluate): every tfds dataset
-  text    the same, and the CLIP score of each sample against its caption
-          when CLIP weights are configured (dataset `text`)
+  digits_classifier  FD-digits and class accuracy of the digits classifier;
+                     the floor is the held-out digits
+  digit_captions     the same, plus the agreement of each sample with the
+                     trait its prompt names (thin/thick, upright/slanted)
+  gaussian_mixture   sliced Wasserstein distance to the true mixture and
+                     mean true log-density; the floor is fresh true samples
+  inception          FID, Inception Score and precision/recall of the FID
+                     Inception against a reference (config.evaluate)
+  inception_clip     the same, and the CLIP score of each sample against
+                     its caption when CLIP weights are configured
 
-To add a dataset with a metric of its own: a `Scorer` and a row in SCORERS.
-Reports (the pipeline's table, the sweep) name metrics by `Scorer.metrics`.
+A scorer that `needs_many_samples` (FID) means nothing on the few samples of
+the quick evaluation: there it scores nothing, and its numbers come from
+--mode=evaluate and FID during training. To add a scorer: a `Scorer` and
+`register(name, cls)`. Reports name metrics by `Scorer.metrics`.
 """
 
 import dataclasses
@@ -19,7 +24,8 @@ import dataclasses
 from absl import logging
 import numpy as np
 
-from multistep_cm.core import generation
+from multistep_cm import datasets
+from multistep_cm.datasets import captioned_digits
 from multistep_cm.evaluation import clip
 from multistep_cm.evaluation import digits_classifier
 from multistep_cm.evaluation import fid
@@ -42,16 +48,21 @@ class Metric:
 class Scorer:
   """Scores a set of generated samples; this base scores nothing.
 
-  `score(outputs, labels)` reads the generator outputs named in `inputs`
-  ('samples': floats in [-1, 1] or uint8 images, or 2-D points; 'features',
-  'logits': what `features` computed on the devices).
+  Built as `Scorer(config, mesh)`. `score(outputs, labels)` reads the
+  generator outputs named in `inputs` ('samples': floats in [-1, 1] or uint8
+  images, or 2-D points; 'features', 'logits': what `features` computed on
+  the devices); `labels` are the dataset's `eval_labels`, sample i first.
   """
+  needs_many_samples = False
   metrics = ()
   floor_label = ''
   inputs = ('samples',)
   # (feature_params, uint8 images) -> dict, run in the sampler's jit.
   features = None
   feature_params = None
+
+  def __init__(self, config=None, mesh=None):
+    del config, mesh
 
   def score(self, outputs, labels):
     del outputs, labels
@@ -71,17 +82,40 @@ class Digits(Scorer):
              Metric('class_accuracy', 'class accuracy', False))
   floor_label = 'real held-out digits'
 
-  def __init__(self, config):
-    del config
+  def __init__(self, config, mesh=None):
+    del config, mesh
 
   def score(self, outputs, labels):
-    x = outputs['samples']
-    if x.dtype == np.uint8:
-      x = x.astype(np.float32) / 127.5 - 1.
-    return digits_classifier.evaluate(x, labels)
+    return digits_classifier.evaluate(_floats(outputs['samples']), labels)
 
   def floor(self):
     return digits_classifier.floor()
+
+
+def _floats(x):
+  """Samples as floats in [-1, 1], from uint8 or floats."""
+  if x.dtype == np.uint8:
+    return x.astype(np.float32) / 127.5 - 1.
+  return x
+
+
+class DigitCaptions(Digits):
+  """The digits classifier's scores against the class each prompt names,
+  and `trait_agreement`: the share of samples whose thickness or slant,
+  measured as the captions measure the training images (against the
+  medians of the named class), is the one their prompt names."""
+  metrics = Digits.metrics + (Metric('trait_agreement', 'trait agreement',
+                                     False),)
+
+  def score(self, outputs, labels):
+    x = _floats(outputs['samples'])
+    scores = digits_classifier.evaluate(x, labels)
+    trait, value = captioned_digits.prompt_traits(len(labels))
+    measured = captioned_digits.measure_traits(x, labels)
+    got = np.where(trait == 'thickness', measured['thickness'],
+                   measured['slant'])
+    scores['trait_agreement'] = float(np.mean(got == value))
+    return scores
 
 
 class Toy2d(Scorer):
@@ -90,7 +124,8 @@ class Toy2d(Scorer):
              Metric('log_density', 'mean true log-density', False))
   floor_label = 'true samples'
 
-  def __init__(self, config):
+  def __init__(self, config, mesh=None):
+    del mesh
     self.floor_samples = config.train_eval.num_samples
 
   def score(self, outputs, labels):
@@ -105,6 +140,7 @@ class Inception(Scorer):
   """FID, IS and precision/recall against `config.evaluate.reference`; the
   weights and the reference are read and checked when it is built, before
   anything is sampled."""
+  needs_many_samples = True
   metrics = (Metric('fid', 'FID', True), Metric('inception_score', 'IS', False),
              Metric('precision', 'precision', False),
              Metric('recall', 'recall', False))
@@ -157,7 +193,7 @@ class TextImages(Inception):
       return
     weights = clip.load_weights(ev.clip_weights, ev.clip_sha256)
     prompts, tokens = clip.load_tokens(ev.clip_tokens)
-    captions = generation.eval_captions(config)
+    captions = datasets.get(config).eval_captions()
     expected = captions.captions(range(len(captions)))
     if prompts != expected:
       first = next((i for i, (a, b) in enumerate(zip(prompts, expected))
@@ -191,28 +227,39 @@ class TextImages(Inception):
     return {**super().record(), 'clip': {'sha256': self.clip_sha256}}
 
 
-# Built-in data has its own scorer; every other dataset (tfds images) is
-# scored by the FID Inception.
-# Captioned digits: the class each prompt names is the label to agree with.
-SCORERS = {'digits': Digits, 'captioned_digits': Digits, 'toy2d': Toy2d}
+SCORERS = {'digits_classifier': Digits, 'digit_captions': DigitCaptions,
+           'gaussian_mixture': Toy2d, 'inception': Inception,
+           'inception_clip': TextImages}
+
+
+def register(name, cls):
+  """Adds (or replaces) the scorer `name`, a `Scorer` subclass."""
+  SCORERS[name] = cls
+
+
+def scorer_class(config):
+  """The scorer class the config's dataset names."""
+  name = datasets.get(config).scorer
+  if name not in SCORERS:
+    raise KeyError(f'Dataset {config.dataset.name!r} names scorer {name!r}, '
+                   f'which is not in the table ({", ".join(SCORERS)}).')
+  return SCORERS[name]
 
 
 def get(config, mesh=None, quick=False):
   """The dataset's scorer. `quick`: for the few samples of the quick
-  evaluation, where FID means nothing: image datasets get the base scorer
-  (their FID comes from --mode=evaluate and `training_fid`)."""
-  if config.dataset.name in SCORERS:
-    return SCORERS[config.dataset.name](config)
-  if quick:
+  evaluation, where a scorer that needs many samples scores nothing (FID
+  comes from --mode=evaluate and `training_fid`)."""
+  cls = scorer_class(config)
+  if quick and cls.needs_many_samples:
     return Scorer()
-  return (TextImages if config.dataset.name == 'text' else Inception)(config,
-                                                                      mesh)
+  return cls(config, mesh)
 
 
 def training_fid(config, network, param_shardings, mesh, spec):
-  """FID during training, where the dataset is scored by the Inception and
+  """FID during training, where the dataset's scorer is the Inception's and
   its weights and reference are configured; else None."""
-  if config.dataset.name in SCORERS:
+  if not scorer_class(config).needs_many_samples:
     return None
   if not fid.TrainingFID.enabled(config):
     logging.info('No FID during training: set config.evaluate.'

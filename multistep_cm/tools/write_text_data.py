@@ -1,5 +1,5 @@
 """Writes captioned images as a text dataset (the format of
-`multistep_cm.core.text_data`), embedding the captions once.
+`multistep_cm.datasets.text_data`), embedding the captions once.
 
 Images come from a folder (each name.png|jpg|jpeg with its caption in name.txt
 next to it) or a list file (lines `path<TAB>caption`, paths relative to the
@@ -15,7 +15,7 @@ mask (b, L)) or (emb, mask, pooled (b, P)); --text_len pads or truncates L.
   # The captioned digits with their shipped encoder:
   python -m multistep_cm.tools.write_text_data --list=digits.tsv \\
       --out=/tmp/d --image_size=8 --channels=1 \\
-      --encoder=multistep_cm.core.captioned_digits:DigitsTextEncoder
+      --encoder=multistep_cm.datasets.captioned_digits:DigitsTextEncoder
 
 Bad input ends in one `error:` line (exit status 2), leaving nothing at --out.
 """
@@ -28,7 +28,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from multistep_cm.core import text_data
+from multistep_cm.datasets import text_data
 
 EXTENSIONS = ('.png', '.jpg', '.jpeg')
 Error = text_data.TextDataError

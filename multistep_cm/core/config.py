@@ -1,8 +1,9 @@
 """The shared base config, the config-argument parser, and the configs of an
 experiment's stages.
 
-Every experiment file derives from `base()` and changes what differs; the
-argument after the colon in `--config=configs/X.py:ARG` selects variants. A
+Every experiment file (configs/) derives from `base()` and changes what
+differs; the argument after the colon in `--config=configs/X.py:ARG` selects
+variants (`parse_arg`). A
 config describes one stage: it sets that stage's own schedule (a student's
 `total_steps`, `optim.lr`, `eval_every` are set where the student is
 configured, never copied in at run time), so every `--config.X` override
@@ -100,15 +101,15 @@ def base():
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = 'digits'  # digits, toy2d, imagenet64, imagenet128, cifar10.
-  c.dataset.image_size = 8  # Side of the (square) images; unused for toy2d.
+  c.dataset.name = ''  # A row of the dataset table (multistep_cm/datasets).
+  c.dataset.image_size = 8  # Side of the (square) images; unused for points.
   c.dataset.channels = 1  # Channels of an image, or dimensions of a point.
   c.dataset.num_classes = 10  # 0 for unconditional data.
   c.dataset.flip = False  # Random horizontal flips (tfds datasets only).
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
-  # Captioned images (captioned_digits, text): tokens per caption, the width
-  # of their embeddings and of the pooled vector (0: none); `text` reads
-  # text_dir (multistep_cm/core/text_data.py).
+  # Captioned images: tokens per caption, the width of their embeddings and
+  # of the pooled vector (0: none); the directory of captioned images with
+  # precomputed embeddings (multistep_cm/datasets/text_data.py).
   c.dataset.text_len = 0
   c.dataset.text_dim = 0
   c.dataset.pooled_dim = 0
@@ -128,7 +129,9 @@ def base():
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_dropout = 0.1  # Trains the null label for guidance.
-  c.loss.multiscale = False  # Simple diffusion's multiscale loss (128x128).
+  # Levels of simple diffusion's multiscale loss: the v error also after 1,
+  # 2, ... 2x2 average pools, all levels averaged (0: off).
+  c.loss.multiscale = 0
 
   c.optim = ml_collections.ConfigDict()  # AdamW; spec A5 where unstated.
   c.optim.lr = 1e-4
@@ -141,13 +144,14 @@ def base():
   c.optim.ema_decay = 0.9999
 
   # What to train (multistep_cm/core/stages.py): 'teacher' (diffusion), 'cd'
-  # / 'ct' (multistep consistency distillation / training) or 'pd' (one
+  # / 'ct' (multistep consistency distillation / training), 'pd' (one
   # progressive-distillation phase: student_steps from a teacher sampled with
-  # twice as many).
+  # twice as many) or 'gd' (guidance distillation).
   c.stage = 'teacher'
   c.student_steps = 8  # S, the student's sampling steps.
-  # Students start from this teacher (a workdir, its checkpoints/ directory or
-  # one step directory), for CD, CT and PD alike.
+  # Distilled stages start from this teacher (a workdir, its checkpoints/
+  # directory or one step directory) when they train; sampling one needs
+  # its own checkpoint only.
   c.teacher_checkpoint = ml_collections.config_dict.placeholder(str)
   c.teacher_params = 'ema_params'  # Or 'params': the online weights.
 
@@ -176,6 +180,9 @@ def base():
   # (WORKDIR/guided.{md,png}).
   c.pipeline.guidance = ()
   c.pipeline.student_steps = (4, 8)
+  # The stages trained per guidance scale: a stage sampled with S steps at
+  # each of student_steps, others once.
+  c.pipeline.guided_stages = ('gd', 'cd')
 
   c.batch_size = 128  # Global batch, split over all devices and hosts.
   c.total_steps = 1000
@@ -190,10 +197,10 @@ def base():
   c.eval_every = 1000
 
   # How a teacher samples: in training-time evaluation, --mode=sample and by
-  # default in --mode=evaluate. A student always takes its S DDIM steps,
-  # unguided (Algorithm 2).
+  # default in --mode=evaluate. A distilled stage is never guided: a student
+  # takes its S DDIM steps (Algorithm 2), gd its DDIM steps.
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.kind = 'addim'  # ddim or addim (analytic variance).
+  c.sampler.kind = 'addim'  # ddim, addim (analytic variance) or ddpm.
   c.sampler.steps = 128
   c.sampler.guidance = 0.  # Classifier-free w: (1 + w) cond - w uncond.
 
@@ -204,11 +211,11 @@ def base():
   c.train_eval.batch_size = 600
   c.train_eval.grid_size = 100  # Samples in the PNG grid.
 
-  # --mode=evaluate (and FID during training). Empty or negative fields take
-  # the stage's own: S-step consistency sampling for a student,
-  # config.sampler for a teacher.
+  # --mode=evaluate and --mode=sample (and FID during training). Empty or
+  # negative fields take the stage's own: S-step consistency sampling for a
+  # student, config.sampler for a teacher (stages.Stage.sampler).
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.sampler = ''  # student, ddim or addim.
+  c.evaluate.sampler = ''  # student, ddim, addim or ddpm.
   c.evaluate.steps = 0
   c.evaluate.guidance = -1.
   c.evaluate.ema = True  # EMA weights, else the online ones.
@@ -217,7 +224,7 @@ def base():
   c.evaluate.batch_size = 500  # Per sampling / Inception call, all devices.
   c.evaluate.seed = 0
   # Image datasets: the converted FID Inception weights (local or gs://; see
-  # multistep_cm/evaluation/convert_inception.py; $MULTISTEP_CM_INCEPTION if
+  # multistep_cm/tools/convert_inception.py; $MULTISTEP_CM_INCEPTION if
   # empty), the SHA-256 they must have ('' = unchecked), and the reference:
   # an ADM reference batch (VIRTUAL_imagenet64_labeled.npz) or
   # --mode=reference's.
@@ -225,10 +232,10 @@ def base():
   c.evaluate.inception_sha256 = ''
   c.evaluate.reference = ''
   c.evaluate.precision_recall = True  # Needs the reference's arr_0 images.
-  # Text-to-image (dataset `text`): the evaluation captions, a directory
+  # Text-to-image (your captioned images): the evaluation captions, a directory
   # written by multistep_cm.tools.write_text_data with the training encoder
   # (samples cycle through them; '' = the training captions), and the CLIP
-  # score's converted weights (evaluation/convert_clip.py), their SHA-256
+  # score's converted weights (tools/convert_clip.py), their SHA-256
   # ('' = unchecked) and the same captions' CLIP tokens (convert_clip
   # --prompts); no CLIP score while clip_weights is ''.
   c.evaluate.prompts = ''

@@ -1,6 +1,6 @@
 """Converts pytorch-fid's FID Inception weights to the `.npz` this project reads.
 
-  python -m multistep_cm.evaluation.convert_inception \
+  python -m multistep_cm.tools.convert_inception \
       --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
 
 Run once, on any machine with torch (`pip install torch`; nothing else of

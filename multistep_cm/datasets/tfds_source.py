@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from multistep_cm.core import data
+from multistep_cm.core import errors
 
 _FORMAT = 'array_record'
 
@@ -49,14 +49,14 @@ def open_source(name, split, data_dir=None):
     where = builder.data_dir if builder else os.path.join(root, name)
     hint = (', after placing its source files in the manual dir'
             if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) else '')
-    raise data.DatasetNotPreparedError(
+    raise errors.DatasetNotPreparedError(
         f'Dataset {name!r} is not prepared in {where}. Prepare it with '
         f'{build}{hint}; or point TFDS_DATA_DIR (or config.dataset.data_dir) '
         'at the directory that holds it.')
   formats = sorted(f.value for f in builder.info.available_file_formats())
   if _FORMAT not in formats:
     # tfds refuses to prepare another format over a prepared one.
-    raise data.DatasetNotPreparedError(
+    raise errors.DatasetNotPreparedError(
         f'Dataset {name!r} in {builder.data_dir} is prepared as '
         f'{", ".join(formats) or "an unknown format"}, but random access needs '
         f'{_FORMAT}: convert it in place with `tfds convert_format '
@@ -87,12 +87,12 @@ def _area_resize(x, n_out):
   return sum(w[:, None, None] * x[i] for i, w in zip(idx, wts))
 
 
-def preprocess(kind, image_size, image):
-  """uint8 HxWxC -> float32 (image_size, image_size, C) in [-1, 1]. For
-  'imagenet128', a centre square crop and an area resize; the other kinds
-  are stored at their size."""
+def preprocess(image_size, image, crop=False):
+  """uint8 HxWxC -> float32 (image_size, image_size, C) in [-1, 1]. With
+  `crop` (imagenet2012 at 128), a centre square crop and an area resize;
+  without, the images must be stored at their size."""
   image = np.asarray(image)
-  if kind == 'imagenet128':
+  if crop:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -100,7 +100,7 @@ def preprocess(kind, image_size, image):
     x = _area_resize(_area_resize(x, image_size).swapaxes(0, 1), image_size)
     x = x.swapaxes(0, 1).astype(np.float32)
   elif image.shape[:2] != (image_size, image_size):
-    raise ValueError(f'{kind} images are {image.shape[0]}x{image.shape[1]}, '
+    raise ValueError(f'Images are {image.shape[0]}x{image.shape[1]}, '
                      f'not the configured {image_size}x{image_size}.')
   else:
     x = image.astype(np.float32)
@@ -119,7 +119,7 @@ def _pool():
   return concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
 
-def load_rows(source, indices, kind, image_size, flip_seeds=None):
+def load_rows(source, indices, image_size, flip_seeds=None, crop=False):
   """The examples `indices` of `source`, in that order: float32 images
   (len(indices), image_size, image_size, C) in [-1, 1] and int32 labels.
   Row r is mirrored left-right when `flip(flip_seeds[r])`; derive each seed
@@ -131,7 +131,7 @@ def load_rows(source, indices, kind, image_size, flip_seeds=None):
 
   def row(r):
     ex = source[int(indices[r])]
-    x = preprocess(kind, image_size, ex['image'])
+    x = preprocess(image_size, ex['image'], crop)
     if flip_seeds is not None and flip(flip_seeds[r]):
       x = x[:, ::-1]
     return x, ex['label']

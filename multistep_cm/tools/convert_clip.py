@@ -1,8 +1,8 @@
 """Converts open_clip ViT weights, and tokenizes prompts, for `clip.py`.
 
-  python -m multistep_cm.evaluation.convert_clip \
+  python -m multistep_cm.tools.convert_clip \
       --weights=open_clip_model.safetensors --model=ViT-B-32 --out=clip.npz
-  python -m multistep_cm.evaluation.convert_clip \
+  python -m multistep_cm.tools.convert_clip \
       --prompts=prompts.txt --model=ViT-B-32 --out=prompt_tokens.npz
 
 Run once, on a machine with the checkpoint. --weights takes an open_clip
@@ -32,7 +32,7 @@ from etils import epath
 import numpy as np
 
 from multistep_cm.evaluation import clip
-from multistep_cm.evaluation import convert_inception
+from multistep_cm.tools import convert_inception
 
 _LAYER_NORMS = ('ln_1', 'ln_2', 'ln_pre', 'ln_post', 'ln_final')
 _LINEARS = ('c_fc', 'c_proj', 'out_proj')

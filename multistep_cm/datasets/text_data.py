@@ -18,7 +18,7 @@ written; training reads only arrays. A dataset is a directory holding:
 
 Arrays are .npy files opened with `np.load(mmap_mode='r')`: each process
 reads only the rows it needs, in any order, so the data order is a pure
-function of (seed, step) (`data.step_indices`) and a resumed run continues it.
+function of (seed, step) (`base.step_indices`) and a resumed run continues it.
 `write` fills a hidden temporary directory and renames it at the end, and
 meta.json is the last file written: an interrupted write leaves no directory
 that opens as complete.
@@ -32,8 +32,8 @@ import tempfile
 
 import numpy as np
 
-from multistep_cm.core import data
 from multistep_cm.core import errors
+from multistep_cm.datasets import base
 
 FORMAT = 'multistep_cm.text/1'
 WRITE_HINT = 'write one with `python -m multistep_cm.tools.write_text_data`'
@@ -340,7 +340,7 @@ def open_dataset(directory, *, image_size=None, text_len=None, text_dim=None,
 def train_batches(directory, global_batch, seed, start_step=0, rows=None,
                   **expect):
   """Iterator over rows `rows` (a slice; default: all) of the global training
-  batches from `start_step` on, in the order of `data.step_indices`: the same
+  batches from `start_step` on, in the order of `base.step_indices`: the same
   global batch whatever the number of processes. The dataset is opened and
   checked (`expect`: as `open_dataset`) before this returns."""
   ds = open_dataset(directory, **expect)
@@ -348,5 +348,5 @@ def train_batches(directory, global_batch, seed, start_step=0, rows=None,
 
   def batches():
     for step in itertools.count(start_step):
-      yield ds.rows(data.step_indices(len(ds), global_batch, seed, step, rows))
+      yield ds.rows(base.step_indices(len(ds), global_batch, seed, step, rows))
   return batches()
