@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from multistep_cm import conditioning
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import train
@@ -135,7 +136,7 @@ def _train_step(config, stage, batch_size):
              if stages.get(stage).runs_teacher else None)
   shape = (batch_size,) + state_lib.data_shape(config)
   batch = {'x': jax.random.normal(jax.random.key(1), shape),
-           'label': jnp.arange(batch_size) % max(1, config.dataset.num_classes)}
+           conditioning.KEY: state_lib.condition(config).example(batch_size)}
   batch = sharding.global_batch(jax.device_get(batch), mesh)
   step_fn = train.make_train_step(config, network, tx, state_sh, mesh)
   lowered = step_fn.lower(state, batch, teacher)
@@ -163,7 +164,7 @@ def _bare_step(config, batch_size):
   shape = (batch_size,) + state_lib.data_shape(config)
   z = jax.random.normal(jax.random.key(1), shape)
   t = jax.random.uniform(jax.random.key(2), (batch_size,))
-  labels = jnp.arange(batch_size) % max(1, config.dataset.num_classes)
+  labels = state_lib.condition(config).example(batch_size)
 
   def grad(network):
     return jax.jit(jax.grad(lambda p: jnp.mean(
@@ -209,11 +210,10 @@ def _sampler(config, spec, batch_size):
   state, shardings = state_lib.init_state(
       config, model, state_lib.make_optimizer(config.optim), mesh)
   shape = (batch_size,) + state_lib.data_shape(config)
-  labels = generation.eval_labels(config, batch_size)
+  labels = jax.device_get(state_lib.condition(config).example(batch_size))
   counting, abstract = _model_network(config)
   forward = jax.jit(counting).lower(
-      abstract, jnp.zeros(shape), jnp.full((batch_size,), 0.5),
-      jnp.asarray(labels))
+      abstract, jnp.zeros(shape), jnp.full((batch_size,), 0.5), labels)
   generator = generation.Generator(config, network, shardings.ema_params, mesh,
                                    spec)
   run = lambda: next(generator.batches(state.ema_params, labels, 0,

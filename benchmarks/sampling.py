@@ -37,7 +37,7 @@ def main(argv):
   network = models.network_fn(model)
   state, shardings = state_lib.init_state(
       config, model, state_lib.make_optimizer(config.optim), mesh)
-  labels = generation.eval_labels(config, batch)
+  _, labels = generation.eval_inputs(config, batch)
   runs = [('teacher aDDIM', samplers.SamplerSpec('addim', FLAGS.teacher_steps))
          ] + [(f'student S={s}', samplers.SamplerSpec('student', s))
               for s in (1, 2, 4, 8, 16)]

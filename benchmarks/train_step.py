@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from multistep_cm import datasets
 from multistep_cm import models
 from multistep_cm import train
-from multistep_cm.core import data
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 import timing
@@ -34,8 +34,8 @@ def main(argv):
   network = models.network_fn(model)
   tx = state_lib.make_optimizer(config.optim)
   state, state_sh = state_lib.init_state(config, model, tx, mesh)
-  batch = sharding.global_batch(next(data.train_batches(
-      config.dataset, config.batch_size, config.seed)), mesh)
+  batch = sharding.global_batch(next(datasets.train_batches(
+      config, config.batch_size, config.seed)), mesh)
 
   step_fn = train.make_train_step(config, network, tx, state_sh, mesh)
   holder = [state]
@@ -56,7 +56,7 @@ def main(argv):
   params = jax.tree.map(jnp.copy, holder[0].params)
   s_framework = timing.seconds_per_call(framework, FLAGS.steps, warmup=2)
   s_bare = timing.seconds_per_call(
-      lambda: bare_grad(params, batch['x'], batch['label'])[0], FLAGS.steps,
+      lambda: bare_grad(params, batch['x'], batch['cond'])[0], FLAGS.steps,
       warmup=2)
 
   n = config.batch_size

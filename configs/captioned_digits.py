@@ -11,14 +11,17 @@ score FD-digits 38.3 / 38.5 against the guidance-distilled teacher's 41.2,
 every sample of the digit its prompt names.
 
 The digits network of configs/digits.py conditioned on captions instead of
-class labels ("a thin seven", "the number 7, slanted"; core/captioned_digits.py),
+class labels ("a thin seven", "the number 7, slanted";
+multistep_cm/datasets/captioned_digits.py),
 embedded by a small fixed token table (8 tokens of width 32 and a pooled
 vector; nothing downloaded), with 10 % caption dropout for classifier-free
 guidance. Students follow the paper's text-to-image settings: pseudo-Huber
 delta 1 and a fixed 256 teacher steps (no annealing), distilled from the
 teacher guided at `guidance=w` (one student per scale). Samples are scored
-by FD-digits and by the digits classifier's agreement with the class each
-prompt names.
+by FD-digits, by the digits classifier's agreement with the class each
+prompt names, and by the agreement of each sample's measured thickness or
+slant with the trait its prompt names. The guided table also has the
+teacher's guided ancestral (DDPM) sampler, Table 6's teacher row.
 
 Arguments: those of configs/digits.py (`stage=` including `gd`, `steps=S`,
 `smoke`) and `guidance=w` (a single stage's guidance scale).

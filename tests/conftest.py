@@ -1,10 +1,28 @@
-"""Tests run on 8 fake CPU devices: the flag must be set before jax starts."""
+"""Tests run on 8 fake CPU devices: the flag must be set before jax starts.
 
+Compiled programs are shared through jax's persistent compilation cache, in
+one directory per test session (its workers and the processes its tests
+start): many tests compile the same small programs. A cached program is
+keyed by its HLO, the compile options and the jax version, so a hit runs
+exactly what a compile would have produced.
+"""
+
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # The controller's directory, inherited by the xdist workers it starts.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='multistep_cm_test_jit_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,13 +40,17 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 @pytest.fixture
 def count_compiles():
-  """A context manager collecting every XLA compilation that happens in it."""
+  """A context manager collecting every XLA compilation that happens in it,
+  and every program taken from the persistent cache instead."""
   @contextlib.contextmanager
   def counting():
     events = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, _, **kw: events.append(event)
         if 'backend_compile' in event else None)
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: events.append(event)
+        if 'cache_hits' in event else None)
     try:
       yield events
     finally:

@@ -85,3 +85,16 @@ def test_readme_command_runs_as_printed(command, quickstart):
                for f in os.listdir(workdir))
   if '--mode=evaluate' in command:
     assert 'Evaluation step' in proc.stderr
+
+
+def test_readme_python_runs():
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    blocks = re.findall(r'```python\n(.*?)```', f.read(), re.S)
+  assert blocks
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=ROOT)
+  for block in blocks:
+    proc = subprocess.run([sys.executable, '-c', block], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == '16'

@@ -5,6 +5,7 @@ config, and the embedded pipeline end to end."""
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -227,29 +228,62 @@ def test_paper_text_to_image_size():
   assert params[models.SCANNED]['block']['cross_q']['kernel'].shape[0] == 16
 
 
-def test_embedded_guided_pipeline_smoke(tmp_path):
-  """Teacher, a guidance-distilled teacher and a 2-step CD student at w=3,
-  and the Table-6-shaped comparison with its grids."""
+@pytest.fixture(scope='module')
+def guided_pipeline(tmp_path_factory):
+  """(workdir, rows) of the embedded guided pipeline, smoke-sized, at w=3
+  with a 2-step CD student."""
+  workdir = tmp_path_factory.mktemp('guided')
   configs = common.StageConfigs(
       captioned_config.get_config, 'smoke',
       {'pipeline.guidance': (3.,), 'pipeline.student_steps': (2,)})
-  rows = pipeline.run(configs, str(tmp_path))
+  return workdir, pipeline.run(configs, str(workdir))
+
+
+@pytest.mark.xdist_group('guided_pipeline')
+def test_embedded_guided_pipeline_smoke(guided_pipeline):
+  """Teacher, a guidance-distilled teacher and a 2-step CD student at w=3,
+  and the Table-6-shaped comparison with its grids."""
+  tmp_path, rows = guided_pipeline
   names = [r['name'] for r in rows]
   assert names == ['w=3: teacher aDDIM 4', 'w=3: teacher DDPM 4',
                    'w=3: guidance-distilled teacher, DDIM 4',
                    'w=3: multistep CD, S=2']
   assert [r['nfe'] for r in rows] == [8, 8, 4, 2]
   assert all(np.isfinite(r['fd_digits']) for r in rows)
+  assert all(0 <= r['trait_agreement'] <= 1 for r in rows)
   saved = json.loads((tmp_path / 'guided.json').read_text())
   assert [r['name'] for r in saved] == names
   table = (tmp_path / 'guided.md').read_text()
-  assert 'real held-out digits' in table
+  assert 'real held-out digits' in table and 'trait agreement' in table
   from multistep_cm.datasets import captioned_digits  # pylint: disable=g-import-not-at-top
   first_seven = captioned_digits.prompts(1)[0][7]
   assert f'0. "{first_seven}"' in table
   assert (tmp_path / 'guided.png').exists()
   assert (tmp_path / 'w3' / 'gd_w3').is_dir()
   assert (tmp_path / 'w3' / 'cd_s2').is_dir()
+
+
+@pytest.mark.xdist_group('guided_pipeline')
+def test_evaluate_of_a_gd_checkpoint_with_its_own_config_runs_unguided(
+    guided_pipeline):
+  """`captioned_digits.py:stage=gd,guidance=3` sets config.sampler.guidance
+  to 3 for the teacher it distils; the distilled model itself is sampled
+  unguided (it was guided a second time, at twice the evaluations), and
+  without its teacher."""
+  from multistep_cm.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import quick  # pylint: disable=g-import-not-at-top
+  workdir, _ = guided_pipeline
+  config = captioned_config.get_config('smoke,stage=gd,guidance=3')
+  assert config.sampler.guidance == 3. and not config.teacher_checkpoint
+  config.evaluate.num_samples = config.evaluate.chunk_size = 20
+  config.evaluate.batch_size = 20
+  record = evaluate.run(config, str(workdir / 'w3' / 'gd_w3'))
+  assert (record['sampler'], record['steps'], record['nfe']) == ('ddim', 4, 4)
+  assert record['sampling_guidance'] == 0. and record['guidance'] == 3.
+  assert re.search(r'gd_w3/eval/step\d+_ddim4_w3_ema_n20_seed0/',
+                   record['samples_npz'])
+  png, _ = quick.write_samples(config, str(workdir / 'w3' / 'gd_w3'), 20)
+  assert 'ddim4' in str(png)
 
 
 def _tiny_encoder(captions):
@@ -332,3 +366,29 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
       'prompts': np.array(captions[::-1]), 'tokens': tokens})
   with pytest.raises(clip.ClipWeightsError, match='differ first at caption 0'):
     evaluation.run(config, workdir)
+
+
+def test_caption_norm_statistics_follow_norm_float32():
+  """The caption's LayerNorm keeps its statistics in float32 exactly when
+  config.model.norm_float32 says so, like every other norm (it ignored the
+  setting)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Tokens(nn.Module):
+    norm_float32: bool
+
+    @nn.compact
+    def __call__(self, cond):
+      return CAPTIONS.context(self, cond, 64, jnp.bfloat16,
+                              self.norm_float32)[0]
+
+  cond = _captions(n=8)
+  cond = dict(cond, text=3. + 10. * cond['text'])  # Far from zero mean.
+  params = Tokens(True).init(jax.random.key(0), cond)
+  f32 = Tokens(True).apply(params, cond)
+  bf16 = Tokens(False).apply(params, cond)
+  assert f32.dtype == bf16.dtype == jnp.bfloat16
+  assert not jnp.array_equal(f32, bf16)
+  # bf16 statistics are a rounding of the float32 ones, no more.
+  np.testing.assert_allclose(np.asarray(bf16, np.float32),
+                             np.asarray(f32, np.float32), atol=0.1, rtol=0.1)

@@ -12,9 +12,9 @@ hosts or where a run was interrupted.
 Outputs, next to the chunks: `samples.npz` in the ADM layout (`arr_0` uint8
 NHWC, `arr_1` labels) for the reference evaluator, `grid.png`, and
 `protocol.json` with the sampler, steps, NFE, guidance, EMA, seed, reference,
-N and the metric values. Metrics: FID, Inception Score and precision/recall
-for image datasets (Inception features computed on the devices right after
-sampling); FD-digits and class accuracy for digits; the toy2d distances.
+N and the metric values. Metrics: those of the scorer the dataset names
+(`scoring.py`); the FID Inception's features are computed on the devices
+right after sampling.
 """
 
 import io
