@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -44,7 +45,9 @@ def test_toy2d_pipeline(tmp_path):
   assert all(np.isfinite(r['swd']) for r in rows)
 
 
-def test_sweep(tmp_path):
+def test_sweep(tmp_path, digits_teacher):
+  # The session's smoke teacher is the one the sweep would train first.
+  shutil.copytree(digits_teacher[1], tmp_path / 'teacher')
   config = common.StageConfigs(digits.get_config, 'smoke')
   steps, stages = [1, 2], ['cd', 'ct', 'pd']
   results = sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2)

@@ -9,12 +9,16 @@ import shlex
 import subprocess
 import sys
 
+from etils import epath
 import pytest
 
 from configs import digits
-from multistep_cm import train
+from multistep_cm.core import checkpoint
+from multistep_cm.core import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One worker makes the checkpoints once for all of them.
+pytestmark = pytest.mark.xdist_group('readme')
 
 
 def readme_commands():
@@ -50,22 +54,27 @@ def test_the_readme_has_cheap_commands_to_run():
   assert any('stage=cd' in c and '--mode=evaluate' in c for c in CHEAP)
 
 
+def _checkpoint(config, workdir):
+  """A freshly initialised train state of `config`, saved as step 1 in
+  WORKDIR/checkpoints, as training would have left it."""
+  mesh = state_lib.make_mesh(config)
+  state, _ = state_lib.init_state(config, state_lib.create_model(config),
+                                  state_lib.make_optimizer(config.optim), mesh)
+  ckpt = checkpoint.Checkpointer(epath.Path(workdir) / 'checkpoints', 1, 1)
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  ckpt.close()
+
+
 @pytest.fixture(scope='module')
 def quickstart(tmp_path_factory):
-  """/tmp/digits as the quickstart leaves it, in miniature: the full-size
-  digits teacher and its 8-step CD student after a few steps each, so that
-  the README's commands find checkpoints of the model they configure."""
+  """/tmp/digits as the quickstart leaves it, in miniature: checkpoints of
+  the full-size digits teacher and of its 8-step CD student, so that the
+  README's commands find the model they configure (trained or not, the
+  commands run the same code)."""
   root = tmp_path_factory.mktemp('quickstart')
-  few = {'total_steps': 2, 'eval_every': 2, 'batch_size': 16,
-         'train_eval.num_samples': 8, 'train_eval.batch_size': 8,
-         'sampler.steps': 2}
-  teacher = digits.get_config('stage=teacher')
-  teacher.update_from_flattened_dict(few)
-  train.train_and_evaluate(teacher, str(root / 'digits' / 'teacher'))
-  student = digits.get_config('stage=cd')
-  student.update_from_flattened_dict(
-      {**few, 'teacher_checkpoint': str(root / 'digits' / 'teacher')})
-  train.train_and_evaluate(student, str(root / 'digits' / 'cd_s8'))
+  _checkpoint(digits.get_config('stage=teacher'), root / 'digits' / 'teacher')
+  _checkpoint(digits.get_config('stage=cd'), root / 'digits' / 'cd_s8')
   return root
 
 

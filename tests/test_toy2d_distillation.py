@@ -41,24 +41,23 @@ def _distil(steps, train_steps=1500, batch=256, seed=0):
   opt = tx.init(params)
   labels = jnp.zeros(batch, jnp.int32)
 
-  def step(i, carry):
-    params, opt = carry
+  @jax.jit
+  def step(params, opt, i):
     key = jax.random.fold_in(jax.random.key(seed), i)
     k_x, k_loss = jax.random.split(key)
     comp = jax.random.randint(k_x, (batch,), 0, toy2d.NUM_CLASSES)
     x = jnp.asarray(toy2d.means())[comp] + toy2d.STD * jax.random.normal(
         jax.random.fold_in(k_x, 1), (batch, 2))
-    grads = jax.grad(
+    loss, grads = jax.value_and_grad(
         lambda p: losses.multistep_consistency_loss(
             net, p, x, labels, k_loss, LOGSNR, steps, i,
             anneal_steps=train_steps // 2, mode='cd', teacher=TEACHER,
             huber_delta=1e-3)[0])(params)
     updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt
+    return optax.apply_updates(params, updates), opt, loss
 
-  # The whole run is one compiled loop: no per-step dispatch.
-  params, _ = jax.jit(lambda p, o: jax.lax.fori_loop(
-      0, train_steps, step, (p, o)))(params, opt)
+  for i in range(train_steps):
+    params, opt, _ = step(params, opt, i)
   return net, params
 
 

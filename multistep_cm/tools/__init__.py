@@ -1,1 +1,2 @@
-"""Command-line tools that prepare data."""
+"""Command-line tools: converters of outside weights (Inception, CLIP) and
+the writer of captioned-image data."""
