@@ -35,6 +35,7 @@ from multistep_cm import conditioning
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import train
+from multistep_cm.core import errors
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
@@ -243,8 +244,13 @@ def main(argv):
                  _peak_memory_gb()))
     _print_row(rows[-1], chips, peak)
   for stage in FLAGS.stages:
-    rows.append((f'{stage} train step', batch,
-                 *_train_step(config, stage, batch), _peak_memory_gb()))
+    try:
+      row = _train_step(config, stage, batch)
+    except errors.ConfigError as e:
+      # A stage this config cannot train, e.g. gd without a guidance scale.
+      print(f'{stage} train step: skipped ({e})')
+      continue
+    rows.append((f'{stage} train step', batch, *row, _peak_memory_gb()))
     _print_row(rows[-1], chips, peak)
   for name in FLAGS.samplers:
     spec = samplers.SamplerSpec(name, steps[name])

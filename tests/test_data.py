@@ -7,8 +7,8 @@ import scipy.stats
 from configs import digits
 from configs import imagenet64
 from configs import toy2d as toy2d_config
-from multistep_cm import toy2d
 from multistep_cm import datasets
+from multistep_cm import toy2d
 from multistep_cm.datasets import digits as digits_data
 
 

@@ -12,16 +12,15 @@ import pytest
 from configs import digits
 from configs import imagenet64
 from configs import toy2d
-from multistep_cm import train
 from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
-from multistep_cm.datasets import tfds_images
+from multistep_cm import train
 from multistep_cm.core import errors
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
-from multistep_cm.tools import convert_inception
+from multistep_cm.datasets import tfds_images
 from multistep_cm.evaluation import evaluate as evaluation
 from multistep_cm.evaluation import fid
+from multistep_cm.tools import convert_inception
 from tests import inception_golden
 
 
@@ -189,3 +188,23 @@ def test_noise_of_a_sample_is_independent_of_its_batch():
   np.testing.assert_array_equal(np.asarray(whole)[3:], np.asarray(tail))
   other_seed = generation.example_noise(np.array([6, 3]), 7, (4,))
   assert not np.allclose(np.asarray(other_seed), np.asarray(tail))
+
+
+def test_trait_agreement_measures_the_trait_each_prompt_names():
+  """Samples that are training digits of the prompt's class with the trait
+  the prompt names agree at 1; with the other value of that trait, at 0."""
+  from multistep_cm.datasets import captioned_digits  # pylint: disable=g-import-not-at-top
+  from multistep_cm.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  x, y, _, traits = captioned_digits.captions('train')
+  n = 40
+  labels = np.arange(n) % 10
+  trait, value = captioned_digits.prompt_traits(n)
+  opposite = {'thin': 'thick', 'thick': 'thin', 'upright': 'slanted',
+              'slanted': 'upright'}
+  scorer = scoring.DigitCaptions()
+  for want, agreement in ((value, 1.), ([opposite[v] for v in value], 0.)):
+    picks = [np.flatnonzero((y == c) & (traits[t] == v))[0]
+             for c, t, v in zip(labels, trait, want)]
+    scores = scorer.score({'samples': x[picks]}, labels)
+    assert scores['trait_agreement'] == agreement
+    assert scores['class_accuracy'] > 0.9

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from multistep_cm.core import sharding
-from multistep_cm.tools import convert_inception
 from multistep_cm.evaluation import fid
 from multistep_cm.evaluation import inception
 from multistep_cm.evaluation import metrics
+from multistep_cm.tools import convert_inception
 from tests import inception_golden
 
 

@@ -1,7 +1,6 @@
 import numpy as np
 
 from multistep_cm import toy2d
-from multistep_cm import datasets
 from multistep_cm.datasets import digits as digits_data
 from multistep_cm.evaluation import digits_classifier
 from multistep_cm.evaluation import metrics

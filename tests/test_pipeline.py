@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from multistep_cm.core import config as common
 from configs import digits
 from configs import toy2d
 from multistep_cm import pipeline
 from multistep_cm import sweep
+from multistep_cm.core import config as common
 from multistep_cm.evaluation import reports
 from multistep_cm.evaluation import scoring
 

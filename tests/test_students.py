@@ -7,11 +7,10 @@ import pytest
 
 from configs import digits
 from multistep_cm import conditioning
+from multistep_cm import datasets
 from multistep_cm import samplers
 from multistep_cm import train
 from multistep_cm.core import checkpoint
-from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import stages

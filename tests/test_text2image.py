@@ -13,16 +13,14 @@ import numpy as np
 import pytest
 
 from configs import captioned_digits as captioned_config
-from multistep_cm.core import config as common
 from configs import text2image
 from multistep_cm import conditioning
-from multistep_cm import guidance
+from multistep_cm import datasets
 from multistep_cm import losses
 from multistep_cm import models
 from multistep_cm import pipeline
 from multistep_cm import schedules
-from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
+from multistep_cm.core import config as common
 from multistep_cm.core import state as state_lib
 
 

@@ -11,11 +11,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from multistep_cm.datasets import captioned_digits
-from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
 from multistep_cm.datasets import base
+from multistep_cm.datasets import captioned_digits
+from multistep_cm.datasets import digits as digits_data
 from multistep_cm.datasets import text_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
 from multistep_cm.core import errors
 from multistep_cm.datasets import tfds_source
 

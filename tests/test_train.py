@@ -9,9 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import digits
 from configs import toy2d
-from multistep_cm import train
 from multistep_cm import datasets
-from multistep_cm.datasets import digits as digits_data
+from multistep_cm import train
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import quick

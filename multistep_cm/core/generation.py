@@ -65,8 +65,10 @@ class Generator:
   batch), as training-time evaluation and the tables do; or, with
   `per_example_noise`, for sample i from (seed, i) alone, so that samples do
   not depend on the batch size, the mesh, the hosts or an interruption
-  (--mode=evaluate). Outputs: {'samples'}, float, or uint8 for images with
-  `uint8`; `features(feature_params, uint8 images) -> dict` adds its outputs.
+  (--mode=evaluate). A stochastic sampler's per-step noise follows the same
+  rule, from keys apart from the initial noise's (`STEP_NOISE`).
+  Outputs: {'samples'}, float, or uint8 for images with `uint8`;
+  `features(feature_params, uint8 images) -> dict` adds its outputs.
   """
 
   def __init__(self, config, network, param_shardings, mesh, spec, *,
@@ -82,12 +84,12 @@ class Generator:
       n = jax.tree.leaves(labels)[0].shape[0]
       if per_example_noise:
         noise = example_noise(rng, n, shape)
-        steps = example_keys(rng, n)
+        step_keys = example_keys(rng, n)
       else:
         noise = jax.random.normal(rng, (n,) + shape)
-        steps = jax.random.fold_in(rng, STEP_NOISE)
+        step_keys = jax.random.fold_in(rng, STEP_NOISE)
       noise = jax.lax.with_sharding_constraint(noise, batch)
-      x = spec(network, params, noise, labels, logsnr, condition, steps)
+      x = spec(network, params, noise, labels, logsnr, condition, step_keys)
       if not images or not (uint8 or features):
         return {'samples': x}
       x = to_uint8(x)

@@ -82,9 +82,6 @@ class Digits(Scorer):
              Metric('class_accuracy', 'class accuracy', False))
   floor_label = 'real held-out digits'
 
-  def __init__(self, config, mesh=None):
-    del config, mesh
-
   def score(self, outputs, labels):
     return digits_classifier.evaluate(_floats(outputs['samples']), labels)
 
