@@ -18,10 +18,9 @@ setuptools.setup(
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'tensorflow-datasets>=4.9.10',
-        'tensorflow-cpu>=2.21.0',  # For tfds and clu's TensorBoard writer.
+        'tensorflow-cpu>=2.21.0',  # For building tfds datasets.
         'tensorboard>=2.21.0',
         'ml-collections>=1.1.0',
-        'clu>=0.0.12',
         'etils[epath]>=1.15.0',  # Files on local disks and gs:// alike.
         'numpy>=2.4.6',
         'scipy>=1.17.1',

@@ -20,6 +20,7 @@ from multistep_cm.core import preemption
 from multistep_cm.core import progress as progress_lib
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
+from multistep_cm.core import summaries
 from multistep_cm.core import state as state_lib
 from multistep_cm.core import validation
 from multistep_cm.evaluation import quick
@@ -132,12 +133,9 @@ def train_and_evaluate(config, workdir):
   if not stage.runs_teacher:
     teacher = None  # CT starts from the teacher but never evaluates it.
   start = int(jax.device_get(state.step))
-  # Only a start that got this far records its config and metrics. (clu,
-  # and TensorFlow behind it, are imported here only: the train step itself
-  # needs neither, e.g. on an accelerator machine without them.)
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = (metric_writers.create_default_writer(workdir)
-            if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+  # Only a start that got this far records its config and metrics.
+  writer = (summaries.Writer(workdir) if jax.process_index() == 0
+            else summaries.NullWriter())
   if jax.process_index() == 0:
     (epath.Path(workdir) / 'config.json').write_text(
         config.to_json_best_effort(indent=2))
@@ -196,17 +194,17 @@ def train_and_evaluate(config, workdir):
       if preempted:
         ckpt.wait()
         ckpt.close()
-        writer.flush()
+        writer.close()
         raise preemption.Preempted(step)
       if evaluate_now:
         scores = evaluate(config, quick_eval, training_fid, state.ema_params,
                           step, workdir, writer)
   ckpt.wait()
   ckpt.close()
-  writer.flush()
   if start == config.total_steps and not scores:
     logging.info('The checkpoint already has all %d steps; evaluating it.',
                  config.total_steps)
     scores = evaluate(config, quick_eval, training_fid, state.ema_params,
                       start, workdir, writer)
+  writer.close()
   return state, {**scores, **{f'floor_{k}': v for k, v in floor.items()}}

@@ -219,3 +219,28 @@ def test_load_params_skips_a_damaged_step_in_place(tmp_path, caplog, kind):
                      match=f'step {damaged} .* cannot be restored'):
     checkpoint.load_params(tmp_path / 'checkpoints' / str(damaged),
                            ABSTRACT['params'], key='params')
+
+
+def test_small_replicated_arrays_save_without_compiling(tmp_path,
+                                                        count_compiles):
+  """Arrays with a copy on each of the 8 devices: splitting each small one
+  among its copies would compile a slicing program per array; a large one
+  is still split."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  small = {f'a{i}': jax.device_put(np.full((i + 1, 3), i, np.float32),
+                                   replicated) for i in range(12)}
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=2)
+  with count_compiles() as events:
+    ckpt.save(1, small, force=True)
+    ckpt.wait()
+  assert not events
+  rows = checkpoint.MIN_REPLICA_SLICE_BYTES // 4 // 16 * 8  # 8 slices' worth.
+  large = {'w': jax.device_put(np.ones((rows, 16), np.float32), replicated)}
+  with count_compiles() as events:
+    ckpt.save(2, large, force=True)
+    ckpt.wait()
+  assert events
+  ckpt.close()
+  _assert_equal(checkpoint.Checkpointer(tmp_path, 1, 2).restore(
+      _abstract(jax.device_get(large))), jax.device_get(large))

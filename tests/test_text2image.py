@@ -226,7 +226,7 @@ def test_paper_text_to_image_size():
   assert params[models.SCANNED]['block']['cross_q']['kernel'].shape[0] == 16
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def guided_pipeline(tmp_path_factory):
   """(workdir, rows) of the embedded guided pipeline, smoke-sized, at w=3
   with a 2-step CD student."""

@@ -38,26 +38,32 @@ def _distil(steps, train_steps=1500, batch=256, seed=0):
   params = model.init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros(1),
                       jnp.zeros(1, jnp.int32))['params']
   tx = optax.adam(optax.linear_schedule(2e-3, 2e-4, train_steps))
-  opt = tx.init(params)
   labels = jnp.zeros(batch, jnp.int32)
 
-  @jax.jit
-  def step(params, opt, i):
+  def step(i, carry):
+    params, opt = carry
     key = jax.random.fold_in(jax.random.key(seed), i)
     k_x, k_loss = jax.random.split(key)
     comp = jax.random.randint(k_x, (batch,), 0, toy2d.NUM_CLASSES)
     x = jnp.asarray(toy2d.means())[comp] + toy2d.STD * jax.random.normal(
         jax.random.fold_in(k_x, 1), (batch, 2))
-    loss, grads = jax.value_and_grad(
+    grads = jax.grad(
         lambda p: losses.multistep_consistency_loss(
             net, p, x, labels, k_loss, LOGSNR, steps, i,
             anneal_steps=train_steps // 2, mode='cd', teacher=TEACHER,
             huber_delta=1e-3)[0])(params)
     updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+    return optax.apply_updates(params, updates), opt
 
-  for i in range(train_steps):
-    params, opt, _ = step(params, opt, i)
+  # One program for the whole run, optimised (the suite turns XLA's
+  # optimisations off for its many small programs; this one computes).
+  suite_setting = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    params, _ = jax.jit(lambda p: jax.lax.fori_loop(
+        0, train_steps, step, (p, tx.init(p))))(params)
+  finally:
+    jax.config.update('jax_disable_most_optimizations', suite_setting)
   return net, params
 
 

@@ -11,6 +11,7 @@ moves such a step into `damaged/` beside the steps, never deleting it.
 """
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -28,6 +29,12 @@ from multistep_cm.core import errors
 DAMAGED = 'damaged'
 # The file orbax writes into a step last, just before renaming it into place.
 _COMMITTED = 'commit_success.txt'
+# An array is split among the devices holding a copy of it, each writing a
+# part, only where each part is at least this big: every split of a small
+# array (biases, norms, the step) compiles a slicing program of its own,
+# hundreds of them, seconds at each start on a many-device host, and writes
+# no faster. Large arrays keep orbax's replica-parallel save.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -54,8 +61,8 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     # A declared handler lets item_metadata read a step before any save.
     self._manager = ocp.CheckpointManager(
-        self._directory, item_handlers=ocp.StandardCheckpointHandler(),
-        options=options)
+        self._directory, item_handlers=ocp.PyTreeCheckpointHandler(
+            type_handler_registry=_type_handlers()), options=options)
 
   def latest_step(self):
     """The newest finished step, or None. Orbax lists every step-named
@@ -74,7 +81,7 @@ class Checkpointer:
 
   def save(self, step, state, force=False):
     """Saves if the policy says so (or `force`); returns whether it saved."""
-    return self._manager.save(step, args=ocp.args.StandardSave(state),
+    return self._manager.save(step, args=ocp.args.PyTreeSave(state),
                               force=force)
 
   def reached_preemption(self, step):
@@ -83,8 +90,7 @@ class Checkpointer:
   def restore(self, abstract_state, step=None):
     """Restores `step` (default: newest) onto the shardings in `abstract_state`."""
     step = self.latest_step() if step is None else step
-    return self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract_state))
+    return self._manager.restore(step, args=_restore_args(abstract_state))
 
   def restore_latest_intact(self, abstract_state):
     """(state, step) of the newest step that restores, or (None, None) when
@@ -100,7 +106,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       state, reason = _try_restore(self._manager, self._directory, step,
-                                   abstract_state, ocp.args.StandardRestore)
+                                   abstract_state, _restore_args)
       # A process reads only its own shards: every process must agree.
       if _on_every_process(reason is None):
         return state, step
@@ -135,6 +141,22 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def _type_handlers():
+  """orbax's handlers, with arrays saved as MIN_REPLICA_SLICE_BYTES says."""
+  others = (int, float, bytes, np.number, np.ndarray, str)
+  return ocp.type_handlers.create_type_handler_registry(
+      *[(t, ocp.type_handlers.get_type_handler(t)) for t in others],
+      (jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)))
+
+
+def _restore_args(item, partial=False):
+  """Restores onto `item`'s abstract arrays, their shardings included."""
+  return ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          item), partial_restore=partial)
 
 
 def abstract_like(tree, shardings):
@@ -290,11 +312,7 @@ def load_params(path, abstract_params, key='ema_params'):
     raise errors.CheckpointNotFoundError(
         f'No checkpoint at {path}: {directory} holds no finished step.')
   target = {key: abstract_params}
-
-  def restore_args(item):
-    return ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            item), partial_restore=True)
+  restore_args = functools.partial(_restore_args, partial=True)
 
   try:
     for i, s in enumerate(steps):

@@ -1,0 +1,111 @@
+"""Training scalars, to the log and to a TensorBoard event file.
+
+The event file is written here, in its record format (length, data, each
+with a masked CRC-32C) around hand-encoded `Event` protos: TensorBoard's
+writers import TensorFlow, seconds and hundreds of MB at every start of a
+run, and do not install everywhere jax does.
+"""
+
+import socket
+import struct
+import time
+
+from absl import logging
+from etils import epath
+
+
+def _crc32c_table():
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data):
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data):
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def record(data):
+  """One record of the event file's (TFRecord) format."""
+  length = struct.pack('<Q', len(data))
+  return (length + struct.pack('<I', _masked_crc(length)) + data +
+          struct.pack('<I', _masked_crc(data)))
+
+
+def _varint(n):
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field(number, payload):
+  """A length-delimited protobuf field."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event(step, *, scalars=None, file_version=None, wall_time=None):
+  """An `Event` proto: wall_time = 1 (double), step = 2 (int64),
+  file_version = 3 (string), summary = 5, whose values (1) each hold a
+  tag (1) and a simple_value (2, float)."""
+  out = (b'\x09' + struct.pack('<d', time.time() if wall_time is None
+                               else wall_time) +
+         b'\x10' + _varint(step & 0xFFFFFFFFFFFFFFFF))
+  if file_version is not None:
+    out += _field(3, file_version.encode())
+  if scalars:
+    out += _field(5, b''.join(
+        _field(1, _field(1, tag.encode()) + b'\x15' +
+               struct.pack('<f', float(value)))
+        for tag, value in scalars.items()))
+  return out
+
+
+class Writer:
+  """Writes scalars to the log and, given a directory, to a new event file
+  in it (one per start of a run: TensorBoard reads them together)."""
+
+  def __init__(self, logdir=None):
+    self._file = None
+    if logdir is not None:
+      path = epath.Path(logdir)
+      path.mkdir(parents=True, exist_ok=True)
+      self._file = (path / f'events.out.tfevents.{time.time():.6f}.'
+                    f'{socket.gethostname()}').open('wb')
+      self._file.write(record(event(0, file_version='brain.Event:2')))
+
+  def write_scalars(self, step, scalars):
+    logging.info('[%d] %s', step, ', '.join(
+        f'{k}={float(v):.6g}' for k, v in scalars.items()))
+    if self._file is not None:
+      # Flushed at once: a killed run keeps every scalar it logged.
+      self._file.write(record(event(step, scalars=scalars)))
+      self._file.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class NullWriter(Writer):
+  """Every process but the first: the first writes for all."""
+
+  def write_scalars(self, step, scalars):
+    pass
