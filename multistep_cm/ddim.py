@@ -16,7 +16,7 @@ def _f32(*xs):
   return [jnp.asarray(x, jnp.float32) for x in xs]
 
 
-def _expand(coef, like):
+def expand(coef, like):
   """Broadcasts a scalar or (batch,) coefficient against a (batch, ...) array."""
   if coef.ndim == 0:
     return coef
@@ -26,7 +26,7 @@ def _expand(coef, like):
 def _coefs(z, alpha_t, sigma_t, alpha_s, sigma_s):
   """r = sigma_s / sigma_t and c = alpha_s - alpha_t r, broadcast against z."""
   alpha_t, sigma_t, alpha_s, sigma_s = (
-      _expand(a, z) for a in _f32(alpha_t, sigma_t, alpha_s, sigma_s))
+      expand(a, z) for a in _f32(alpha_t, sigma_t, alpha_s, sigma_s))
   r = sigma_s / sigma_t
   return alpha_t, sigma_t, alpha_s, sigma_s, r, alpha_s - alpha_t * r
 
@@ -56,7 +56,7 @@ def addim_step(x_pred, z_t, alpha_t, sigma_t, alpha_s, sigma_s, x_var):
   x_pred, z_t = _f32(x_pred, z_t)
   alpha_t, sigma_t, alpha_s, sigma_s, _, c = _coefs(
       z_t, alpha_t, sigma_t, alpha_s, sigma_s)
-  x_var = _expand(jnp.asarray(x_var, jnp.float32), z_t)
+  x_var = expand(jnp.asarray(x_var, jnp.float32), z_t)
   eps = (z_t - alpha_t * x_pred) / sigma_t
   axes = tuple(range(1, z_t.ndim))
   # mean(eps^2) per example is ||eps||^2 / d; clamped so a degenerate eps stays finite.
@@ -88,5 +88,12 @@ def ddpm_step(x_pred, z_t, alpha_t, sigma_t, alpha_s, sigma_s, noise):
 def x_from_v(v_pred, z_t, alpha_t, sigma_t):
   """x = alpha z_t - sigma v, for v = alpha eps - sigma x (spec 1.3)."""
   v_pred, z_t = _f32(v_pred, z_t)
-  alpha_t, sigma_t = (_expand(a, z_t) for a in _f32(alpha_t, sigma_t))
+  alpha_t, sigma_t = (expand(a, z_t) for a in _f32(alpha_t, sigma_t))
   return alpha_t * z_t - sigma_t * v_pred
+
+
+def v_from_x(x_pred, z_t, alpha_t, sigma_t):
+  """v = (alpha z_t - x) / sigma, the inverse of `x_from_v`."""
+  x_pred, z_t = _f32(x_pred, z_t)
+  alpha_t, sigma_t = (expand(a, z_t) for a in _f32(alpha_t, sigma_t))
+  return (alpha_t * z_t - x_pred) / sigma_t

@@ -21,6 +21,7 @@ in openai's code, 1000 times that: 250 ln(sigma).
 
 import jax.numpy as jnp
 
+from multistep_cm import ddim
 from multistep_cm import schedules
 
 SIGMA_DATA = 0.5
@@ -66,7 +67,7 @@ def denoiser(raw, scalings=edm_scalings, time_input='edm'):
   to_time = TIME_INPUTS[time_input]
 
   def fn(params, x, sigma, cond=None, rng=None):
-    c_skip, c_out, c_in = (_expand(c, x) for c in scalings(sigma))
+    c_skip, c_out, c_in = (ddim.expand(c, x) for c in scalings(sigma))
     out = raw(params, c_in * x, to_time(sigma), cond, rng)
     return c_skip * x + c_out * out.astype(x.dtype)
   return fn
@@ -78,13 +79,8 @@ def v_network(karras_denoiser, logsnr_fn):
   def fn(params, z, t, cond=None, rng=None):
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr_fn(t), jnp.float32),
                               z.shape[:1])
-    alpha, sigma_t = (_expand(a, z) for a in schedules.alpha_sigma(logsnr))
-    x_hat = karras_denoiser(params, z / alpha, sigma_of_logsnr(logsnr), cond,
-                            rng)
-    return (alpha * z - x_hat) / sigma_t
+    alpha, sigma_t = schedules.alpha_sigma(logsnr)
+    x_hat = karras_denoiser(params, z / ddim.expand(alpha, z),
+                            sigma_of_logsnr(logsnr), cond, rng)
+    return ddim.v_from_x(x_hat, z, alpha, sigma_t)
   return fn
-
-
-def _expand(per_example, like):
-  return jnp.reshape(per_example, per_example.shape + (1,) *
-                     (like.ndim - per_example.ndim))

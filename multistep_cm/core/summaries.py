@@ -60,12 +60,11 @@ def _field(number, payload):
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def event(step, *, scalars=None, file_version=None, wall_time=None):
+def event(step, *, scalars=None, file_version=None):
   """An `Event` proto: wall_time = 1 (double), step = 2 (int64),
   file_version = 3 (string), summary = 5, whose values (1) each hold a
   tag (1) and a simple_value (2, float)."""
-  out = (b'\x09' + struct.pack('<d', time.time() if wall_time is None
-                               else wall_time) +
+  out = (b'\x09' + struct.pack('<d', time.time()) +
          b'\x10' + _varint(step & 0xFFFFFFFFFFFFFFFF))
   if file_version is not None:
     out += _field(3, file_version.encode())
