@@ -108,6 +108,7 @@ def _random_inception_npz(path):
   return convert_inception.sha256_of(path)
 
 
+@pytest.mark.usefixtures('eigen_frechet')
 def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   """The real-data code path (random access by global index, preprocessing,
   each process's share) on 12 random 64x64 examples standing in for the

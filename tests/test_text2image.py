@@ -308,6 +308,7 @@ def _tiny_clip_npz(path, config):
   convert_inception.write_npz(path, flat)
 
 
+@pytest.mark.usefixtures('eigen_frechet')
 def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   """The `text` dataset's whole path on 12 random captioned images: the data
   directory, the reference, a text-conditioned teacher, then
