@@ -37,10 +37,11 @@ setuptools.setup(
         # structured, and xdist 3.8's loadgroup, which marks a test's group
         # in its id, then silently stops grouping: tests sharing a trained
         # fixture would each train it.
-        # open_clip for the CLIP parity test, with the torchvision built for
-        # torch 2.13.0 (unpinned, pip would move torch to a CUDA build).
+        # diffusers for the ADM parity test; open_clip for the CLIP one,
+        # with the torchvision built for torch 2.13.0 (unpinned, pip would
+        # move torch to a CUDA build).
         'test': ['pytest>=9.1.1,<9.2', 'pytest-xdist>=3.8.0', 'torch>=2.13.0',
                  'open_clip_torch>=3.3.0', 'torchvision==0.28.0',
-                 'safetensors>=0.8.0'],
+                 'safetensors>=0.8.0', 'diffusers>=0.42.1'],
     },
 )

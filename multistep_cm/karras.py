@@ -60,6 +60,9 @@ def consistency_scalings(sigma, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
           1. / jnp.sqrt(total))
 
 
+SCALINGS = {'edm': edm_scalings, 'consistency': consistency_scalings}
+
+
 def denoiser(raw, scalings=edm_scalings, time_input='edm'):
   """D(params, x, sigma, cond, rng) from a raw network
   `raw(params, x_in, time, cond, rng)` (NHWC or (batch, dim) inputs, sigma

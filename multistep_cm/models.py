@@ -361,21 +361,6 @@ class MLP(nn.Module):
     return out.astype(jnp.float32)
 
 
-def create_model(model_config, condition=None):
-  """Builds the Linen module named by a config's `model` section (its
-  fields, `out_channels`, and `condition` unless given here)."""
-  cfg = dict(model_config)
-  if condition is not None:
-    cfg['condition'] = condition
-  name = cfg.pop('name')
-  if name == 'uvit':
-    cfg['levels'] = tuple(Level(*lv) for lv in cfg['levels'])
-    return UViT(UViTConfig(**cfg))
-  if name == 'mlp':
-    return MLP(MLPConfig(**cfg))
-  raise ValueError(f'Unknown model {name!r}: expected uvit or mlp.')
-
-
 def network_fn(model):
   """The plain function `(params, z_t, t, cond, rng) -> v_prediction` that
   losses and samplers take. `rng=None` means evaluation mode (no dropout)."""

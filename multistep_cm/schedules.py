@@ -42,6 +42,17 @@ def interpolated_cosine_logsnr(t, image_size, noise_size_low, noise_size_high,
   return t * low + (1. - t) * high
 
 
+def karras_logsnr(t, logsnr_min=-15., logsnr_max=15., rho=7.):
+  """EDM's noise levels (Karras et al. 2022, eq. 5) as a schedule: sigma =
+  exp(-lambda / 2) runs from sigma_min = exp(-logsnr_max / 2) at t = 0 to
+  sigma_max = exp(-logsnr_min / 2) at t = 1, uniform in sigma^(1 / rho). A
+  uniform grid in t is then EDM's (and the consistency models') time
+  discretisation; rho = 7 is theirs."""
+  t = jnp.asarray(t, jnp.float32)
+  lo, hi = jnp.exp(-0.5 * logsnr_max / rho), jnp.exp(-0.5 * logsnr_min / rho)
+  return -2. * rho * jnp.log(lo + t * (hi - lo))
+
+
 def alpha_sigma(logsnr):
   """(alpha, sigma) with alpha^2 = sigmoid(lambda) and sigma^2 = sigmoid(-lambda).
 
@@ -53,7 +64,8 @@ def alpha_sigma(logsnr):
 
 
 def get_logsnr_fn(kind, image_size=None, noise_size=None, noise_size_low=None,
-                  noise_size_high=None, logsnr_min=-15., logsnr_max=15.):
+                  noise_size_high=None, logsnr_min=-15., logsnr_max=15.,
+                  rho=7.):
   """Returns `t -> logsnr` for a schedule named in a config."""
   kw = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
   if kind == 'cosine':
@@ -63,5 +75,7 @@ def get_logsnr_fn(kind, image_size=None, noise_size=None, noise_size_low=None,
   if kind == 'interpolated_cosine':
     return lambda t: interpolated_cosine_logsnr(t, image_size, noise_size_low,
                                                 noise_size_high, **kw)
+  if kind == 'karras':
+    return lambda t: karras_logsnr(t, rho=rho, **kw)
   raise ValueError(f'Unknown schedule {kind!r}: expected one of cosine, '
-                   'shifted_cosine, interpolated_cosine.')
+                   'shifted_cosine, interpolated_cosine, karras.')

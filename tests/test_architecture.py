@@ -18,7 +18,7 @@ PACKAGE = ROOT / 'multistep_cm'
 
 # Layers, lowest first: a module may import its own layer and those below.
 PAPER = {'schedules', 'ddim', 'conditioning', 'guidance', 'losses',
-         'samplers', 'models', 'toy2d', 'karras'}
+         'samplers', 'models', 'toy2d', 'karras', 'adm', 'networks'}
 LAYERS = ('paper', 'core', 'evaluation', 'train', 'workflows', 'main')
 
 

@@ -101,7 +101,7 @@ def test_evaluate_digits_fd_and_toy2d(tmp_path):
     assert f['arr_0'].shape == (300, 2) and f['arr_0'].dtype == np.float32
 
 
-def _random_inception_npz(path):
+def random_inception_npz(path):
   arrays = convert_inception.convert_state_dict(
       inception_golden.random_state_dict())
   convert_inception.write_npz(path, arrays)
@@ -123,7 +123,7 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   weights = str(tmp_path / 'inception.npz')
   config = imagenet64.get_config('smoke')
   config.evaluate.inception_weights = weights
-  config.evaluate.inception_sha256 = _random_inception_npz(weights)
+  config.evaluate.inception_sha256 = random_inception_npz(weights)
   config.evaluate.batch_size = 8
   batch = next(datasets.train_batches(config, 8, 0))
   assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32

@@ -33,6 +33,23 @@ def test_scalings_equal_their_float64_formulas():
                                  atol=1e-9)
 
 
+def test_karras_schedule_is_edms_grid():
+  """A uniform grid in t is EDM's sigma_i (Karras et al. eq. 5, rho 7, from
+  0.002 to 80), in float64."""
+  t = np.linspace(0., 1., 18)
+  lo, hi = 0.002 ** (1 / 7), 80. ** (1 / 7)
+  want = -2. * np.log((lo + t * (hi - lo)) ** 7)
+  fn = schedules.get_logsnr_fn('karras', logsnr_min=-2. * np.log(80.),
+                               logsnr_max=-2. * np.log(0.002), rho=7.)
+  np.testing.assert_allclose(fn(jnp.asarray(t)), want, rtol=1e-5, atol=1e-5)
+  # rho reaches the grid: 1 would be uniform in sigma.
+  uniform = schedules.karras_logsnr(jnp.asarray(t), -2. * np.log(80.),
+                                    -2. * np.log(0.002), rho=1.)
+  np.testing.assert_allclose(
+      np.exp(-0.5 * np.asarray(uniform)), 0.002 + t * (80. - 0.002),
+      rtol=1e-5)
+
+
 def test_conventions():
   sigma = jnp.float32(np.e**4)
   assert float(karras.TIME_INPUTS['edm'](sigma)) == pytest.approx(1.)

@@ -7,6 +7,7 @@ from configs import imagenet128
 from configs import imagenet64
 from configs import toy2d
 from multistep_cm import models
+from multistep_cm import networks
 from multistep_cm.core import state as state_lib
 
 
@@ -36,8 +37,9 @@ def test_output_shape_and_dtype(config):
   shape = (3,) + state_lib.data_shape(config)
   z = jnp.ones(shape)
   labels = jnp.array([0, 1, config.dataset.num_classes])  # Incl. the null label.
-  params = model.init(jax.random.key(0), z, jnp.zeros(3), labels)['params']
-  fn = models.network_fn(model)
+  params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(3),
+                               labels)['params']
+  fn = jax.jit(models.network_fn(model))
   out = fn(params, z, jnp.array([0.1, 0.5, 1.]), labels)
   assert out.shape == shape and out.dtype == jnp.float32
   # Scalar t broadcasts; dropout needs only an rng to turn on.
@@ -55,11 +57,11 @@ def test_labels_change_the_prediction():
   config = digits.get_config('smoke')
   model = state_lib.create_model(config)
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-  params = model.init(jax.random.key(0), z, jnp.zeros(2),
-                      jnp.zeros(2, jnp.int32))['params']
+  params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(2),
+                               jnp.zeros(2, jnp.int32))['params']
   # The output layer starts at zero; perturb it so the output depends on input.
   params = jax.tree.map(lambda p: p + 0.01, params)
-  fn = models.network_fn(model)
+  fn = jax.jit(models.network_fn(model))
   a = fn(params, z, 0.5, jnp.array([1, 1]))
   b = fn(params, z, 0.5, jnp.array([2, 10]))
   assert float(jnp.abs(a - b).max()) > 1e-4
@@ -67,7 +69,7 @@ def test_labels_change_the_prediction():
 
 def test_unknown_model():
   with pytest.raises(ValueError, match='Unknown model'):
-    models.create_model({'name': 'unet'})
+    networks.create_model({'name': 'unet'})
 
 
 def test_config_arguments():
@@ -89,8 +91,8 @@ def test_attention_auto_is_xla_on_the_cpu():
     model = state_lib.create_model(config)
     z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t, labels = jnp.full((4,), 0.3), jnp.arange(4)
-    params = model.init(jax.random.key(0), z, t, labels)
-    outs[attention] = model.apply(params, z, t, labels)
+    params = jax.jit(model.init)(jax.random.key(0), z, t, labels)
+    outs[attention] = jax.jit(model.apply)(params, z, t, labels)
   assert (outs['auto'] == outs['xla']).all()
   pick = models.attention_implementation
   assert pick('auto', jnp.bfloat16, 64) == 'xla'
@@ -136,13 +138,13 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
   z = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
   t, labels = jnp.linspace(0.1, 0.9, 4), jnp.arange(4)
   reference = _uvit(False, 'none')
-  weights = _perturbed(reference.init(jax.random.key(1), z, t, labels)[
-      'params'])
+  weights = _perturbed(jax.jit(reference.init)(jax.random.key(1), z, t,
+                                               labels)['params'])
 
   def loss(m, p):
     return jnp.sum(m.apply({'params': p}, z, t, labels) ** 2)
-  out = reference.apply({'params': weights}, z, t, labels)
-  grads = jax.grad(lambda p: loss(reference, p))(weights)
+  out = jax.jit(reference.apply)({'params': weights}, z, t, labels)
+  grads = jax.jit(jax.grad(lambda p: loss(reference, p)))(weights)
   for scan, remat in [(False, 'full'), (True, 'none'), (True, 'full'),
                       (True, 'dots_saveable')]:
     model = _uvit(scan, remat)
@@ -151,9 +153,11 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
     assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
         lambda m=model: m.init(jax.random.key(1), z, t, labels))['params'])
     assert (models.SCANNED in params) == scan
-    assert _close(model.apply({'params': params}, z, t, labels), out, 1e-5)
+    assert _close(jax.jit(model.apply)({'params': params}, z, t, labels),
+                  out, 1e-5)
     assert _close(models.relayout(
-        jax.grad(lambda p, m=model: loss(m, p))(params), reference.config),
+        jax.jit(jax.grad(lambda p, m=model: loss(m, p)))(params),
+        reference.config),
                   grads, 1e-5), (scan, remat)
 
 

@@ -329,7 +329,7 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   config = text2image.get_config(f'smoke,text_len=4,text_dim=8,data={text_dir}')
   ev = config.evaluate
   ev.inception_weights = str(tmp_path / 'inception.npz')
-  ev.inception_sha256 = test_evaluation._random_inception_npz(
+  ev.inception_sha256 = test_evaluation.random_inception_npz(
       ev.inception_weights)
   clip_config = clip.CLIPConfig(
       embed_dim=16, image_size=32, patch_size=8, vision_width=32,

@@ -126,6 +126,7 @@ def base():
   c.schedule.noise_size_high = 8
   c.schedule.logsnr_min = -15.
   c.schedule.logsnr_max = 15.
+  c.schedule.rho = 7.  # The karras schedule's only.
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_dropout = 0.1  # Trains the null label for guidance.
@@ -154,6 +155,12 @@ def base():
   # its own checkpoint only.
   c.teacher_checkpoint = ml_collections.config_dict.placeholder(str)
   c.teacher_params = 'ema_params'  # Or 'params': the online weights.
+  # A teacher_checkpoint ending in .npz is converted weights
+  # (tools/convert_adm.py), checked against this SHA-256 unless empty.
+  c.teacher_sha256 = ''
+  # Converted weights that sampling and evaluation use instead of the
+  # workdir's checkpoint: an imported teacher, or a published student.
+  c.imported_weights = ''
 
   c.consistency = ml_collections.ConfigDict()  # Spec section 3 and 8.
   c.consistency.anneal_start = 64.  # Teacher steps N, log-linear from ...

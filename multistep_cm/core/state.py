@@ -12,8 +12,11 @@ import optax
 
 from multistep_cm import datasets
 from multistep_cm import models
+from multistep_cm import networks
+from multistep_cm import schedules
 from multistep_cm.core import checkpoint
 from multistep_cm.core import errors
+from multistep_cm.core import imported
 from multistep_cm.core import sharding
 
 
@@ -35,7 +38,8 @@ def condition(config):
 def create_model(config):
   cfg = dict(config.model)
   cfg['out_channels'] = config.dataset.channels
-  return models.create_model(cfg, condition(config))
+  return networks.create_model(cfg, condition(config),
+                               schedules.get_logsnr_fn(**config.schedule))
 
 
 def network(config):
@@ -143,9 +147,20 @@ def load_params(config, path, mesh, key='ema_params'):
   return params, shardings.params, step
 
 
+def load_imported(config, path, mesh, sha256=''):
+  """(params, their shardings) of the config's network from converted
+  weights (an .npz of `tools/convert_adm.py`)."""
+  _, abstract, shardings = state_layout(
+      config, create_model(config), make_optimizer(config.optim), mesh)
+  params = imported.adm_network_params(path, abstract.params, sha256)
+  return jax.device_put(params, shardings.params), shardings.params
+
+
 def load_for_sampling(config, workdir, mesh, use_ema=True):
   """(params, their shardings, step) of the newest checkpoint in `workdir`:
-  the EMA or the online weights."""
+  the EMA or the online weights; or config.imported_weights (step 0)."""
+  if config.get('imported_weights'):
+    return (*load_imported(config, config.imported_weights, mesh), 0)
   try:
     return load_params(config, workdir, mesh,
                        'ema_params' if use_ema else 'params')
@@ -157,7 +172,12 @@ def load_for_sampling(config, workdir, mesh, use_ema=True):
 
 def load_teacher(config, mesh):
   """The teacher's parameters, restored straight into the student's
-  parameter shardings."""
+  parameter shardings: from a workdir's newest checkpoint, or from converted
+  weights (an .npz of `tools/convert_adm.py`)."""
+  if imported.is_npz(config.teacher_checkpoint):
+    logging.info('Teacher: imported weights %s.', config.teacher_checkpoint)
+    return load_imported(config, config.teacher_checkpoint, mesh,
+                         config.teacher_sha256)[0]
   params, _, step = load_params(config, config.teacher_checkpoint, mesh,
                                 config.teacher_params)
   logging.info('Teacher: %s of %s, step %d.', config.teacher_params,

@@ -57,6 +57,17 @@ def check_config(config, train=True):
       sharding.process_rows(config.batch_size, mesh)
     except ValueError as e:
       raise errors.ConfigError(f'config.mesh: {e}') from None
+  try:
+    model = state.create_model(config)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model: {e}') from None
+  guides = max(config.sampler.guidance, config.consistency.guidance,
+               config.loss.label_dropout if train else 0.) > 0
+  if guides and not getattr(model, 'has_null_condition', True):
+    raise errors.ConfigError(
+        'config.model has no null class (as OpenAI\'s networks): it can be '
+        'neither guided nor trained with label dropout; set '
+        'config.model.null_class = True for a network trained here.')
   # Sampling and scoring a checkpoint need no training data, nor a
   # distilled stage's teacher.
   dataset = datasets.get(config)

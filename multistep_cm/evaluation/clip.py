@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm.core import errors
-from multistep_cm.evaluation import inception
+from multistep_cm.core import imported
 
 HIGHEST = jax.lax.Precision.HIGHEST
 CONFIG_KEY = '__config__'
@@ -304,7 +304,7 @@ def param_shapes(config):
 def check_arrays(arrays, config, source):
   """Raises ClipWeightsError unless `arrays` has exactly the names and shapes
   of the network for `config`."""
-  mismatch = inception.describe_mismatch(arrays, param_shapes(config))
+  mismatch = imported.describe_mismatch(arrays, param_shapes(config))
   if mismatch:
     raise ClipWeightsError(
         f'{source} does not match the CLIP config {config}: {mismatch}.')

@@ -58,6 +58,9 @@ def protocol(config, step):
       'num_samples': ev.num_samples, 'chunk_size': ev.chunk_size,
       'labels': dataset.label_description,
       'uint8': 'clip to [-1, 1], round((x + 1) * 127.5)',
+      # Converted weights sampled instead of the workdir's checkpoint.
+      **({'imported_weights': config.imported_weights}
+         if config.get('imported_weights') else {}),
   }
 
 

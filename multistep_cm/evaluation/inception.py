@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm.core import errors
+from multistep_cm.core import imported
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SIZE = 299
@@ -261,27 +262,11 @@ def param_shapes():
 def check_arrays(arrays, source):
   """Raises InceptionWeightsError unless `arrays` has exactly the network's
   names and shapes."""
-  mismatch = describe_mismatch(arrays, param_shapes())
+  mismatch = imported.describe_mismatch(arrays, param_shapes())
   if mismatch:
     raise InceptionWeightsError(
         f'{source} is not the FID Inception\'s weights: {mismatch}. '
         f'{HOW_TO_GET}')
-
-
-def describe_mismatch(arrays, want):
-  """How named arrays differ from the names and shapes `want`, e.g. '2
-  missing (e.g. a/b); 1 of wrong shape (e.g. c: (3,) instead of (4,))', or
-  '' if they do not (converted weights: this network's, or CLIP's)."""
-  missing = sorted(set(want) - set(arrays))
-  extra = sorted(set(arrays) - set(want))
-  wrong = sorted(k for k in set(want) & set(arrays)
-                 if tuple(arrays[k].shape) != want[k])
-  parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
-           f'{len(extra)} unexpected (e.g. {extra[0]})' if extra else '',
-           f'{len(wrong)} of wrong shape (e.g. {wrong[0]}: '
-           f'{tuple(arrays[wrong[0]].shape)} instead of {want[wrong[0]]})'
-           if wrong else '']
-  return '; '.join(p for p in parts if p)
 
 
 def resolve_path(path):
