@@ -103,3 +103,16 @@ def eigen_frechet(monkeypatch):
   from multistep_cm.evaluation import metrics  # pylint: disable=g-import-not-at-top
   from tests import test_fid  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(metrics, 'frechet_distance', test_fid.independent_fd)
+
+
+# Modules with tests of a minute or more (on the 2-core CI machine). They
+# start first: collected last, they would keep one worker busy long after
+# the other has run out of tests.
+SLOW_MODULES = ('test_imported_teacher.py', 'test_toy2d_distillation.py',
+                'test_text2image.py', 'test_evaluation.py', 'test_pipeline.py')
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: (
+      SLOW_MODULES.index(item.path.name) if item.path.name in SLOW_MODULES
+      else len(SLOW_MODULES)))
