@@ -17,6 +17,7 @@ from multistep_cm import schedules
 from multistep_cm import train
 from multistep_cm.core import errors
 from multistep_cm.core import imported
+from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 from multistep_cm.datasets import tfds_images
 from multistep_cm.evaluation import evaluate as evaluation
@@ -111,6 +112,9 @@ def test_the_teacher_loader_refuses_what_does_not_fit(converted, tmp_path):
   config.teacher_checkpoint = str(tmp_path / 'missing.npz')
   with pytest.raises(errors.UserError, match='Cannot read'):
     state_lib.load_teacher(config, mesh)
+  # Found missing before anything is written or compiled.
+  with pytest.raises(errors.ConfigError, match='missing.npz: no such file'):
+    stages.get('cd').check(config)
 
 
 def test_openai_networks_have_no_null_class_to_guide():

@@ -28,11 +28,14 @@ stage samples, for training-time evaluation, --mode=sample,
 import dataclasses
 from typing import Callable
 
+from etils import epath
+
 from multistep_cm import datasets
 from multistep_cm import losses
 from multistep_cm import samplers
 from multistep_cm import schedules
 from multistep_cm.core import errors
+from multistep_cm.core import imported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Stage:
       raise errors.ConfigError(
           f'Stage {self.name!r} starts from a teacher: set '
           'config.teacher_checkpoint to its workdir.')
+    teacher = config.teacher_checkpoint
+    if (train and self.student and imported.is_npz(teacher)
+        and not epath.Path(teacher).exists()):
+      raise errors.ConfigError(f'config.teacher_checkpoint {teacher}: no '
+                               f'such file. {imported.HOW_TO_GET}')
     self.make_loss(config, network=None)  # Builders check their options.
     self.sampler(config)
 
