@@ -51,8 +51,8 @@ def get_config(arg=None):
   c.schedule.logsnr_max = -2. * math.log(SIGMA_MIN)
   c.schedule.rho = 7.
 
-  # adm.ADMConfig's fields: OpenAI's ImageNet-64 models (--preset=openai_imagenet64
-  # of tools/convert_adm.py writes the same).
+  # adm.ADMConfig's fields: OpenAI's ImageNet-64 models (what
+  # tools/convert_adm.py writes with --preset=openai_imagenet64).
   c.model = ml_collections.ConfigDict(dict(
       name='adm', image_size=64, model_channels=192,
       channel_mult=(1, 2, 3, 4), num_res_blocks=3,
