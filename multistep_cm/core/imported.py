@@ -56,6 +56,18 @@ def check_adm_arrays(arrays, config, source):
         f'{source} does not match the ADM config: {mismatch}.')
 
 
+def flatten(tree):
+  """{'a': {'b': {'c': leaf}}} -> {'a/b/c': leaf}: a parameter tree as the
+  converted files name its arrays."""
+  return {'/'.join(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shapes(tree):
+  """{'a/b/c': shape}: the names and shapes converted files must have."""
+  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
 def unflatten(arrays):
   """{'a/b/c': array} -> {'a': {'b': {'c': array}}}."""
   params = {}
@@ -104,19 +116,13 @@ def is_npz(path):
   return bool(path) and str(path).endswith('.npz')
 
 
-def _flat(tree):
-  return {'/'.join(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def adm_network_params(path, abstract_params, sha256=''):
   """The parameters of an `adm.Network` from a `convert_adm` .npz: the
   U-Net's, under `adm.UNET`, checked name by name and shape by shape
   against `abstract_params`, those of the network the config builds."""
   _, raw = load_adm(path, sha256)
   params = {adm.UNET: raw}
-  want = {k: tuple(v.shape) for k, v in _flat(abstract_params).items()}
-  mismatch = describe_mismatch(_flat(params), want)
+  mismatch = describe_mismatch(flatten(params), shapes(abstract_params))
   if mismatch:
     raise ADMWeightsError(f'{path} does not fit config.model: {mismatch}.')
   return params

@@ -296,9 +296,7 @@ def param_shapes(config):
       CLIP(config).init, jax.random.key(0),
       jnp.zeros((1, config.image_size, config.image_size, 3)),
       jnp.zeros((1, config.context_length), jnp.int32))['params']
-  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  return {'/'.join(k.key for k in path): tuple(leaf.shape)
-          for path, leaf in flat}
+  return imported.shapes(abstract)
 
 
 def check_arrays(arrays, config, source):
@@ -358,13 +356,8 @@ def load_weights(path, sha256=''):
         f'{HOW_TO_GET}')
   config = config_from_json(arrays.pop(CONFIG_KEY), path)
   check_arrays(arrays, config, path)
-  params = {}
-  for name, value in arrays.items():
-    *scopes, leaf = name.split('/')
-    node = params
-    for s in scopes:
-      node = node.setdefault(s, {})
-    node[leaf] = jnp.asarray(value, jnp.float32)
+  params = imported.unflatten(
+      {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
   return ClipWeights(params, config, digest)
 
 

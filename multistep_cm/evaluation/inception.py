@@ -254,9 +254,7 @@ def param_shapes():
   """{'Mixed_5b/branch1x1/conv/kernel': shape, ...} of the network."""
   abstract = jax.eval_shape(InceptionV3().init, jax.random.key(0),
                             jnp.zeros((1, SIZE, SIZE, 3)))['params']
-  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  return {'/'.join(k.key for k in path): tuple(leaf.shape)
-          for path, leaf in flat}
+  return imported.shapes(abstract)
 
 
 def check_arrays(arrays, source):
@@ -305,16 +303,5 @@ def load_weights(path='', sha256=''):
     raise InceptionWeightsError(
         f'{path} is not a readable .npz ({e}). {HOW_TO_GET}') from None
   check_arrays(arrays, path)
-  return flax_params(arrays), digest
-
-
-def flax_params(arrays):
-  """Flat '/'-named arrays -> the nested parameter dict."""
-  params = {}
-  for name, value in arrays.items():
-    *scopes, leaf = name.split('/')
-    node = params
-    for s in scopes:
-      node = node.setdefault(s, {})
-    node[leaf] = jnp.asarray(value)
-  return params
+  return imported.unflatten(
+      {k: jnp.asarray(v) for k, v in arrays.items()}), digest
