@@ -2,9 +2,8 @@
 
 import dataclasses
 import hashlib
+import importlib
 import math
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 from multistep_cm import adm
 from multistep_cm.core import imported
 from multistep_cm.tools import convert_adm
+from multistep_cm.tools import convert_clip
 
 torch = pytest.importorskip('torch')
 
@@ -51,18 +51,8 @@ TINY = adm.ADMConfig(image_size=8, model_channels=32, channel_mult=(1,),
 
 def _unet2d():
   pytest.importorskip('diffusers')
-  try:
-    from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
-  except RuntimeError:
-    # A CUDA torchvision next to a CPU torch fails registering kernels that
-    # diffusers never uses (see convert_clip.import_open_clip).
-    for name in [m for m in sys.modules
-                 if m.split('.')[0] in ('diffusers', 'torchvision')]:
-      del sys.modules[name]
-    sys.modules['torchvision._meta_registrations'] = types.ModuleType(
-        'torchvision._meta_registrations')
-    from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
-  return UNet2DModel
+  return convert_clip.past_cuda_torchvision(
+      'diffusers', lambda: importlib.import_module('diffusers').UNet2DModel)
 
 
 def _diffusers_kwargs(cfg, mid_attn_groups=32):

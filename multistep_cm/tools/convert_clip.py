@@ -233,27 +233,34 @@ def convert(weights, config, out):
   return convert_inception.sha256_of(out)
 
 
-def import_open_clip():
-  """open_clip, also next to a CPU-only torch.
+def past_cuda_torchvision(package, load):
+  """`load()`, which imports `package`, also next to a CPU-only torch.
 
   PyPI's Linux torchvision wheels are CUDA builds: next to a CPU-only torch
   their operators fail to load and `import torchvision` fails registering
-  fake kernels for them. open_clip needs none of those operators.
+  fake kernels for them. open_clip and diffusers need none of those
+  operators: on that failure they are imported again without the
+  registrations.
   """
   try:
-    import open_clip  # pylint: disable=g-import-not-at-top
-    return open_clip
-  except ImportError:
-    raise clip.ClipWeightsError(
-        'Tokenizing needs `pip install open_clip_torch`.') from None
+    return load()
   except RuntimeError:
     for name in [m for m in sys.modules
-                 if m.split('.')[0] in ('open_clip', 'torchvision')]:
+                 if m.split('.')[0] in (package, 'torchvision')]:
       del sys.modules[name]
     sys.modules['torchvision._meta_registrations'] = types.ModuleType(
         'torchvision._meta_registrations')
-    import open_clip  # pylint: disable=g-import-not-at-top,redefined-outer-name
-    return open_clip
+    return load()
+
+
+def import_open_clip():
+  """open_clip, also next to a CPU-only torch."""
+  try:
+    return past_cuda_torchvision(
+        'open_clip', lambda: importlib.import_module('open_clip'))
+  except ImportError:
+    raise clip.ClipWeightsError(
+        'Tokenizing needs `pip install open_clip_torch`.') from None
 
 
 def tokenize(prompts_file, model, out):
