@@ -80,24 +80,33 @@ def unflatten(arrays):
   return params
 
 
+def read_npz(path, sha256, error, what, hint=''):
+  """(arrays, SHA-256) of an .npz (local or gs://), never unpickled, its
+  digest checked when one is given; every failure is one `error` line naming
+  `what` the file should hold, followed by `hint` where it says how to get
+  one."""
+  tail = f' {hint}' if hint else ''
+  try:
+    blob = epath.Path(path).read_bytes()
+  except (OSError, ValueError) as e:  # tf.errors.NotFoundError is an OSError.
+    raise error(f'Cannot read {what} {path} ({type(e).__name__}).'
+                f'{tail}') from None
+  digest = hashlib.sha256(blob).hexdigest()
+  if sha256 and digest != sha256.lower():
+    raise error(f'{path} has SHA-256 {digest}, not the expected {sha256}: a '
+                f'different or damaged file.{tail}')
+  try:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}, digest
+  except (OSError, ValueError) as e:
+    raise error(f'{path} is not a readable .npz ({e}).{tail}') from None
+
+
 def load_adm(path, sha256=''):
   """(ADMConfig, params) from a `convert_adm` .npz (local or gs://), its
   SHA-256 checked when one is given."""
-  try:
-    blob = epath.Path(path).read_bytes()
-  except (OSError, ValueError) as e:
-    raise ADMWeightsError(
-        f'Cannot read ADM weights {path} ({type(e).__name__}). '
-        f'{HOW_TO_GET}') from None
-  digest = hashlib.sha256(blob).hexdigest()
-  if sha256 and digest != sha256.lower():
-    raise ADMWeightsError(f'{path} has SHA-256 {digest}, not the expected '
-                          f'{sha256}: a different or damaged file.')
-  try:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError) as e:
-    raise ADMWeightsError(f'{path} is not a readable .npz ({e}).') from None
+  arrays, _ = read_npz(path, sha256, ADMWeightsError, 'ADM weights',
+                       HOW_TO_GET)
   if CONFIG_KEY not in arrays:
     raise ADMWeightsError(f'{path} has no {CONFIG_KEY!r} entry: not written '
                           f'by convert_adm. {HOW_TO_GET}')

@@ -22,12 +22,9 @@ reads the result.
 
 import dataclasses
 import functools
-import hashlib
-import io
 import json
 from typing import NamedTuple
 
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -323,33 +320,14 @@ class ClipWeights(NamedTuple):
   sha256: str
 
 
-def _read_npz(path, sha256, what):
-  """(arrays, digest) of an .npz, its SHA-256 checked when one is given."""
-  try:
-    blob = epath.Path(path).read_bytes()
-  except (OSError, ValueError) as e:  # tf.errors.NotFoundError is an OSError.
-    raise ClipWeightsError(
-        f'Cannot read {what} {path} ({type(e).__name__}).') from None
-  digest = hashlib.sha256(blob).hexdigest()
-  if sha256 and digest != sha256.lower():
-    raise ClipWeightsError(
-        f'{path} has SHA-256 {digest}, not the expected {sha256}: a different '
-        'or damaged file.')
-  try:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}, digest
-  except (OSError, ValueError) as e:
-    raise ClipWeightsError(
-        f'{path} is not a readable .npz ({e}).') from None
-
-
 @functools.lru_cache(maxsize=2)
 def load_weights(path, sha256=''):
   """ClipWeights(params, config, sha256) from a `convert_clip` .npz (local or
   gs://). Never downloads anything."""
   if not path:
     raise ClipWeightsError(f'No CLIP weights configured. {HOW_TO_GET}')
-  arrays, digest = _read_npz(path, sha256, 'CLIP weights')
+  arrays, digest = imported.read_npz(path, sha256, ClipWeightsError,
+                                     'CLIP weights')
   if CONFIG_KEY not in arrays:
     raise ClipWeightsError(
         f'{path} has no {CONFIG_KEY!r} entry: not written by convert_clip. '
@@ -364,7 +342,8 @@ def load_weights(path, sha256=''):
 def load_tokens(path, sha256=''):
   """(prompts, (N, context_length) int32 token ids) written by
   `convert_clip --prompts`."""
-  arrays, _ = _read_npz(path, sha256, 'prompt tokens')
+  arrays, _ = imported.read_npz(path, sha256, ClipWeightsError,
+                                'prompt tokens')
   if set(arrays) != {'prompts', 'tokens'} or arrays['tokens'].ndim != 2 or (
       len(arrays['prompts']) != len(arrays['tokens'])):
     raise ClipWeightsError(

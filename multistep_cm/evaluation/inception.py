@@ -20,11 +20,8 @@ Weights are a `.npz` of float32 arrays named like the parameters here
 """
 
 import functools
-import hashlib
-import io
 import os
 
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -285,23 +282,9 @@ def load_weights(path='', sha256=''):
   if not path:
     raise InceptionWeightsError(
         f'No Inception weights configured. {HOW_TO_GET}')
-  try:
-    blob = epath.Path(path).read_bytes()
-  except (OSError, ValueError) as e:  # tf.errors.NotFoundError is an OSError.
-    raise InceptionWeightsError(
-        f'Cannot read Inception weights {path} ({type(e).__name__}). '
-        f'{HOW_TO_GET}') from None
-  digest = hashlib.sha256(blob).hexdigest()
-  if sha256 and digest != sha256.lower():
-    raise InceptionWeightsError(
-        f'{path} has SHA-256 {digest}, not the expected {sha256}: a different '
-        f'or damaged file. {HOW_TO_GET}')
-  try:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-      arrays = {k: f[k].astype(np.float32) for k in f.files}
-  except (OSError, ValueError) as e:
-    raise InceptionWeightsError(
-        f'{path} is not a readable .npz ({e}). {HOW_TO_GET}') from None
+  arrays, digest = imported.read_npz(path, sha256, InceptionWeightsError,
+                                     'Inception weights', HOW_TO_GET)
+  arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
   check_arrays(arrays, path)
   return imported.unflatten(
       {k: jnp.asarray(v) for k, v in arrays.items()}), digest
