@@ -39,9 +39,9 @@ setuptools.setup(
         # fixture would each train it.
         # diffusers for the ADM parity test; open_clip for the CLIP one,
         # with the torchvision built for torch 2.13.0 (unpinned, pip would
-        # move torch to a CUDA build).
+        # move torch to a CUDA build); timm's DINOv2 ViT for the DINOv2 one.
         'test': ['pytest>=9.1.1,<9.2', 'pytest-xdist>=3.8.0', 'torch>=2.13.0',
                  'open_clip_torch>=3.3.0', 'torchvision==0.28.0',
-                 'safetensors>=0.8.0', 'diffusers>=0.42.1'],
+                 'safetensors>=0.8.0', 'diffusers>=0.42.1', 'timm>=1.0.31'],
     },
 )

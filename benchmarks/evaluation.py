@@ -1,11 +1,12 @@
-"""Evaluation cost: the FID Inception's throughput on this machine, and its
-FLOPs per image against the sampler's, for a config's network.
+"""Evaluation cost: the throughput of the FID Inception and of FD-DINOv2's
+ViT-L/14 on this machine, and their FLOPs per image against the sampler's,
+for a config's network.
 
   python benchmarks/evaluation.py --config=configs/imagenet64.py
 
 Needs no weights (random ones time the same). FLOPs come from XLA's cost
 analysis of the lowered programs, so the large ImageNet networks are counted
-without being run; throughput is measured on the Inception alone.
+without being run; throughput is measured on each feature network alone.
 """
 
 from absl import app
@@ -18,12 +19,13 @@ import numpy as np
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm.core import state as state_lib
+from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import inception
 import timing
 
 config_flags.DEFINE_config_file('config', 'configs/imagenet64.py',
                                 'Config file.')
-flags.DEFINE_integer('batch', 32, 'Images per Inception call.')
+flags.DEFINE_integer('batch', 32, 'Images per feature-network call.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls.')
 FLAGS = flags.FLAGS
 
@@ -45,6 +47,14 @@ def main(argv):
                                                FLAGS.repeats)
   inc = _flops(lambda p, x: inception.features_fn(p)(x), params,
                jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+  vit = dinov2.DINOv2Config()  # ViT-L/14, 224x224.
+  vit_params = jax.jit(dinov2.DINOv2(vit).init)(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+  vit_fn = jax.jit(lambda p, x: dinov2.features_fn(p, vit)(x))
+  vit_rate = FLAGS.batch / timing.seconds_per_call(
+      lambda: vit_fn(vit_params, images), FLAGS.repeats)
+  dino = _flops(lambda p, x: dinov2.features_fn(p, vit)(x), vit_params,
+                jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
 
   model = state_lib.create_model(config)
   net = models.network_fn(model)
@@ -56,13 +66,17 @@ def main(argv):
                abstract, jax.ShapeDtypeStruct(shape, jnp.float32))
   print(f'{jax.devices()[0].device_kind}: Inception {rate:.1f} images/s at '
         f'batch {FLAGS.batch} ({size}x{size} inputs resized to 299)')
+  print(f'{jax.devices()[0].device_kind}: DINOv2 ViT-L/14 {vit_rate:.2f} '
+        f'images/s at batch {FLAGS.batch} (resized to 224)')
+  print(f'DINOv2 ViT-L/14 {dino / 1e9:.2f} GFLOP/image')
   print(f'Inception {inc / 1e9:.2f} GFLOP/image; network '
         f'({models.count_params(abstract["params"]) / 1e6:.0f}M parameters) '
         f'{one / 1e9:.2f} GFLOP per evaluation')
   for steps in (1, 2, 4, 8):
     nfe = samplers.nfe(steps)  # A student: one evaluation per step.
     print(f'  S={steps}: sampling {nfe * one / 1e9:.1f} GFLOP/sample, '
-          f'Inception adds {100 * inc / (nfe * one):.0f}%')
+          f'Inception adds {100 * inc / (nfe * one):.0f}%, DINOv2 '
+          f'{100 * dino / (nfe * one):.0f}%')
 
 
 if __name__ == '__main__':

@@ -79,7 +79,7 @@ def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
   t0 = time.time()
   samples, scores = quick_eval(params)
   if training_fid is not None:
-    scores['fid'] = training_fid(params)  # On evaluate.train_samples.
+    scores.update(training_fid(params))  # On evaluate.train_samples.
   if jax.process_index() == 0:
     n = config.train_eval.grid_size
     path = epath.Path(workdir) / 'samples' / f'step_{step:07d}.png'

@@ -1,11 +1,14 @@
 """Evaluation mode: resumable chunked generation, the protocol record, the
-embedded datasets' metrics, and the Inception metrics end to end (reference
-statistics, FID during training, --mode=evaluate) on tfds mock ImageNet."""
+embedded datasets' metrics, and the Inception and DINOv2 metrics end to end
+(reference statistics, FID and FD-DINOv2 during training, --mode=evaluate)
+on a fake ImageNet source."""
 
 import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,8 +19,10 @@ from multistep_cm import datasets
 from multistep_cm import train
 from multistep_cm.core import errors
 from multistep_cm.core import generation
+from multistep_cm.core import imported
 from multistep_cm.core import sharding
 from multistep_cm.datasets import tfds_images
+from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import evaluate as evaluation
 from multistep_cm.evaluation import fid
 from multistep_cm.tools import convert_inception
@@ -108,13 +113,25 @@ def random_inception_npz(path):
   return convert_inception.sha256_of(path)
 
 
+def random_dinov2_npz(path):
+  """A narrow, one-block DINOv2 on the release's 37x37 position grid, random
+  weights, in convert_dinov2's format: the metric's code path, cheaply."""
+  config = dinov2.DINOv2Config(embed_dim=32, depth=1, num_heads=2)
+  params = dinov2.DINOv2(config).init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+  arrays = {k: np.asarray(v) for k, v in imported.flatten(params).items()}
+  arrays[dinov2.CONFIG_KEY] = np.array([config.to_json()])
+  convert_inception.write_npz(path, arrays)
+  return convert_inception.sha256_of(path)
+
+
 @pytest.mark.usefixtures('eigen_frechet')
 def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   """The real-data code path (random access by global index, preprocessing,
   each process's share) on 12 random 64x64 examples standing in for the
   array_record files (their reading: test_tfds_source.py): reference
-  statistics, a training run with FID at its evaluation, then
-  --mode=evaluate."""
+  statistics of both feature networks in one pass, a training run with FID
+  and FD-DINOv2 at its evaluation, then --mode=evaluate."""
   rng = np.random.default_rng(0)
   examples = [{'image': rng.integers(0, 256, (64, 64, 3), np.uint8),
                'label': i % 1000} for i in range(12)]
@@ -125,6 +142,9 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   config.evaluate.inception_weights = weights
   config.evaluate.inception_sha256 = random_inception_npz(weights)
   config.evaluate.batch_size = 8
+  config.evaluate.dinov2_weights = str(tmp_path / 'dinov2.npz')
+  config.evaluate.dinov2_sha256 = random_dinov2_npz(
+      config.evaluate.dinov2_weights)
   batch = next(datasets.train_batches(config, 8, 0))
   assert batch['x'].shape == (8, 64, 64, 3) and batch['x'].dtype == np.float32
   assert -1 <= batch['x'].min() and batch['x'].max() <= 1
@@ -134,13 +154,16 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
     assert int(f['num_images']) == 12  # All of them, the last batch padded.
     assert f['arr_0'].shape == (8, 64, 64, 3) and f['mu'].shape == (2048,)
     assert f['sigma'].dtype == np.float64
+    assert f['dinov2_mu'].shape == (32,) and f['dinov2_sigma'].shape == (32, 32)
 
   config.evaluate.reference = ref_path
   config.evaluate.train_samples = 8
+  config.evaluate.train_dinov2 = True
   workdir = str(tmp_path / 'run')
   state, scores = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 2
   assert np.isfinite(scores['fid']) and scores['fid'] > 0
+  assert np.isfinite(scores['fd_dinov2']) and scores['fd_dinov2'] > 0
 
   config.evaluate.num_samples = 12
   config.evaluate.chunk_size = 8
@@ -150,18 +173,28 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   assert 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
   assert record['reference']['path'] == ref_path
   assert record['inception']['sha256'] == config.evaluate.inception_sha256
+  assert record['dinov2']['sha256'] == config.evaluate.dinov2_sha256
+  assert np.isfinite(m['fd_dinov2']) and m['fd_dinov2'] > 0
+  # Chunks without DINOv2 features never serve it: a directory of its own.
+  assert os.path.dirname(record['samples_npz']).endswith('_dinov2')
+  assert record['reference']['statistics'] == {'fid': 'from the file',
+                                               'fd_dinov2': 'from the file'}
   with np.load(record['samples_npz']) as f:
     assert f['arr_0'].shape == (12, 64, 64, 3) and f['arr_0'].dtype == np.uint8
     np.testing.assert_array_equal(f['arr_1'], np.arange(12) % 1000)
   # The features were computed from exactly the uint8 images written: what
   # the ADM evaluator reads from samples.npz.
-  params, _ = fid.load_weights_and_reference(config)
+  params = fid.Detectors(config).params['inception']
   mesh = sharding.make_mesh(('data', 'fsdp'), (-1, 1))
   chunk = os.path.join(os.path.dirname(record['samples_npz']),
                        'chunk_00000.npz')
+  weights = dinov2.load_weights(config.evaluate.dinov2_weights)
   with np.load(record['samples_npz']) as f, np.load(chunk) as c:
     feats, _ = fid.image_features(f['arr_0'][:8], params, mesh, 8)
     np.testing.assert_allclose(feats, c['features'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        dinov2.features_fn(weights.params, weights.config)(f['arr_0'][:8]),
+        c['dinov2'], rtol=1e-5, atol=1e-6)
 
 
 def test_protocol_of_a_guided_student():

@@ -1,6 +1,8 @@
 """The FID Inception, its weight converter and the metrics built on it."""
 
 import os
+import pickle
+import types
 
 import jax
 import numpy as np
@@ -165,7 +167,9 @@ def test_adm_reference_files(tmp_path):
   np.savez(path, arr_0=images, mu=np.ones(4, np.float32),
            sigma=np.eye(4, dtype=np.float32), mu_s=np.zeros(2))
   ref = fid.load_reference(path)
-  assert ref.mu.dtype == np.float64 and ref.sigma.shape == (4, 4)
+  mu, sigma = ref.stats['fid']
+  assert set(ref.stats) == {'fid'}  # No DINOv2 statistics in ADM's files.
+  assert mu.dtype == np.float64 and sigma.shape == (4, 4)
   np.testing.assert_array_equal(ref.images, images)
   assert len(ref.sha256) == 64
   with pytest.raises(fid.ReferenceError, match='Cannot read'):
@@ -175,6 +179,50 @@ def test_adm_reference_files(tmp_path):
     fid.load_reference(path)
   with pytest.raises(fid.ReferenceError, match='VIRTUAL_imagenet'):
     fid.load_reference('')
+
+
+class _Payload:
+  """Runs code when unpickled, as any class in a pickle may."""
+
+  def __reduce__(self):
+    return (os.system, ('echo pwned',))
+
+
+def test_edm2_reference_files_are_read_as_arrays_only(tmp_path):
+  """EDM2's reference statistics are pickled dicts ({'fid': {'mu', 'sigma'},
+  'fd_dinov2': {...}}, as its calculate_metrics.py saves them): read for
+  their arrays, and a pickle that would run code is refused unrun."""
+  rng = np.random.default_rng(0)
+  want = {m: {'mu': rng.standard_normal(d).astype(np.float64),
+              'sigma': np.cov(rng.standard_normal((50, d)), rowvar=False)}
+          for m, d in (('fid', 6), ('fd_dinov2', 4))}
+  path = tmp_path / 'img64.pkl'
+  path.write_bytes(pickle.dumps({**want, 'num_images': 50}))
+  ref = fid.load_reference(str(path))
+  assert set(ref.stats) == {'fid', 'fd_dinov2'} and ref.images is None
+  for m in want:
+    np.testing.assert_array_equal(ref.stats[m][0], want[m]['mu'])
+    np.testing.assert_array_equal(ref.stats[m][1], want[m]['sigma'])
+  path.write_bytes(pickle.dumps({'fid': {'mu': _Payload(), 'sigma': 0}}))
+  with pytest.raises(fid.ReferenceError, match='posix.system|os.system'):
+    fid.load_reference(str(path))
+  path.write_bytes(pickle.dumps({'fd_dinov2': {'mu': np.zeros(3),
+                                               'sigma': np.eye(2)}}))
+  with pytest.raises(fid.ReferenceError, match=r'\(3,\) and \(2, 2\)'):
+    fid.load_reference(str(path))
+
+
+def test_statistics_a_reference_lacks_come_from_its_images_or_an_error(
+    tmp_path):
+  both = types.SimpleNamespace(metrics=('fid', 'fd_dinov2'))
+  path = tmp_path / 'img64.pkl'
+  path.write_bytes(pickle.dumps({'fid': {'mu': np.zeros(3),
+                                         'sigma': np.eye(3)}}))
+  ref = fid.load_reference(str(path))
+  assert fid.reference_stats(ref, types.SimpleNamespace(metrics=('fid',)),
+                             None, 8) == ref.stats
+  with pytest.raises(fid.ReferenceError, match='no fd_dinov2 statistics'):
+    fid.reference_stats(ref, both, None, 8)
 
 
 def test_random_weights_fixture_is_pytorch_fid_shaped():

@@ -239,6 +239,11 @@ def base():
   c.evaluate.inception_sha256 = ''
   c.evaluate.reference = ''
   c.evaluate.precision_recall = True  # Needs the reference's arr_0 images.
+  # FD-DINOv2 beside FID whenever these converted DINOv2 ViT-L/14 weights are
+  # set (tools/convert_dinov2.py; SHA-256 '' = unchecked); the reference
+  # then needs DINOv2 statistics (--mode=reference's, EDM2's .pkl) or arr_0.
+  c.evaluate.dinov2_weights = ''
+  c.evaluate.dinov2_sha256 = ''
   # Text-to-image (your captioned images): the evaluation captions, a directory
   # written by multistep_cm.tools.write_text_data with the training encoder
   # (samples cycle through them; '' = the training captions), and the CLIP
@@ -252,6 +257,7 @@ def base():
   # FID during training at every eval_every, on this many samples, when the
   # weights and reference are set (0: off).
   c.evaluate.train_samples = 5_000
+  c.evaluate.train_dinov2 = False  # FD-DINOv2 too, when dinov2_weights is set.
   return c
 
 

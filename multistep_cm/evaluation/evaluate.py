@@ -65,9 +65,11 @@ def protocol(config, step):
 
 
 def protocol_name(p):
+  # Chunks without DINOv2 features cannot serve FD-DINOv2: its own directory.
   return (f'step{p["checkpoint_step"]}_{p["sampler"]}{p["steps"]}'
           f'_w{p["guidance"]:g}_{"ema" if p["ema"] else "online"}'
-          f'_n{p["num_samples"]}_seed{p["seed"]}')
+          f'_n{p["num_samples"]}_seed{p["seed"]}'
+          f'{"_dinov2" if "dinov2" in p else ""}')
 
 
 def _chunk_path(directory, c):

@@ -9,7 +9,8 @@ and what real data scores (the floor).
   gaussian_mixture   sliced Wasserstein distance to the true mixture and
                      mean true log-density; the floor is fresh true samples
   inception          FID, Inception Score and precision/recall of the FID
-                     Inception against a reference (config.evaluate)
+                     Inception against a reference (config.evaluate), and
+                     FD-DINOv2 where DINOv2 weights are configured
   inception_clip     the same, and the CLIP score of each sample against
                      its caption when CLIP weights are configured
 
@@ -28,8 +29,8 @@ from multistep_cm import datasets
 from multistep_cm.datasets import captioned_digits
 from multistep_cm.evaluation import clip
 from multistep_cm.evaluation import digits_classifier
+from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import fid
-from multistep_cm.evaluation import inception
 from multistep_cm.evaluation import metrics as metrics_lib
 
 
@@ -134,43 +135,53 @@ class Toy2d(Scorer):
 
 
 class Inception(Scorer):
-  """FID, IS and precision/recall against `config.evaluate.reference`; the
-  weights and the reference are read and checked when it is built, before
-  anything is sampled."""
+  """FID, IS and precision/recall against `config.evaluate.reference`, and
+  FD-DINOv2 when config.evaluate.dinov2_weights is set; the weights and the
+  reference are read and checked when it is built, before anything is
+  sampled."""
   needs_many_samples = True
   metrics = (Metric('fid', 'FID', True), Metric('inception_score', 'IS', False),
              Metric('precision', 'precision', False),
              Metric('recall', 'recall', False))
   inputs = ('features', 'logits')
-  features = staticmethod(fid.inception_outputs)
 
   def __init__(self, config, mesh):
     ev = config.evaluate
-    self.feature_params, self.sha256 = inception.load_weights(
-        ev.inception_weights, ev.inception_sha256)
-    self.weights = inception.resolve_path(ev.inception_weights)
+    self.detectors = fid.Detectors(config)
+    self.feature_params = self.detectors.params
+    self.features = self.detectors.outputs
     self.reference = fid.load_reference(ev.reference)
-    self.mu_sigma = fid.reference_stats(self.reference, self.feature_params,
-                                        mesh, ev.batch_size)
-    self.ref_features = fid.reference_features(
-        self.reference, self.feature_params, mesh, config)
+    self.ref_stats = fid.reference_stats(self.reference, self.detectors, mesh,
+                                         ev.batch_size)
+    self.ref_features = fid.reference_features(self.reference, self.detectors,
+                                               mesh, config)
+    if 'fd_dinov2' in self.detectors.metrics:
+      self.inputs = Inception.inputs + ('dinov2',)
+      self.metrics = Inception.metrics[:1] + (
+          Metric('fd_dinov2', 'FD-DINOv2', True),) + Inception.metrics[1:]
 
   def score(self, outputs, labels):
     del labels
-    return fid.scores(outputs['features'], outputs['logits'], self.mu_sigma,
-                      self.ref_features)
+    return fid.scores(outputs, self.ref_stats, self.ref_features)
 
   def record(self):
-    ref = self.reference
-    return {
-        'reference': {'path': ref.path, 'sha256': ref.sha256,
-                      'statistics': 'file mu/sigma' if ref.mu is not None
-                                    else 'computed from its arr_0'},
+    ref, d = self.reference, self.detectors
+    out = {
+        'reference': {'path': ref.path, 'sha256': ref.sha256, 'statistics': {
+            m: 'from the file' if m in ref.stats else 'computed from its arr_0'
+            for m in d.metrics}},
         'inception': {
-            'weights': self.weights, 'sha256': self.sha256,
+            'weights': d.inception_weights, 'sha256': d.inception_sha256,
             'input': 'uint8 -> TF1 bilinear resize to 299 (no half-pixel '
                      'centres) -> (x - 128) / 128; HIGHEST precision',
             'logits': '1008-way, without the output bias'}}
+    if 'fd_dinov2' in d.metrics:
+      out['dinov2'] = {
+          'weights': d.dinov2_weights, 'sha256': d.dinov2_sha256,
+          'input': dinov2.PREPROCESSING,
+          'features': 'class token after the final norm (1024-d for '
+                      'ViT-L/14); HIGHEST precision'}
+    return out
 
 
 class TextImages(Inception):
@@ -204,14 +215,13 @@ class TextImages(Inception):
     self.text_features = np.asarray(
         clip.text_features(weights.params, tokens, weights.config))
     clip_config = weights.config
-    self.feature_params = {'inception': self.feature_params,
-                           'clip': weights.params}
+    self.feature_params = {**self.feature_params, 'clip': weights.params}
     self.features = lambda p, x: {
-        **fid.inception_outputs(p['inception'], x),
+        **self.detectors.outputs({k: v for k, v in p.items() if k != 'clip'},
+                                 x),
         'clip': clip.image_features(p['clip'], x, clip_config)}
-    self.inputs = Inception.inputs + ('clip',)
-    self.metrics = Inception.metrics + (Metric('clip_score', 'CLIP score',
-                                               False),)
+    self.inputs += ('clip',)
+    self.metrics += (Metric('clip_score', 'CLIP score', False),)
 
   def score(self, outputs, labels):
     scores = super().score(outputs, labels)

@@ -1,0 +1,198 @@
+"""Converts DINOv2 ViT weights to the `.npz` that `evaluation/dinov2.py` reads.
+
+  python -m multistep_cm.tools.convert_dinov2 \
+      --weights=dinov2_vitl14_pretrain.pth --out=dinov2_vitl14.npz
+
+Run once, on a machine with the checkpoint. --weights takes the original
+release's state dict (dinov2_vitl14_pretrain.pth; needs torch) or timm's
+(model.safetensors of timm/vit_large_patch14_dinov2.lvd142m, needs
+`pip install safetensors`; or its pytorch_model.bin). The two name their
+parameters alike; the layout is told by the names: the original's unused
+`mask_token` is dropped, and its `block_chunks` form ('blocks.0.5.norm1')
+unchunked. torch files are read with weights_only=True: no pickled code runs.
+
+The hyperparameters come from the shapes: width from the class token, depth
+from the blocks, MLP width from fc1, the position grid from pos_embed, and
+the heads as width / 64, as in every DINOv2 release (--heads otherwise).
+Register tokens and SwiGLU MLPs (ViT-g/14) are not implemented. The .npz
+holds the config too, is byte-for-byte reproducible, and its SHA-256 is
+printed, for the evaluation config to check. Nothing is downloaded.
+"""
+
+import argparse
+import io
+import math
+import pickle
+import re
+import sys
+
+from etils import epath
+import numpy as np
+
+from multistep_cm.evaluation import dinov2
+from multistep_cm.tools import convert_inception
+
+HEAD_WIDTH = 64  # Every DINOv2 release: S/14 384/6, B 768/12, L 1024/16.
+_BLOCK = re.compile(r'blocks\.(?:\d+\.)?(\d+)\.(.+)')  # Chunked or not.
+_LINEARS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
+
+
+def _unchunk(state_dict):
+  """{torch name: array} with 'blocks.C.N.' renamed 'blocks.N.' and the
+  original's `mask_token` (for masked training only) dropped; a one-line
+  DINOv2WeightsError for what this network lacks."""
+  out = {}
+  for key, value in state_dict.items():
+    if key == 'mask_token':
+      continue
+    if key in ('register_tokens', 'reg_token'):
+      raise dinov2.DINOv2WeightsError(
+          f'{key!r}: DINOv2 with register tokens (the _reg4 models) is '
+          'unsupported; use the release without registers.')
+    m = _BLOCK.fullmatch(key)
+    if m:
+      if m.group(2).startswith(('mlp.w12', 'mlp.w3')):
+        raise dinov2.DINOv2WeightsError(
+            f'{key!r}: SwiGLU MLPs (ViT-g/14) are unsupported.')
+      key = f'blocks.{m.group(1)}.{m.group(2)}'
+    if key in out:
+      raise dinov2.DINOv2WeightsError(f'{key!r} appears twice.')
+    out[key] = value
+  return out
+
+
+def config_from_state_dict(state_dict, heads=0):
+  """DINOv2Config of a state dict's shapes (original or timm names)."""
+  state = _unchunk(state_dict)
+  try:
+    width = state['cls_token'].shape[-1]
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
+    positions = state['pos_embed'].shape[-2] - 1
+  except (KeyError, IndexError) as e:
+    raise dinov2.DINOv2WeightsError(
+        f'No usable {e} entry: not a DINOv2 ViT state dict.') from None
+  depth = len({_BLOCK.fullmatch(k).group(1) for k in state
+               if _BLOCK.fullmatch(k)})
+  grid = math.isqrt(max(positions, 0))
+  if grid * grid != positions:
+    raise dinov2.DINOv2WeightsError(
+        f'pos_embed has {positions} patch positions: not a square grid.')
+  if not heads and width % HEAD_WIDTH:
+    raise dinov2.DINOv2WeightsError(
+        f'Width {width} is not a multiple of {HEAD_WIDTH}: give --heads.')
+  return dinov2.DINOv2Config(
+      patch_size=patch, embed_dim=width, depth=depth,
+      num_heads=heads or width // HEAD_WIDTH, mlp_ratio=hidden / width,
+      pos_grid=grid)
+
+
+def _squeeze_leading(value, ndim):
+  """torch's (1, 1, D) class token and (1, T, D) positions -> (D,), (T, D)."""
+  while value.ndim > ndim and value.shape[0] == 1:
+    value = value[0]
+  return value
+
+
+def convert_state_dict(state_dict, config):
+  """torch names and layouts -> this network's: OIHW conv kernel to HWIO,
+  (out, in) linear weights to (in, out), LayerNorm weight to scale,
+  'blocks.0' to 'blocks_0'; every name and shape checked."""
+  out = {}
+  for key, value in _unchunk(state_dict).items():
+    value = np.asarray(value, np.float32)
+    m = _BLOCK.fullmatch(key)
+    scope, rest = (f'blocks_{m.group(1)}/', m.group(2)) if m else ('', key)
+    owner, _, leaf = rest.rpartition('.')
+    if key == 'cls_token':
+      name, value = key, _squeeze_leading(value, 1)
+    elif key == 'pos_embed':
+      name, value = key, _squeeze_leading(value, 2)
+    elif key == 'patch_embed.proj.weight':
+      name, value = 'patch_embed/proj/kernel', value.transpose(2, 3, 1, 0)
+    elif key == 'patch_embed.proj.bias':
+      name = 'patch_embed/proj/bias'
+    elif leaf in ('weight', 'bias') and (
+        owner in ('norm1', 'norm2') if m else owner == 'norm'):
+      name = f'{scope}{owner}/{"scale" if leaf == "weight" else "bias"}'
+    elif m and owner in _LINEARS and leaf in ('weight', 'bias'):
+      name = f'{scope}{owner.replace(".", "/")}/'
+      name += 'kernel' if leaf == 'weight' else 'bias'
+      value = value.T if leaf == 'weight' else value
+    elif m and owner in ('ls1', 'ls2') and leaf == 'gamma':
+      name = f'{scope}{owner}/gamma'
+    else:
+      raise dinov2.DINOv2WeightsError(
+          f'Unexpected entry {key!r}: not a DINOv2 ViT backbone state dict '
+          '(a classifier head, or another model?).')
+    out[name] = value
+  dinov2.check_arrays(out, config, 'The state dict')
+  return out
+
+
+def read_state_dict(path):
+  """{name: float32 array} of a .safetensors or torch-saved state dict."""
+  if not epath.Path(path).exists():
+    raise dinov2.DINOv2WeightsError(f'{path} does not exist.')
+  blob = epath.Path(path).read_bytes()
+  try:
+    if str(path).endswith('.safetensors'):
+      import safetensors  # pylint: disable=g-import-not-at-top
+      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+      try:
+        return st_numpy.load(blob)
+      except KeyError:  # bfloat16, which numpy lacks: torch reads it.
+        from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
+        return {k: v.float().numpy() for k, v in st_torch.load(blob).items()}
+      except safetensors.SafetensorError as e:
+        raise dinov2.DINOv2WeightsError(
+            f'{path}: unreadable safetensors ({e}).') from None
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise dinov2.DINOv2WeightsError(
+        f'Reading {path} needs `pip install {e.name.split(".")[0]}`.'
+    ) from None
+  try:
+    state = torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
+  except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    raise dinov2.DINOv2WeightsError(
+        f'{path}: not a readable torch state dict ({first}).') from None
+  if not isinstance(state, dict) or not all(
+      hasattr(v, 'shape') for v in state.values()):
+    raise dinov2.DINOv2WeightsError(
+        f'{path}: not a state dict of tensors.')
+  return {k: v.float().numpy() for k, v in state.items()}
+
+
+def convert(weights, out, heads=0):
+  """Writes `weights` (a state dict file) to the .npz `out`; returns
+  (config, SHA-256 of the .npz)."""
+  state = read_state_dict(weights)
+  config = config_from_state_dict(state, heads)
+  arrays = convert_state_dict(state, config)
+  arrays[dinov2.CONFIG_KEY] = np.array([config.to_json()])
+  epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  convert_inception.write_npz(out, arrays)
+  return config, convert_inception.sha256_of(out)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--weights', required=True, help='The original '
+                      'release\'s .pth, or timm\'s .safetensors or .bin.')
+  parser.add_argument('--out', required=True, help='The .npz to write.')
+  parser.add_argument('--heads', type=int, default=0, help='Attention heads, '
+                      f'when not width / {HEAD_WIDTH}.')
+  args = parser.parse_args(argv)
+  try:
+    config, digest = convert(args.weights, args.out, args.heads)
+  except dinov2.DINOv2WeightsError as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {args.out} ({config})\nSHA-256 {digest}\nUse it with '
+        f'--config.evaluate.dinov2_weights={args.out} '
+        f'--config.evaluate.dinov2_sha256={digest}')
+
+
+if __name__ == '__main__':
+  main()
