@@ -3,7 +3,8 @@
 Kept thin: it parses flags and hands the config to one mode, whose logic
 lives in importable modules: `train` (or `pipeline` for a config that lists
 several stages), `evaluation.evaluate`, `evaluation.fid` (reference
-statistics) and `evaluation.quick` (samples).
+statistics), `evaluation.quick` (samples) and `export` (the sampler as a
+portable program).
 """
 
 import logging as py_logging
@@ -31,11 +32,13 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'samples; a run resumes from the checkpoints it holds.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate',
-                                    'reference'],
+                                    'reference', 'export'],
                   'train: train and evaluate; sample: write samples of the '
                   'newest checkpoint; evaluate: score N samples of it '
                   '(config.evaluate); reference: FID statistics of the '
-                  'dataset\'s train split, written to the workdir.')
+                  'dataset\'s train split, written to the workdir; export: '
+                  'its sampler as a jax.export program with its weights, '
+                  'for multistep_cm/exported.py.')
 flags.DEFINE_integer('num_samples', 100, 'Samples to write in sample mode.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -157,6 +160,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
   # pylint: disable=g-import-not-at-top
+  from multistep_cm import export
   from multistep_cm import pipeline
   from multistep_cm import train
   from multistep_cm.core import config as config_lib
@@ -181,6 +185,8 @@ def main(argv):
         evaluate.run(config, workdir)
       elif FLAGS.mode == 'reference':
         fid.compute_reference(config, workdir)
+      elif FLAGS.mode == 'export':
+        export.run(config, workdir)
       else:
         quick.write_samples(config, workdir, FLAGS.num_samples)
   except errors.UserError as e:

@@ -17,9 +17,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / 'multistep_cm'
 
 # Layers, lowest first: a module may import its own layer and those below.
+# 'standalone' is exported.py, the reader of exported samplers, which is
+# copied next to an artifact and used without the package: it imports none
+# of it (and only jax, numpy and the standard library, tested below).
+STANDALONE = {'exported'}
 PAPER = {'schedules', 'ddim', 'conditioning', 'guidance', 'losses',
          'samplers', 'models', 'toy2d', 'karras', 'adm', 'networks'}
-LAYERS = ('paper', 'core', 'evaluation', 'train', 'workflows', 'main')
+LAYERS = ('standalone', 'paper', 'core', 'evaluation', 'train', 'workflows',
+          'main')
 
 
 def _layer(module):
@@ -27,13 +32,15 @@ def _layer(module):
   parts = module.split('.')[1:]
   if not parts:
     return 'paper'  # The package itself holds nothing.
+  if parts[0] in STANDALONE:
+    return 'standalone'
   if parts[0] in PAPER:
     return 'paper'
   if parts[0] in ('core', 'evaluation', 'train', 'main'):
     return parts[0]
   if parts[0] == 'datasets':
     return 'core'  # The dataset table: what training and evaluation share.
-  if parts[0] in ('pipeline', 'sweep', 'tools'):
+  if parts[0] in ('pipeline', 'sweep', 'export', 'tools'):
     return 'workflows'
   raise AssertionError(f'{module}: not placed in a layer')
 
@@ -165,6 +172,17 @@ def test_the_paper_modules_import_nothing_of_the_framework():
       for imported, _ in _imports(module, tree):
         if imported.startswith('multistep_cm.'):
           assert imported.split('.')[1] in PAPER, (module, imported)
+
+
+def test_the_standalone_modules_import_only_jax_numpy_and_the_stdlib():
+  """A module copied next to an artifact runs where only jax is installed:
+  the package, flax and the rest are not there."""
+  allowed = {'jax', 'numpy'} | set(sys.stdlib_module_names)
+  wrong = [f'{module} imports {imported}' for module, tree in _modules()
+           if _layer(module) == 'standalone'
+           for imported, _ in _imports(module, tree)
+           if imported.split('.')[0] not in allowed]
+  assert not wrong, wrong
 
 
 def test_evaluation_runs_without_the_train_loop(digits_teacher, tmp_path):

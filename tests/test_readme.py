@@ -1,11 +1,13 @@
 """The README's commands run as printed: every `python -m multistep_cm...`
-line that takes under a minute on a CPU (sampling and evaluating the
-quickstart's checkpoints, the smoke variants) is run exactly as written,
-with its /tmp/ directory moved into a temporary one."""
+line that takes under a minute on a CPU (sampling, evaluating and exporting
+the quickstart's checkpoints, the smoke variants) is run exactly as written,
+with its /tmp/ directory moved into a temporary one, and so is its Python:
+the library example, and serving the exported student."""
 
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -36,11 +38,11 @@ def readme_commands():
 
 
 def _cheap(command):
-  """Sampling or evaluating a checkpoint of the quickstart (/tmp/digits),
-  or a smoke variant."""
+  """Sampling, evaluating or exporting a checkpoint of the quickstart
+  (/tmp/digits), or a smoke variant."""
   config = re.search(r'--config=(\S+)', command)
   smoke = config and re.search(r'[:,]smoke\b', config.group(1))
-  mode = re.search(r'--mode=(sample|evaluate)\b', command)
+  mode = re.search(r'--mode=(sample|evaluate|export)\b', command)
   return bool(smoke or (mode and '--workdir=/tmp/digits' in command))
 
 
@@ -52,16 +54,17 @@ def test_the_readme_has_cheap_commands_to_run():
   assert len(CHEAP) >= 3, CHEAP
   assert any('stage=cd' in c and '--mode=sample' in c for c in CHEAP)
   assert any('stage=cd' in c and '--mode=evaluate' in c for c in CHEAP)
+  assert any('stage=cd' in c and '--mode=export' in c for c in CHEAP)
 
 
 def _checkpoint(config, workdir):
-  """A freshly initialised train state of `config`, saved as step 1 in
-  WORKDIR/checkpoints, as training would have left it."""
+  """A freshly initialised train state of `config`, saved as its last step
+  in WORKDIR/checkpoints, where training would have left it."""
   mesh = state_lib.make_mesh(config)
   state, _ = state_lib.init_state(config, state_lib.create_model(config),
                                   state_lib.make_optimizer(config.optim), mesh)
   ckpt = checkpoint.Checkpointer(epath.Path(workdir) / 'checkpoints', 1, 1)
-  ckpt.save(1, state, force=True)
+  ckpt.save(config.total_steps, state, force=True)
   ckpt.wait()
   ckpt.close()
 
@@ -78,8 +81,8 @@ def quickstart(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize('command', CHEAP)
-def test_readme_command_runs_as_printed(command, quickstart):
+def _run(command, quickstart):
+  """A README command in `quickstart` instead of /tmp/: the process."""
   args = shlex.split(command.replace('/tmp/', f'{quickstart}/'))
   assert args[:2] == ['python', '-m']
   env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=ROOT)
@@ -87,6 +90,12 @@ def test_readme_command_runs_as_printed(command, quickstart):
                         capture_output=True, text=True, timeout=600,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.parametrize('command', CHEAP)
+def test_readme_command_runs_as_printed(command, quickstart):
+  proc = _run(command, quickstart)
   workdir = re.search(r'--workdir=(\S+)', command).group(1).replace(
       '/tmp/', f'{quickstart}/')
   if '--mode=sample' in command:
@@ -94,11 +103,34 @@ def test_readme_command_runs_as_printed(command, quickstart):
                for f in os.listdir(workdir))
   if '--mode=evaluate' in command:
     assert 'Evaluation step' in proc.stderr
+  if '--mode=export' in command:
+    assert os.listdir(os.path.join(workdir, 'export'))
+
+
+def _python_blocks():
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    return re.findall(r'```python\n(.*?)```', f.read(), re.S)
+
+
+def test_readme_serving_runs_as_printed(quickstart):
+  """The export command, exported.py copied as the README says, then its
+  serving snippet, in a process that imports nothing of the package."""
+  (block,) = [b for b in _python_blocks() if 'exported' in b]
+  (command,) = [c for c in CHEAP if '--mode=export' in c]
+  _run(command, quickstart)
+  shutil.copy(os.path.join(ROOT, 'multistep_cm', 'exported.py'),
+              quickstart / 'digits' / 'cd_s8' / 'export')
+  proc = subprocess.run([sys.executable, '-c',
+                         block.replace('/tmp/', f'{quickstart}/')],
+                        cwd=quickstart, env=dict(os.environ, XLA_FLAGS=''),
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['8', '(10,', '8,', '8,', '1)', 'uint8']
 
 
 def test_readme_python_runs():
-  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
-    blocks = re.findall(r'```python\n(.*?)```', f.read(), re.S)
+  blocks = [b for b in _python_blocks() if 'exported' not in b]
   assert blocks
   env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=ROOT)
   for block in blocks:

@@ -1,0 +1,235 @@
+"""--mode=export: a stage's sampler as one portable program, for serving.
+
+  python -m multistep_cm.main --config=configs/digits.py:stage=cd \
+      --workdir=/tmp/digits/cd_s8 --mode=export
+
+writes WORKDIR/export/step<N>_<sampler><steps>/ for the newest checkpoint
+(EMA weights unless config.evaluate.ema is False), with the stage's sampler
+and config.evaluate's overrides, as --mode=evaluate samples:
+
+  sampler.jax_exported  noise (and a stochastic sampler's per-step keys),
+                        labels -> uint8 NHWC images, serialised with
+                        `jax.export` for CPU, CUDA and TPU, any batch size
+  weights.npz           the weights it takes, in the order the manifest
+                        lists them (plain arrays: no pickle)
+  manifest.json         what it is: stage, sampler, S, NFE, guidance, image
+                        shape, labels, versions, the files' SHA-256
+
+`multistep_cm/exported.py` loads and runs it with only jax installed (the
+format's reader: its constants are the format). The directory is written
+under a temporary name and renamed into place, so a re-export replaces it
+and a reader never sees a half-written one (for an instant between two
+renames, none).
+"""
+
+import hashlib
+import io
+import json
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from multistep_cm import conditioning
+from multistep_cm import datasets
+from multistep_cm import exported
+from multistep_cm import schedules
+from multistep_cm.core import errors
+from multistep_cm.core import generation
+from multistep_cm.core import imported
+from multistep_cm.core import stages
+from multistep_cm.core import state
+
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+# Samplers that draw noise at every step: the program then takes their keys.
+STOCHASTIC = ('ddpm',)
+
+
+def check_exportable(config):
+  """Raises ConfigError, before anything is loaded, for a dataset whose
+  samples the exported program cannot take or give: it takes class labels
+  or nothing, and gives uint8 images."""
+  dataset = datasets.get(config)
+  condition = dataset.condition
+  if condition.conditional and not isinstance(condition,
+                                              conditioning.ClassLabels):
+    raise errors.ConfigError(
+        f'--mode=export supports class-labelled and unconditional models; '
+        f'dataset {config.dataset.name!r} is conditioned on '
+        f'{type(condition).__name__}.')
+  if not dataset.images:
+    raise errors.ConfigError(f'--mode=export writes image samplers; dataset '
+                             f'{config.dataset.name!r} yields points.')
+
+
+def portable(config):
+  """The config with XLA's attention: 'auto' picks cuDNN's kernel on a GPU,
+  a custom call that neither the CPU nor the TPU can run, so a program
+  exported on a GPU would only run there. The weights are the same."""
+  config = config.copy_and_resolve_references()
+  if 'attention' in config.model:
+    with config.unlocked():
+      config.model.attention = 'xla'
+  return config
+
+
+def label_meaning(config, condition):
+  """What the program's labels are, for the manifest."""
+  if not condition.conditional:
+    return {'num_classes': 0,
+            'meaning': 'unconditional: the sampler takes no labels'}
+  k = condition.num_classes
+  return {'num_classes': k,
+          'meaning': f'label k in [0, {k}) draws class k of dataset '
+                     f'{config.dataset.name!r}, numbered as its training '
+                     'labels'}
+
+
+def prng_impl():
+  """The name of the PRNG this process draws keys with: the exported
+  program and the reader draw with it too."""
+  return str(jax.random.key_impl(jax.random.key(0)))
+
+
+def program(config, spec, treedef, impl):
+  """`(weights, noise, labels[, step key data]) -> uint8 images`: the
+  sampler `spec` of the config's network whose parameters are `weights`,
+  flattened as `treedef`, followed by the uint8 conversion, as a
+  `generation.Generator` with `uint8` runs them after drawing its noise."""
+  network = state.network(config)
+  logsnr = schedules.get_logsnr_fn(**config.schedule)
+  condition = datasets.get(config).condition
+
+  def sample(weights, noise, labels, *step_keys):
+    params = jax.tree.unflatten(treedef, weights)
+    keys = (jax.random.wrap_key_data(step_keys[0], impl=impl) if step_keys
+            else None)
+    return generation.to_uint8(spec(network, params, noise, labels, logsnr,
+                                    condition, keys))
+  return sample
+
+
+def export_program(config, spec, params):
+  """(jax.export.Exported, {weight name: array} in the order it takes
+  them): the sampler over weights shaped as `params`, for every batch size
+  and PLATFORMS."""
+  flat = imported.flatten(params)
+  impl = prng_impl()
+  (batch,) = jax.export.symbolic_shape('batch')
+  shape = datasets.get(config).shape
+  args = [tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+                for a in flat.values()),
+          jax.ShapeDtypeStruct((batch,) + shape, np.float32),
+          jax.ShapeDtypeStruct((batch,), np.int32)]
+  if spec.kind in STOCHASTIC:
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+    args.append(jax.ShapeDtypeStruct((batch,) + key_shape, np.uint32))
+  fn = program(config, spec, jax.tree.structure(params), impl)
+  # Source locations name each operation's line only, not the whole Python
+  # stack that led to it: the same checkpoint and code then give the same
+  # bytes whoever calls this (the command, a test, a notebook).
+  full = jax.config.jax_include_full_tracebacks_in_locations
+  jax.config.update('jax_include_full_tracebacks_in_locations', False)
+  try:
+    exp = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(*args)
+  finally:
+    jax.config.update('jax_include_full_tracebacks_in_locations', full)
+  return exp, flat
+
+
+def _host(x):
+  """A parameter as one numpy array, also when sharded over hosts."""
+  if not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def manifest(config, spec, step, exp, names):
+  """What the artifact is, for its reader and for people; `files` (their
+  hashes) is added once they are written."""
+  stage = stages.get(config.stage)
+  dataset = datasets.get(config)
+  return {
+      'format': exported.FORMAT,
+      'format_version': exported.FORMAT_VERSION,
+      'stage': config.stage, 'dataset': config.dataset.name,
+      'checkpoint_step': step, 'ema': config.evaluate.ema,
+      **({'imported_weights': config.imported_weights}
+         if config.get('imported_weights') else {}),
+      'sampler': {'kind': spec.kind, 'steps': spec.steps,
+                  'guidance': spec.guidance},
+      'steps': spec.steps, 'nfe': spec.nfe(dataset.condition),
+      # Sampled with (a teacher), or distilled with (never guided again).
+      'guidance': stage.guidance(config, spec),
+      'image_shape': list(dataset.shape),
+      'labels': label_meaning(config, dataset.condition),
+      'output': 'uint8 NHWC, round((clip(x, -1, 1) + 1) * 127.5)',
+      'noise': 'sample i of seed s: normal(fold_in(key(s), i)), as '
+               '--mode=evaluate draws it',
+      'stochastic': spec.kind in STOCHASTIC,
+      'prng_impl': prng_impl(),
+      'threefry_partitionable': jax.config.jax_threefry_partitionable,
+      'platforms': list(exp.platforms),
+      'jax_version': jax.__version__,
+      'serialization_version': exp.calling_convention_version,
+      'weights': names,
+  }
+
+
+def _write(directory, exp, weights, record):
+  """The artifact's files in `directory`, the manifest (with their hashes)
+  last; returns their sizes in bytes."""
+  npz = io.BytesIO()
+  np.savez(npz, **weights)
+  files = {exported.PROGRAM: bytes(exp.serialize()),
+           exported.WEIGHTS: npz.getvalue()}
+  directory.mkdir(parents=True)
+  for name, data in files.items():
+    (directory / name).write_bytes(data)
+  record['files'] = {name: hashlib.sha256(data).hexdigest()
+                     for name, data in files.items()}
+  text = json.dumps(record, indent=2)
+  (directory / exported.MANIFEST).write_text(text)
+  return {**{n: len(d) for n, d in files.items()}, exported.MANIFEST: len(text)}
+
+
+def _replace(tmp, final):
+  """`tmp` renamed to `final`; an existing `final` is moved aside first and
+  then deleted (a directory cannot be renamed over a full one)."""
+  old = final.parent / (final.name + '.old')
+  if old.exists():
+    old.rmtree()
+  if final.exists():
+    final.rename(old)
+  tmp.rename(final)
+  if old.exists():
+    old.rmtree()
+
+
+def run(config, workdir):
+  """Exports the newest checkpoint of `workdir` (see the module docstring);
+  returns the artifact's directory."""
+  check_exportable(config)
+  spec = stages.evaluation_sampler(config)
+  config = portable(config)
+  mesh = state.make_mesh(config)
+  params, _, step = state.load_for_sampling(config, workdir, mesh,
+                                            config.evaluate.ema)
+  params = jax.tree.map(_host, params)
+  final = epath.Path(workdir) / 'export' / f'step{step}_{spec.name}'
+  if jax.process_index() == 0:
+    exp, weights = export_program(config, spec, params)
+    tmp = final.parent / (final.name + '.tmp')
+    if tmp.exists():
+      tmp.rmtree()  # Left by an export that did not finish.
+    sizes = _write(tmp, exp, weights,
+                   manifest(config, spec, step, exp, list(weights)))
+    _replace(tmp, final)
+    logging.info('Exported %s (%s, NFE %d, for %s) to %s: %s.', config.stage,
+                 spec.name, spec.nfe(datasets.get(config).condition),
+                 ', '.join(PLATFORMS), final, ', '.join(
+                     f'{k} {v / 1e3:.1f} kB' for k, v in sorted(sizes.items())))
+  multihost_utils.sync_global_devices('export written')
+  return final
