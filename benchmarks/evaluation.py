@@ -56,6 +56,10 @@ def main(argv):
   dino = _flops(lambda p, x: dinov2.features_fn(p, vit)(x), vit_params,
                 jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
 
+  # XLA counts a scanned loop's body once: the blocks unrolled, to count all.
+  config = config.copy_and_resolve_references()
+  if 'scan' in config.model:
+    config.model.scan = False
   model = state_lib.create_model(config)
   net = models.network_fn(model)
   shape = (1,) + state_lib.data_shape(config)
