@@ -57,6 +57,8 @@ def test_inception_score_on_constructed_logits():
   kl = 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5)
   score, std = metrics.inception_score(np.log(p))
   assert score == pytest.approx(np.exp(kl), rel=1e-9) and std < 1e-9
+  # Fewer samples than splits: a sample alone scores 1, never NaN.
+  assert metrics.inception_score(confident[:4]) == (1., 0.)
 
 
 def test_precision_recall_on_constructed_points():

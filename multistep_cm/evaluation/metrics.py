@@ -100,11 +100,12 @@ class FeatureStats:
 def inception_score(logits, splits=10):
   """(mean, std) over `splits` equal parts of exp(E_x KL(p(y|x) || p(y))):
   the improved-GAN formula, as the ADM evaluator computes it (10 splits of
-  5000 for 50k samples)."""
+  5000 for 50k samples). Fewer samples than splits: one split per sample,
+  rather than empty splits' NaN."""
   logits = np.asarray(logits, np.float64)
   logp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
   scores = []
-  for part in np.array_split(logp, splits):
+  for part in np.array_split(logp, min(splits, len(logp))):
     log_py = scipy.special.logsumexp(part, axis=0) - np.log(len(part))
     kl = np.sum(np.exp(part) * (part - log_py), axis=1)
     scores.append(np.exp(np.mean(kl)))
