@@ -45,8 +45,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
                     'for a multi-host job on a cluster jax does not detect '
-                    '(Cloud TPU, Slurm and Open MPI are detected); default '
-                    '$JAX_COORDINATOR_ADDRESS.')
+                    '(Cloud TPU, GKE, Kubernetes, Slurm and Open MPI are '
+                    'detected); default $JAX_COORDINATOR_ADDRESS.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with '
                      '--coordinator_address); default $JAX_NUM_PROCESSES.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes-1 '
@@ -59,47 +59,50 @@ EXPLICIT = (('coordinator_address', 'JAX_COORDINATOR_ADDRESS'),
 
 
 def _explicit_settings():
-  """The explicit multi-host settings, all three or None."""
+  """The multi-host settings given by flag or environment variable (a flag
+  wins), as `jax.distributed.initialize` arguments: {} when none is."""
   values = {}
   for name, env in EXPLICIT:
     value = FLAGS[name].value
-    values[name] = os.environ.get(env) if value is None else value
-  missing = [f'--{n} (${e})' for n, e in EXPLICIT if values[n] is None]
-  if len(missing) == len(EXPLICIT):
-    return None
-  if missing:
-    raise errors.ConfigError(
-        'a multi-host start needs --coordinator_address, --num_processes and '
-        '--process_id (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, '
-        f'$JAX_PROCESS_ID), all three or none; missing {", ".join(missing)}.')
+    value = os.environ.get(env) if value is None else value
+    if value is not None:
+      values[name] = value
   for name in ('num_processes', 'process_id'):
-    try:
-      values[name] = int(values[name])
-    except ValueError:
-      raise errors.ConfigError(f'--{name} is {values[name]!r}, not an '
-                               'integer.') from None
+    if name in values:
+      try:
+        values[name] = int(values[name])
+      except ValueError:
+        raise errors.ConfigError(f'--{name} is {values[name]!r}, not an '
+                                 'integer.') from None
   return values
 
 
 def _initialize_distributed():
-  """Joins the other processes of a multi-host job: the explicit settings
-  when given, else jax's detection of Cloud TPU, Slurm and Open MPI. Only
-  "nothing detected" means a single process: any other failure is raised,
+  """Joins the other processes of a multi-host job, as jax does: the
+  settings given explicitly, the rest detected from the cluster (Cloud TPU,
+  GKE, Kubernetes, Slurm, Open MPI), so `JAX_COORDINATOR_ADDRESS` alone
+  works where the cluster gives process count and id. Only "nothing given,
+  nothing detected" means a single process: any other failure is raised,
   since hosts that each trained alone would waste the whole job."""
   explicit = _explicit_settings()
-  if explicit is not None:
-    try:
-      jax.distributed.initialize(**explicit)
-    except Exception as e:  # pylint: disable=broad-except
-      raise errors.UserError(
-          f'jax.distributed.initialize({explicit}) failed: '
-          f'{str(e).strip().splitlines()[0]}') from None
-    return
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**explicit)
   except ValueError as e:
-    if 'coordinator_address' not in str(e):
-      raise
+    if not explicit and 'coordinator_address' in str(e):
+      return  # Nothing given, no cluster: one process.
+    missing = [f'--{n} (${env})' for n, env in EXPLICIT if n not in explicit]
+    if missing and 'defined' in str(e):
+      given = ', '.join(f'--{n}' for n in explicit)
+      raise errors.ConfigError(
+          f'a multi-host start with {given} needs the rest from the cluster, '
+          'and jax detected none (it detects Cloud TPU, GKE, Kubernetes, '
+          f'Slurm and Open MPI): give {", ".join(missing)} too.') from None
+    raise errors.UserError(f'jax.distributed.initialize({explicit}) failed: '
+                           f'{str(e).strip().splitlines()[0]}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(
+        f'jax.distributed.initialize({explicit}) failed: '
+        f'{str(e).strip().splitlines()[0]}') from None
 
 
 def _log_start(config):

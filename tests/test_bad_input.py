@@ -130,8 +130,10 @@ def test_command_line_partial_multi_host_settings(tmp_path):
                '--num_processes=2', JAX_COORDINATOR_ADDRESS='localhost:1')
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   line = proc.stderr.strip().splitlines()[-1]
-  assert line.startswith('error: a multi-host start needs'), line
-  assert line.endswith('missing --process_id ($JAX_PROCESS_ID).'), line
+  # No cluster to detect the process id from.
+  assert line.startswith('error: a multi-host start with '
+                         '--coordinator_address, --num_processes needs'), line
+  assert line.endswith('give --process_id ($JAX_PROCESS_ID) too.'), line
   assert not os.listdir(tmp_path)
 
 

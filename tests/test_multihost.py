@@ -64,6 +64,30 @@ def _assert_close(a, b):
         np.abs(x - y).max() / np.abs(y).max())
 
 
+def test_coordinator_address_alone_with_a_detected_cluster(tmp_path):
+  """jax's own convention: JAX_COORDINATOR_ADDRESS given, the process count
+  and id detected from the cluster (here a stand-in Slurm step: jax reads
+  SLURM_NTASKS and SLURM_PROCID)."""
+  port = 20000 + os.getpid() % 20000
+  procs = []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+               JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+               XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               SLURM_JOB_ID='7', SLURM_STEP_NODELIST='localhost',
+               SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'multistep_cm.main', f'--config={CONFIG}',
+         f'--workdir={tmp_path}', '--config.total_steps=2'], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f'Process {i} of 2: 4 local cpu devices of 8' in out, out[-3000:]
+
+
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('two_processes'))
