@@ -10,6 +10,7 @@ setuptools.setup(
     # configs/ holds experiments, read from the checkout; not installed.
     packages=setuptools.find_packages(include=['multistep_cm', 'multistep_cm.*']),
     package_data={'multistep_cm.evaluation': ['assets/*.npz']},
+    license='Apache-2.0',
     python_requires='>=3.11',
     # Lower bounds are the versions this was tested with.
     install_requires=[
