@@ -18,9 +18,10 @@ setuptools.setup(
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
+        # Reads prepared datasets without TensorFlow (array_record); building
+        # one needs the `tfds` extra.
         'tensorflow-datasets>=4.9.10',
-        'tensorflow-cpu>=2.21.0',  # For building tfds datasets.
-        'tensorboard>=2.21.0',
+        'tensorboard>=2.21.0',  # Only to view the event files.
         'ml-collections>=1.1.0',
         'etils[epath]>=1.15.0',  # Files on local disks and gs:// alike.
         'numpy>=2.4.6',
@@ -30,8 +31,12 @@ setuptools.setup(
         'pillow>=13.0.0',
     ],
     extras_require={
-        # Only for converting pytorch-fid's Inception weights or an open_clip
-        # checkpoint, once.
+        # TensorFlow, only for building tfds datasets (`tfds build`):
+        # nothing imports it at run time, and it publishes no Linux aarch64
+        # wheel for its CPU build.
+        'tfds': ['tensorflow-cpu>=2.21.0'],
+        # Only for converting published weights (the FID Inception, CLIP,
+        # ADM, DINOv2), once.
         'convert': ['torch>=2.13.0', 'safetensors>=0.8.0'],
         # torch writes the .pth the converter test reads; xdist runs the
         # suite on two processes (pytest.ini). pytest 9.2 made node ids
@@ -43,6 +48,8 @@ setuptools.setup(
         # move torch to a CUDA build); timm's DINOv2 ViT for the DINOv2 one.
         'test': ['pytest>=9.1.1,<9.2', 'pytest-xdist>=3.8.0', 'torch>=2.13.0',
                  'open_clip_torch>=3.3.0', 'torchvision==0.28.0',
-                 'safetensors>=0.8.0', 'diffusers>=0.42.1', 'timm>=1.0.31'],
+                 'safetensors>=0.8.0', 'diffusers>=0.42.1', 'timm>=1.0.31',
+                 # The tests build tfds datasets and compare with tf's ops.
+                 'tensorflow-cpu>=2.21.0'],
     },
 )

@@ -11,10 +11,9 @@ import logging as py_logging
 import os
 import sys
 
-# TensorFlow (behind tfds and the TensorBoard writer) must keep its C++ start-up
-# chatter to itself; set before anything imports it. It only decodes and
-# resizes images here, so its oneDNN kernels (which announce themselves) bring
-# nothing.
+# Nothing here imports TensorFlow; where it is installed (to build tfds
+# datasets) and a library pulls it in, it must keep its C++ start-up chatter
+# to itself; set before anything imports it.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 

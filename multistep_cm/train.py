@@ -89,6 +89,7 @@ def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
     logging.info('Step %d: wrote %s; %s (%.1fs, %d samples, %s)', step, path,
                  _fmt(scores), time.time() - t0, len(samples),
                  quick_eval.spec.name)
+    writer.write_png(step, 'samples', path.read_bytes())
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
   return scores
 
@@ -137,8 +138,10 @@ def train_and_evaluate(config, workdir):
   writer = (summaries.Writer(workdir) if jax.process_index() == 0
             else summaries.NullWriter())
   if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2))
+    text = config.to_json_best_effort(indent=2)
+    (epath.Path(workdir) / 'config.json').write_text(text)
+    # Indented four spaces: TensorBoard renders text as markdown.
+    writer.write_text(start, 'config', '    ' + text.replace('\n', '\n    '))
   logging.info('Mesh %s; %d parameters; starting at step %d of %d.',
                dict(mesh.shape), models.count_params(state.params), start,
                config.total_steps)

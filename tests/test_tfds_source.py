@@ -90,6 +90,8 @@ def test_not_prepared_names_the_directory_and_the_build_command(
   assert str(tmp_path / NAME) in msg
   assert (f'`tfds build {NAME} --data_dir={tmp_path} '
           '--file_format=array_record`') in msg
+  # Building, unlike reading, needs TensorFlow: an extra of its own.
+  assert "needs TensorFlow: pip install -e '.[tfds]'" in msg
   assert (f"`tfds.builder('{NAME}', data_dir='{tmp_path}', "
           "file_format='array_record').download_and_prepare()`") in msg
   # A dataset with builder code: it names the versioned directory.

@@ -1,4 +1,5 @@
-"""Training scalars, to the log and to a TensorBoard event file.
+"""Training scalars, sample grids and the run's config, to a TensorBoard
+event file (the scalars to the log too).
 
 The event file is written here, in its record format (length, data, each
 with a masked CRC-32C) around hand-encoded `Event` protos: TensorBoard's
@@ -6,12 +7,14 @@ writers import TensorFlow, seconds and hundreds of MB at every start of a
 run, and do not install everywhere jax does.
 """
 
+import io
 import socket
 import struct
 import time
 
 from absl import logging
 from etils import epath
+from PIL import Image
 
 
 def _crc32c_table():
@@ -60,19 +63,40 @@ def _field(number, payload):
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def event(step, *, scalars=None, file_version=None):
+def _varint_field(number, value):
+  return _varint(number << 3) + _varint(value)
+
+
+def _image_value(tag, png, height, width, channels):
+  """A Summary.Value with tag (1) and image (4): height (1), width (2),
+  colorspace (3: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA),
+  encoded_image_string (4)."""
+  image = (_varint_field(1, height) + _varint_field(2, width) +
+           _varint_field(3, channels) + _field(4, png))
+  return _field(1, tag.encode()) + _field(4, image)
+
+
+def _text_value(tag, text):
+  """A Summary.Value with tag (1), metadata (9) naming the text plugin
+  (plugin_data 1, plugin_name 1), and a scalar string tensor (8): dtype (1)
+  DT_STRING = 7, an empty tensor_shape (2), string_val (8)."""
+  metadata = _field(1, _field(1, b'text'))
+  tensor = _varint_field(1, 7) + _field(2, b'') + _field(8, text.encode())
+  return _field(1, tag.encode()) + _field(9, metadata) + _field(8, tensor)
+
+
+def event(step, *, scalars=None, values=(), file_version=None):
   """An `Event` proto: wall_time = 1 (double), step = 2 (int64),
   file_version = 3 (string), summary = 5, whose values (1) each hold a
-  tag (1) and a simple_value (2, float)."""
+  tag (1) and a simple_value (2, float), or are given whole in `values`."""
   out = (b'\x09' + struct.pack('<d', time.time()) +
          b'\x10' + _varint(step & 0xFFFFFFFFFFFFFFFF))
   if file_version is not None:
     out += _field(3, file_version.encode())
-  if scalars:
-    out += _field(5, b''.join(
-        _field(1, _field(1, tag.encode()) + b'\x15' +
-               struct.pack('<f', float(value)))
-        for tag, value in scalars.items()))
+  values = [_field(1, tag.encode()) + b'\x15' + struct.pack('<f', float(v))
+            for tag, v in (scalars or {}).items()] + list(values)
+  if values:
+    out += _field(5, b''.join(_field(1, v) for v in values))
   return out
 
 
@@ -89,13 +113,28 @@ class Writer:
                     f'{socket.gethostname()}').open('wb')
       self._file.write(record(event(0, file_version='brain.Event:2')))
 
+  def _write(self, step, **kwargs):
+    if self._file is not None:
+      # Flushed at once: a killed run keeps everything it logged.
+      self._file.write(record(event(step, **kwargs)))
+      self._file.flush()
+
   def write_scalars(self, step, scalars):
     logging.info('[%d] %s', step, ', '.join(
         f'{k}={float(v):.6g}' for k, v in scalars.items()))
-    if self._file is not None:
-      # Flushed at once: a killed run keeps every scalar it logged.
-      self._file.write(record(event(step, scalars=scalars)))
-      self._file.flush()
+    self._write(step, scalars=scalars)
+
+  def write_png(self, step, tag, png):
+    """A PNG file's bytes as an image (TensorBoard's Images tab)."""
+    with Image.open(io.BytesIO(png)) as im:
+      width, height = im.size
+      channels = {'L': 1, 'LA': 2, 'RGBA': 4}.get(im.mode, 3)
+    self._write(step, values=[_image_value(tag, png, height, width,
+                                           channels)])
+
+  def write_text(self, step, tag, text):
+    """Text (TensorBoard's Text tab renders it as markdown)."""
+    self._write(step, values=[_text_value(tag, text)])
 
   def close(self):
     if self._file is not None:
@@ -106,5 +145,11 @@ class Writer:
 class NullWriter(Writer):
   """Every process but the first: the first writes for all."""
 
+  def _write(self, step, **kwargs):
+    pass
+
   def write_scalars(self, step, scalars):
+    pass
+
+  def write_png(self, step, tag, png):
     pass

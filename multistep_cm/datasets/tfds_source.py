@@ -39,7 +39,8 @@ def open_source(name, split, data_dir=None):
   # Python form too.
   build = (f'`tfds build {name} --data_dir={root} --file_format={_FORMAT}` or '
            f'in Python `tfds.builder({name!r}, data_dir={root!r}, '
-           f'file_format={_FORMAT!r}).download_and_prepare()`')
+           f'file_format={_FORMAT!r}).download_and_prepare()` (building '
+           "needs TensorFlow: pip install -e '.[tfds]')")
   try:
     # A name without builder code is read from its files in `root`.
     builder = tfds.builder(name, data_dir=root)
