@@ -21,6 +21,7 @@ setuptools.setup(
         # Reads prepared datasets without TensorFlow (array_record); building
         # one needs the `tfds` extra.
         'tensorflow-datasets>=4.9.10',
+        'array-record>=0.8.3',  # Reads array_record files on gs:// too.
         'tensorboard>=2.21.0',  # Only to view the event files.
         'ml-collections>=1.1.0',
         'etils[epath]>=1.15.0',  # Files on local disks and gs:// alike.

@@ -91,3 +91,30 @@ def test_one_pass_covers_the_split_once():
   np.testing.assert_array_equal(np.concatenate([b[1][b[2]] for b in batches]),
                                 y)
   assert datasets.num_examples(cfg, 'train') == len(y) == 1437
+
+
+@pytest.mark.parametrize('processes', [2, 3, 7])
+def test_one_pass_covers_the_split_once_on_any_process_count(processes,
+                                                             monkeypatch):
+  """Reference statistics see every example exactly once whatever the
+  number of processes (1437 is none of their multiples), and every process
+  feeds the same number of batches to the sharded computation."""
+  from multistep_cm.core import images  # pylint: disable=g-import-not-at-top
+  from multistep_cm.datasets import base  # pylint: disable=g-import-not-at-top
+  cfg = digits.get_config()
+  x, y = digits_data.load('train')
+  monkeypatch.setattr(base.jax, 'process_count', lambda: processes)
+  shares = []
+  for p in range(processes):
+    monkeypatch.setattr(base.jax, 'process_index', lambda p=p: p)
+    shares.append(list(datasets.one_pass(cfg, 'train', 70 * processes)))
+  assert len({len(s) for s in shares}) == 1
+  assert {len(b[0]) for s in shares for b in s} == {70}
+  # Example i * processes + p is process p's: interleave the shares back.
+  rows = [np.concatenate([b[0][b[2]] for b in s]) for s in shares]
+  labels = [np.concatenate([b[1][b[2]] for b in s]) for s in shares]
+  order = np.concatenate([np.arange(p, len(y), processes)
+                          for p in range(processes)])
+  np.testing.assert_array_equal(np.concatenate(rows),
+                                images.to_uint8(x)[order])
+  np.testing.assert_array_equal(np.concatenate(labels), y[order])

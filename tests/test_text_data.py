@@ -106,6 +106,12 @@ def test_missing_directory(tmp_path):
   _assert_one_line(e, 'does not exist', str(tmp_path / 'nope'))
 
 
+def test_a_bucket_url_says_to_copy_or_mount():
+  with pytest.raises(text_data.TextDataError) as e:
+    text_data.open_dataset('gs://bucket/captions')
+  _assert_one_line(e, 'memory-mapped', 'gs://bucket/captions')
+
+
 @pytest.mark.parametrize('name,phrase', [
     ('text_emb.npy', 'missing embeddings'), ('text_mask.npy',
                                              'missing embeddings'),

@@ -163,21 +163,33 @@ def prefetched(batches):
 
 def one_pass(dataset, split, global_batch):
   """This process's share of a split, once, in order: batches of
-  (uint8 images, labels, mask) of the local batch size, the last one padded
-  (mask False). Every process yields the same number of batches, as the
-  sharded computations they feed require."""
+  (uint8 images, labels, mask) of the local batch size, padding masked out.
+  Every example is in exactly one process's share (`split_share`), and
+  every process yields the same number of batches, as the sharded
+  computations they feed require: one whose share is a row shorter pads."""
   pidx, pcount = jax.process_index(), jax.process_count()
   local_batch = global_batch // pcount
-  for bx, by in dataset.split_batches(split, pidx, pcount, local_batch):
+  share = -(-dataset.num_examples(split) // pcount)  # The longest share.
+  batches = iter(dataset.split_batches(split, pidx, pcount, local_batch))
+  for _ in range(-(-share // local_batch)):
+    bx, by = next(batches, (None, None))
+    if by is None:  # A shorter share, already over.
+      bx, by = np.zeros((0,) + dataset.shape), np.zeros(0, np.int32)
     pad = local_batch - len(by)
     yield (np.pad(images.to_uint8(bx), ((0, pad),) + ((0, 0),) * 3),
            np.pad(by, (0, pad)), np.arange(local_batch) < len(by))
 
 
+def split_share(n, process_index, process_count):
+  """The examples of a split of `n` that are this process's share for
+  statistics over the whole split: i * process_count + process_index, every
+  example in exactly one share (they differ in length by at most one)."""
+  return np.arange(process_index, n, process_count)
+
+
 def strided_batches(arrays, process_index, process_count, local_batch):
-  """Examples i * process_count + process_index of in-memory arrays, the same
-  count on every process, in batches of `local_batch`."""
-  n = len(arrays[0]) // process_count
-  arrays = [a[process_index::process_count][:n] for a in arrays]
-  for i in range(0, n, local_batch):
-    yield tuple(a[i:i + local_batch] for a in arrays)
+  """This process's share (`split_share`) of in-memory arrays, in batches
+  of `local_batch`."""
+  idx = split_share(len(arrays[0]), process_index, process_count)
+  for i in range(0, len(idx), local_batch):
+    yield tuple(a[idx[i:i + local_batch]] for a in arrays)

@@ -50,7 +50,7 @@ class CaptionedImages(base.Dataset):
   def split_batches(self, split, process_index, process_count, local_batch):
     del split  # One directory: its examples are the split.
     ds = self.open()
-    idx = np.arange(len(ds) // process_count) * process_count + process_index
+    idx = base.split_share(len(ds), process_index, process_count)
     for i in range(0, len(idx), local_batch):
       r = ds.rows(idx[i:i + local_batch])
       yield r['x'], r['label']

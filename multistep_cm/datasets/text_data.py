@@ -216,6 +216,13 @@ class TextDataset:
 
   def __init__(self, directory, *, image_size=None, text_len=None,
                text_dim=None, pooled_dim=None, channels=None):
+    if '://' in str(directory):
+      # Rows are read from memory-mapped .npy files, which a URL cannot be.
+      raise TextDataError(
+          f'{directory}: a text dataset is memory-mapped, so it must be on a '
+          'filesystem, not a URL: copy it to local disk (e.g. `gcloud storage '
+          'cp -r`) or mount the bucket (e.g. Cloud Storage FUSE) and give the '
+          'mounted path.')
     self.directory = d = os.path.abspath(directory)
     if not os.path.isdir(d):
       raise TextDataError(f'No text dataset at {d}: the directory does not '

@@ -5,7 +5,6 @@ Inception."""
 
 import itertools
 
-import numpy as np
 
 from multistep_cm.datasets import base
 from multistep_cm.datasets import tfds_source
@@ -39,11 +38,8 @@ class TfdsImages(base.Dataset):
     return base.prefetched(batches())
 
   def split_batches(self, split, process_index, process_count, local_batch):
-    # Examples i * process_count + process_index: the same count on every
-    # process (it drops fewer examples than there are processes).
     source = self._source(split)
-    idx = np.arange(len(source) // process_count) * process_count + (
-        process_index)
+    idx = base.split_share(len(source), process_index, process_count)
     for i in range(0, len(idx), local_batch):
       yield tfds_source.load_rows(source, idx[i:i + local_batch],
                                   self.cfg.image_size, crop=self.crop)
