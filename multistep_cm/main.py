@@ -3,8 +3,8 @@
 Kept thin: it parses flags and hands the config to one mode, whose logic
 lives in importable modules: `train` (or `pipeline` for a config that lists
 several stages), `evaluation.evaluate`, `evaluation.fid` (reference
-statistics), `evaluation.quick` (samples) and `export` (the sampler as a
-portable program).
+statistics), `evaluation.quick` (samples), `export` (the sampler as a
+portable program) and `describe` (the config, without running it).
 """
 
 import logging as py_logging
@@ -31,15 +31,20 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'samples; a run resumes from the checkpoints it holds.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate',
-                                    'reference', 'export'],
+                                    'reference', 'export', 'describe'],
                   'train: train and evaluate; sample: write samples of the '
                   'newest checkpoint; evaluate: score N samples of it '
                   '(config.evaluate); reference: FID statistics of the '
                   'dataset\'s train split, written to the workdir; export: '
                   'its sampler as a jax.export program with its weights, '
-                  'for multistep_cm/exported.py.')
+                  'for multistep_cm/exported.py; describe: print the '
+                  'config\'s variants, fields, parameter count and train-step '
+                  'memory per device, then exit (needs no --workdir).')
 flags.DEFINE_integer('num_samples', 100, 'Samples to write in sample mode.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+flags.register_multi_flags_validator(
+    ['mode', 'workdir'], lambda f: f['mode'] == 'describe' or f['workdir'],
+    message='--workdir is required (except with --mode=describe).')
 
 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
@@ -173,6 +178,13 @@ def main(argv):
   from multistep_cm.evaluation import quick
   # pylint: enable=g-import-not-at-top
   config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode == 'describe':
+    from multistep_cm import describe  # pylint: disable=g-import-not-at-top
+    try:
+      describe.run(config, config_flags.get_config_filename(FLAGS['config']))
+    except errors.UserError as e:
+      sys.exit(f'error: {e}')
+    return
   try:
     _initialize_distributed()
     _log_start(config)

@@ -40,7 +40,7 @@ def _layer(module):
     return parts[0]
   if parts[0] == 'datasets':
     return 'core'  # The dataset table: what training and evaluation share.
-  if parts[0] in ('pipeline', 'sweep', 'export', 'tools'):
+  if parts[0] in ('pipeline', 'sweep', 'export', 'describe', 'tools'):
     return 'workflows'
   raise AssertionError(f'{module}: not placed in a layer')
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from configs import digits
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,3 +97,20 @@ def test_overrides_reach_every_stage_of_the_pipeline(tmp_path):
     assert config['total_steps'] == 3 and config['optim']['lr'] == 0.002
     assert (tmp_path / stage / 'checkpoints' / '3').is_dir()
   assert '| student (CD, S=8) | 8 |' in proc.stdout
+
+
+def test_describe_needs_no_workdir_and_writes_nothing(tmp_path):
+  proc = _run('--config=configs/digits.py:smoke,cd', '--mode=describe')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  assert 'smoke' in out  # The config file's variants, from its docstring.
+  batch = digits.get_config('smoke,cd').batch_size
+  assert f'\nbatch_size = {batch}\n' in out and "\nstage = 'cd'\n" in out
+  assert f'parameters; batch {batch} over mesh' in out
+  assert 'temporaries (activations, gathered weights):' in out
+  proc = _run('--config=configs/digits.py:smoke', f'--workdir={tmp_path}',
+              '--mode=sample', '--mode=train', '--workdir=')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert '--workdir is required (except with --mode=describe)' in (
+      _last_line(proc))
+  assert not os.listdir(tmp_path)

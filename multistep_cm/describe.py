@@ -1,0 +1,89 @@
+"""--mode=describe: what a config is, without running it.
+
+  python -m multistep_cm.main --config=configs/imagenet64.py:large,cd --mode=describe
+
+prints the config file's variants (its docstring), every resolved field, the
+network's parameter count, and the per-device memory of the train step as
+XLA compiles it for this process's devices and the config's mesh: compiled
+ahead of time from abstract inputs, so nothing is allocated and a pod's
+config can be checked on a laptop with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`.
+"""
+
+import ast
+
+from etils import epath
+import jax
+from ml_collections import config_dict
+
+from multistep_cm import conditioning
+from multistep_cm import models
+from multistep_cm import train
+from multistep_cm.core import stages
+from multistep_cm.core import state as state_lib
+
+GIB = 2 ** 30
+
+
+def variants(config_file):
+  """The docstring of a config file (`path` or `path:argument`): where each
+  experiment states its arguments."""
+  path = config_file.partition(':')[0]
+  try:
+    return ast.get_docstring(ast.parse(epath.Path(path).read_text())) or ''
+  except (OSError, SyntaxError):
+    return ''
+
+
+def fields(config):
+  """'name = value' of every leaf of the config, sorted."""
+  def walk(node, prefix):
+    for key in sorted(node.keys()):
+      value = node[key]
+      if isinstance(value, config_dict.ConfigDict):
+        yield from walk(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key} = {value!r}'
+  return list(walk(config, ''))
+
+
+def train_step_memory(config):
+  """(parameter count, {what: bytes per device}) of the config's train step,
+  compiled for the config's mesh on this process's devices from abstract
+  state and batch."""
+  mesh = state_lib.make_mesh(config)
+  model = state_lib.create_model(config)
+  tx = state_lib.make_optimizer(config.optim)
+  _, abstract, shardings = state_lib.state_layout(config, model, tx, mesh)
+  batch = {'x': jax.ShapeDtypeStruct(
+      (config.batch_size,) + state_lib.data_shape(config), jax.numpy.float32),
+           conditioning.KEY: jax.eval_shape(
+               lambda: state_lib.condition(config).example(config.batch_size))}
+  teacher = (abstract.params if stages.get(config.stage).runs_teacher
+             else None)
+  step_fn = train.make_train_step(config, models.network_fn(model), tx,
+                                  shardings, mesh)
+  memory = step_fn.lower(abstract, batch, teacher).compile().memory_analysis()
+  return models.count_params(abstract.params), {
+      'arguments (state, batch, teacher)': memory.argument_size_in_bytes,
+      'outputs (new state, metrics)': memory.output_size_in_bytes,
+      'donated (outputs written over arguments)': memory.alias_size_in_bytes,
+      'temporaries (activations, gathered weights)':
+          memory.temp_size_in_bytes}
+
+
+def run(config, config_file):
+  """Prints the description; returns it as text."""
+  params, memory = train_step_memory(config)
+  mesh = dict(state_lib.make_mesh(config).shape)
+  lines = [f'# {config_file}', '', variants(config_file) or '(no docstring)',
+           '', '## Resolved fields', '', *fields(config), '',
+           '## Train step', '',
+           f'stage {config.stage}; {params:,} parameters; batch '
+           f'{config.batch_size} over mesh {mesh} of '
+           f'{jax.device_count()} {jax.devices()[0].platform} devices.',
+           'Per device, as XLA compiles it here:']
+  lines += [f'  {what}: {size / GIB:.3f} GiB' for what, size in memory.items()]
+  text = '\n'.join(lines)
+  print(text, flush=True)
+  return text
