@@ -18,7 +18,9 @@
 #   launch/tpu.sh SUBCOMMAND [--dry-run]
 #     create   queue the TPU and wait until it is ACTIVE
 #     install  on every host: clone or update REPO at BRANCH, pip install -e .
-#     run      on every host: train (the exit code is the first non-zero one)
+#     run      on every host: start training, detached from ssh, and wait until
+#              every host's run has ended (the exit code is the first
+#              non-zero one among the hosts')
 #     babysit  create, install and run, again after each preemption, until the
 #              run succeeds or fails for a reason other than a preemption
 #     delete   delete the queued resource and its TPU
@@ -27,8 +29,23 @@
 #   BUCKET=my-bucket NAME=cm-imagenet64 launch/tpu.sh babysit 2>&1 | tee babysit.log
 #
 # Run the babysitter where it can stay up for days (tmux on a workstation, or a
-# small VM): it holds the ssh connections to the hosts, and a host whose
-# connection drops loses its training process.
+# small VM). It holds no connection open while the run trains: `run` starts
+# the program on every host detached from ssh (nohup setsid), then asks the
+# hosts every POLL_S seconds, over a short ssh, how their run stands. Each
+# start is an attempt with its own id (UTC time and a random token), and each
+# host keeps that attempt's files in ~/multistep_cm_run/ATTEMPT/: log (the
+# program's output: tail -f it there), pid, and exit_code once it has ended.
+# A start does nothing on a host that has the attempt's directory already, so
+# neither a dropped connection, nor gcloud retrying a command, nor the start
+# sent again for a host it missed, ever runs a second program on a host; a
+# host that still runs an older attempt refuses (exit code 1) rather than
+# share its chips. The run's exit code is the first non-zero one among the
+# hosts' once all have ended. A host whose run vanished without an exit code,
+# or that does not answer while the queued resource is no longer ACTIVE, or for
+# LOST_S seconds, ends the run with 255, as a dropped ssh connection would:
+# the babysitter then looks at the queued resource, as after any failure. If
+# the babysitter itself stops, the run goes on; to follow it to its end,
+#   ATTEMPT=<id from the babysitter's log> launch/tpu.sh run
 #
 # Settings (environment variables, defaults in brackets):
 #   NAME [multistep-cm]       queued resource and TPU name
@@ -49,6 +66,11 @@
 #   POLL_S [60]               seconds between state checks
 #   SETTLE_S [120]            seconds to wait after a failed run before asking
 #                             whether the TPU is still there (see babysit)
+#   LOST_S [600]              seconds a host may go unanswered (or without the
+#                             run, when the start did not reach it) before its
+#                             run counts as lost
+#   ATTEMPT [a new id]        run: the attempt to start, or to follow when the
+#                             hosts have it already
 #
 # Multi-host start: the hosts of one slice find each other by themselves
 # (jax.distributed detects Cloud TPU), so no coordinator address is passed.
@@ -86,15 +108,21 @@ TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:+gs://$BUCKET/tensorflow_datasets}}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 POLL_S=${POLL_S:-60}
 SETTLE_S=${SETTLE_S:-120}
+LOST_S=${LOST_S:-600}
+ATTEMPT=${ATTEMPT:-}
 DRY_RUN=${DRY_RUN:-0}
 
 # Where the hosts keep the checkout and its virtualenv, relative to the home
 # directory that ssh commands start in.
 REMOTE_DIR=multistep_cm
+RUNS_DIR=multistep_cm_run
 # TPU VM images ship an older Python than this project needs; uv brings its own.
 PYTHON_VERSION=3.11
 # The training program's "preempted after saving, rerun to resume".
 EXIT_PREEMPTED=75
+# What a run reports for a host it lost track of, as ssh does for a host it
+# cannot reach: the babysitter then asks whether the TPU is still there.
+EXIT_LOST=255
 
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
 log() { printf '[tpu.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -237,14 +265,136 @@ install() {
   on_all_hosts "${line%; }"
 }
 
+# The run's files on each host, below the ssh home directory: RUNS_DIR/ATTEMPT/
+# holds log (the program's output), pid (its wrapper shell's) and exit_code,
+# written before the wrapper exits.
+# A run is alive while it has no exit code and its wrapper, found by the
+# attempt's directory in its command line (a pid can be reused), still runs;
+# a directory without a pid is a start under way, unless it is a minute old.
+# shellcheck disable=SC2016  # expanded on the hosts
+ALIVE='alive() { [ -d "$1" ] && [ ! -e "$1/exit_code" ] || return 1; if [ -s "$1/pid" ]; then ps -ww -o args= -p "$(cat "$1/pid")" 2>/dev/null | grep -qF "$1"; else [ -z "$(find "$1" -maxdepth 0 -mmin +1)" ]; fi; }'
+
+new_attempt() { printf '%s-%04x%04x' "$(date -u +%Y%m%dT%H%M%SZ)" "$RANDOM" "$RANDOM"; }
+
+# Starts ATTEMPT on every host, detached from the ssh session, then polls the
+# hosts' status files until every host's run has ended. Exit code: the first
+# non-zero one among the hosts', 0 if none, EXIT_LOST if a host's run cannot
+# be followed (see the header).
+# shellcheck disable=SC2016  # the single-quoted snippets expand on the hosts
 train() {
+  local attempt=$1
   need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
   need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  [[ $attempt =~ ^[A-Za-z0-9_.-]+$ ]] || die "ATTEMPT is '$attempt'; letters, digits and ._- only"
   local extra=()
   read -r -a extra <<< "$EXTRA_ARGS"
-  on_all_hosts "cd $(q "$REMOTE_DIR") && export TFDS_DATA_DIR=$(q "$TFDS_DATA_DIR") && $(
-    quote_all .venv/bin/python -m multistep_cm.main --config="$CONFIG" \
-              --workdir="$WORKDIR" "${extra[@]}")"
+  local program
+  program=$(quote_all "$REMOTE_DIR" .venv/bin/python -m multistep_cm.main \
+                      --config="$CONFIG" --workdir="$WORKDIR" "${extra[@]}")
+  # mkdir is the lock that makes a start idempotent: a retried or repeated
+  # start finds the directory and does nothing. A host still running another
+  # attempt refuses, rather than have two programs fight over its chips.
+  # The wrapper shell traps SIGTERM so that it outlives the program (a
+  # preempted VM signals every process) and can record its exit code; the
+  # rename makes that file appear whole. Only setsid's new session and the
+  # redirections let ssh return, and the run outlive it.
+  local steps=(
+    "r=\$HOME/$RUNS_DIR; d=\$r/$attempt; h=\$(hostname)"
+    "$ALIVE"
+    'mkdir -p "$r"'
+    'busy=; for o in "$r"/*/; do o=${o%/}; [ "$o" = "$d" ] || ! alive "$o" || busy="$busy ${o##*/}"; done'
+    'if [ -n "$busy" ] && mkdir "$d" 2>/dev/null'
+    "then echo \"$attempt not started on \$h, which still runs:\$busy\" | tee \"\$d/log\""
+    'echo 1 > "$d/exit_code"'
+    'elif mkdir "$d" 2>/dev/null'
+    "then TFDS_DATA_DIR=$(q "$TFDS_DATA_DIR") nohup setsid sh -c $(q 'trap : TERM INT; echo $$ > "$0/pid"; cd "$1" && shift && "$@"; echo $? > "$0/exit_code.tmp"; mv "$0/exit_code.tmp" "$0/exit_code"') \"\$d\" $program < /dev/null > \"\$d/log\" 2>&1 & i=0"
+    'while [ ! -s "$d/pid" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done'
+    "echo \"$attempt started on \$h\""
+    "else echo \"$attempt already started on \$h\""
+    'fi'
+  )
+  local start poll
+  printf -v start '%s; ' "${steps[@]}"
+  start=${start%; }
+  # Alive is asked first: a run that ends in between has its exit code by then.
+  steps=(
+    "d=\$HOME/$RUNS_DIR/$attempt"
+    "$ALIVE"
+    'if alive "$d"; then s=running; elif [ -e "$d/exit_code" ]; then s="exit $(cat "$d/exit_code")"; elif [ -d "$d" ]; then s=lost; else s=none; fi'
+    "echo \"$attempt \$(hostname) \$s\""
+  )
+  printf -v poll '%s; ' "${steps[@]}"
+  poll=${poll%; }
+
+  log "attempt $attempt; its output is in ~/$RUNS_DIR/$attempt/log on each host"
+  on_all_hosts "$start" ||
+    log "the start ended with exit code $?; the hosts' status files tell whether it ran"
+  if dry; then
+    x gcloud compute tpus tpu-vm ssh "$NAME" "${scope[@]}" --worker=all --command="$poll"
+    log "dry run: the hosts would be asked every ${POLL_S}s until every run has ended"
+    return 0
+  fi
+
+  local started=$SECONDS seen=$SECONDS err out rc state last='' summary
+  local running none finished codes first line
+  err=$(mktemp)
+  while true; do
+    sleep "$POLL_S"
+    rc=0
+    out=$(gcloud compute tpus tpu-vm ssh "$NAME" "${scope[@]}" --worker=all \
+            --command="$poll" 2>"$err") || rc=$?
+    if (( rc != 0 )); then
+      # A host that cannot be reached: its TPU may be gone, which the queued
+      # resource says sooner than a timeout would.
+      state=$(qr_state)
+      if [[ $state != ACTIVE && $state != UNKNOWN ]]; then
+        log "cannot reach every host (ssh exit code $rc), and $NAME is $state"
+        rm -f "$err"
+        return "$EXIT_LOST"
+      fi
+      if (( SECONDS - seen >= LOST_S )); then
+        log "no answer from every host for ${LOST_S}s: $(tail -n 1 "$err")"
+        rm -f "$err"
+        return "$EXIT_LOST"
+      fi
+      continue
+    fi
+    seen=$SECONDS
+    running=0 none=0 finished=0 codes=()
+    while IFS= read -r line; do
+      line=${line%$'\r'}  # when ssh was given a terminal
+      [[ $line =~ $attempt\ [^\ ]+\ (running|none|lost|exit\ ([0-9]+))$ ]] || continue
+      case ${BASH_REMATCH[1]} in
+        running) running=$((running + 1)) ;;
+        none) none=$((none + 1)) ;;
+        lost) finished=$((finished + 1)); codes+=("$EXIT_LOST") ;;
+        *) finished=$((finished + 1)); codes+=("${BASH_REMATCH[2]}") ;;
+      esac
+    done <<< "$out"
+    summary="$running running, $finished ended, $none not started"
+    if [[ $summary != "$last" ]]; then log "attempt $attempt: $summary"; fi
+    last=$summary
+    # A host the start did not reach gets it again, which the hosts that have
+    # it ignore; but not once a run has ended, when it would wait alone.
+    if (( none && !finished && SECONDS - started < LOST_S )); then
+      on_all_hosts "$start" || true
+      continue
+    fi
+    if (( running )); then continue; fi
+    if (( running + finished + none == 0 )); then
+      log "no host answered with the status of $attempt: $(tail -n 1 "$err")"
+      rm -f "$err"
+      return "$EXIT_LOST"
+    fi
+    rm -f "$err"
+    for (( ; none > 0; none-- )); do codes+=("$EXIT_LOST"); done
+    first=0
+    for rc in "${codes[@]}"; do
+      if (( rc != 0 )); then first=$rc; break; fi
+    done
+    log "attempt $attempt ended; exit codes ${codes[*]}"
+    return "$first"
+  done
 }
 
 # The run resumes by itself from the newest checkpoint in WORKDIR, so after a
@@ -274,7 +424,7 @@ babysit() {
 
     rc=0
     if (( !installed )); then install || rc=$?; fi
-    if (( rc == 0 )); then installed=1; train || rc=$?; fi
+    if (( rc == 0 )); then installed=1; train "$(new_attempt)" || rc=$?; fi
 
     if dry; then
       log "dry run: one round shown. A real run would stop on exit code 0,"
@@ -286,8 +436,8 @@ babysit() {
       0) log "the run finished"; return 0 ;;
       "$EXIT_PREEMPTED") log "the run was preempted after saving; resuming" ;;
       *)
-        # A preempted host's connection drops (exit code 255, or whatever the
-        # host's processes die with) before the queued resource says so.
+        # A preempted host stops answering (EXIT_LOST), or its program dies
+        # with some code, before the queued resource says so.
         log "exit code $rc; checking in ${SETTLE_S}s whether $NAME is still there"
         sleep "$SETTLE_S"
         state=$(qr_state)
@@ -315,7 +465,7 @@ main() {
   case $sub in
     create) create ;;
     install) install ;;
-    run) train ;;
+    run) train "${ATTEMPT:-$(new_attempt)}" ;;
     babysit) babysit ;;
     delete) delete ;;
     '') usage >&2; return 2 ;;

@@ -6,8 +6,10 @@ codes."""
 import os
 import pathlib
 import shutil
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -19,12 +21,23 @@ SLURM = ROOT / 'launch' / 'slurm.sbatch'
 SETTINGS = ('NAME', 'PROJECT', 'ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION',
             'PROVISIONING', 'CREATE_ARGS', 'REPO', 'BRANCH', 'CONFIG', 'BUCKET',
             'WORKDIR', 'TFDS_DATA_DIR', 'EXTRA_ARGS', 'POLL_S', 'SETTLE_S',
-            'DRY_RUN', 'FAKE_EXIT_CODE', 'PYTHON', 'JAX_LOCAL_DEVICE_IDS')
+            'LOST_S', 'ATTEMPT', 'DRY_RUN', 'FAKE_EXIT_CODE', 'PYTHON',
+            'JAX_LOCAL_DEVICE_IDS', 'CONTAINER_IMAGE', 'CONTAINER_MOUNTS',
+            'SRUN_CPUS_PER_TASK')
 
 # Stand-in gcloud: logs each call; `describe` answers with the next line of
-# `states` (ABSENT: gcloud's not-found error), the training command exits with
-# the next line of `run_codes`; anything else succeeds.
-FAKE_GCLOUD = r'''#!/bin/bash
+# `states` (ABSENT: gcloud's not-found error); anything else succeeds.
+# `tpu-vm ssh` runs the command on stand-in hosts, one bash per host, each with
+# its own home directory (host0, host1): the start and the polls run for real,
+# and the stand-in program (FAKE_PYTHON) runs detached there. The first start
+# of an attempt takes the next line of `run_codes`: the exit codes of the
+# hosts' programs (one for all, or one per host), then maybe an event:
+#   drop  the start runs, then ssh reports a dropped connection (255);
+#   miss  the connection drops before host1 got the start;
+#   retry gcloud sends the start twice to every host, at once;
+#   gone  the start runs, then no host answers (255) until a TPU is created.
+# `create` gives new hosts: empty run directories, every host answering.
+FAKE_GCLOUD = r"""#!/bin/bash
 echo "$*" >> "$FAKE_DIR/calls"
 next() {
   local line
@@ -32,6 +45,15 @@ next() {
   [[ -n $line ]] || { echo "fake gcloud: $1 exhausted" >&2; exit 99; }
   sed -i 1d "$FAKE_DIR/$1"
   echo "$line"
+}
+on_hosts() {
+  local i rc=0 hosts=("$@")
+  for i in "${hosts[@]}"; do
+    # ssh starts in the home directory.
+    (cd "$FAKE_DIR/host$i" && HOME=$PWD FAKE_HOST=$i bash -c "$cmd") ||
+      { (( rc )) || rc=$?; }
+  done
+  return "$rc"
 }
 case "$*" in
   *'queued-resources describe'*)
@@ -41,16 +63,48 @@ case "$*" in
       exit 1
     fi
     echo "$state" ;;
-  *multistep_cm.main*)
-    code=$(next run_codes) || exit 99
-    exit "$code" ;;
+  *'queued-resources create'*)
+    rm -rf "$FAKE_DIR"/host*/multistep_cm_run "$FAKE_DIR/unreachable" ;;
+  *'tpu-vm ssh'*)
+    for arg; do [[ $arg == --command=* ]] && cmd=${arg#--command=}; done
+    [[ $cmd == *'git clone'* ]] && exit 0  # install: nothing to install here
+    [[ -e $FAKE_DIR/unreachable ]] && exit 255
+    [[ $cmd == *multistep_cm.main* ]] || { on_hosts 0 1; exit; }
+    attempt=$(sed -n 's/.*d=\$r\/\([^;]*\);.*/\1/p' <<< "$cmd")
+    event=
+    if [[ ! -e $FAKE_DIR/codes.$attempt ]]; then
+      line=$(next run_codes) || exit 99
+    read -r -a words <<< "$line"
+      if [[ ${words[-1]} == [a-z]* ]]; then event=${words[-1]}; unset 'words[-1]'; fi
+      echo "${words[*]}" > "$FAKE_DIR/codes.$attempt"
+    fi
+    export FAKE_CODES=$FAKE_DIR/codes.$attempt
+    case $event in
+      drop) on_hosts 0 1; exit 255 ;;
+      miss) on_hosts 0; exit 255 ;;
+      retry) on_hosts 0 1 & on_hosts 0 1; wait; exit ;;
+      gone) on_hosts 0 1; touch "$FAKE_DIR/unreachable"; exit 255 ;;
+      *) on_hosts 0 1 ;;
+    esac ;;
 esac
-'''
+"""
+
+# Stand-in training program on each stand-in host: logs that it ran, runs for
+# FAKE_RUN_S seconds, and exits with its host's code, or with 75 on SIGTERM.
+FAKE_PYTHON = r"""#!/bin/bash
+trap 'exit 75' TERM
+echo "host$FAKE_HOST $$ $*" >> "$FAKE_DIR/trainings"
+sleep "${FAKE_RUN_S:-0.3}" & wait $!
+read -r -a codes < "$FAKE_CODES"
+exit "${codes[FAKE_HOST]:-${codes[-1]}}"
+"""
 
 # Stand-in srun and scontrol: log their calls (srun, with the variable that
-# picks each process's GPUs); they exit with $SRUN_EXIT and $SCONTROL_EXIT.
+# picks each process's GPUs, and in `srun_cpus` the CPUs per task it would
+# give); they exit with $SRUN_EXIT and $SCONTROL_EXIT.
 FAKE_SRUN = r'''#!/bin/bash
 echo "srun $* JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-}" >> "$FAKE_DIR/calls"
+echo "${SRUN_CPUS_PER_TASK:-}" > "$FAKE_DIR/srun_cpus"
 exit "${SRUN_EXIT:-0}"
 '''
 FAKE_SCONTROL = r'''#!/bin/bash
@@ -73,8 +127,12 @@ def fake(tmp_path):
   _write_exe(bin_dir / 'gcloud', FAKE_GCLOUD)
   _write_exe(bin_dir / 'srun', FAKE_SRUN)
   _write_exe(bin_dir / 'scontrol', FAKE_SCONTROL)
-  for name in ('calls', 'states', 'run_codes'):
+  for name in ('calls', 'states', 'run_codes', 'trainings'):
     (tmp_path / name).write_text('')
+  for host in ('host0', 'host1'):
+    venv = tmp_path / host / 'multistep_cm' / '.venv' / 'bin'
+    venv.mkdir(parents=True)
+    _write_exe(venv / 'python', FAKE_PYTHON)
 
   class Fake:
 
@@ -83,6 +141,21 @@ def fake(tmp_path):
 
     def calls(self):
       return (tmp_path / 'calls').read_text().splitlines()
+
+    def trainings(self):
+      """The hosts, in the order their training programs started."""
+      return [l.split()[0] for l in
+              (tmp_path / 'trainings').read_text().splitlines()]
+
+    def host(self, i):
+      return tmp_path / f'host{i}'
+
+    def srun_cpus(self):
+      return (tmp_path / 'srun_cpus').read_text().strip()
+
+    @property
+    def dir(self):
+      return tmp_path
 
     def run(self, script, *args, **env):
       full = {k: v for k, v in os.environ.items()
@@ -165,14 +238,18 @@ def test_tpu_dry_run_install(fake):
 
 def test_tpu_dry_run_run(fake):
   result = fake.run(TPU, 'run', DRY_RUN='1', CONFIG='configs/imagenet128.py',
-                    EXTRA_ARGS='--config.train.steps=10 --mode=train', **GS)
+                    EXTRA_ARGS='--config.train.steps=10 --mode=train',
+                    ATTEMPT='a1', **GS)
   assert result.returncode == 0, result.stderr
-  (line,) = result.stdout.splitlines()
-  assert '--worker=all' in line
-  assert 'export TFDS_DATA_DIR=gs://bucket/tfds &&' in line
+  start, poll = result.stdout.splitlines()
+  assert '--worker=all' in start and '--worker=all' in poll
+  assert 'TFDS_DATA_DIR=gs://bucket/tfds nohup setsid sh -c' in start
   assert ('python -m multistep_cm.main --config=configs/imagenet128.py '
           '--workdir=gs://bucket/runs/cm64 --config.train.steps=10 '
-          '--mode=train') in line
+          '--mode=train < /dev/null > "$d/log" 2>&1 &') in start
+  assert 'd=$r/a1;' in start
+  assert 'd=$HOME/multistep_cm_run/a1;' in poll
+  assert 'multistep_cm.main' not in poll
   assert fake.calls() == []
 
 
@@ -186,10 +263,10 @@ def test_tpu_bucket_sets_the_gs_paths(fake):
 def test_tpu_dry_run_babysit_shows_one_round(fake):
   result = fake.run(TPU, 'babysit', '--dry-run', **GS)
   assert result.returncode == 0, result.stderr
-  steps = [l.split()[5] if 'tpu-vm' not in l else
-           ('install' if 'git clone' in l else 'run')
+  steps = [l.split()[5] if 'tpu-vm' not in l else _ssh_verb(l)
            for l in result.stdout.splitlines()]
-  assert steps == ['describe', 'create', 'describe', 'install', 'run']
+  assert steps == ['describe', 'create', 'describe', 'install', 'start',
+                   'poll']
   assert 'one round shown' in result.stderr
   assert fake.calls() == []
 
@@ -212,14 +289,23 @@ def test_tpu_unknown_subcommand_and_missing_settings(fake):
   assert fake.calls() == []
 
 
+def _ssh_verb(call):
+  if 'git clone' in call:
+    return 'install'
+  return 'start' if 'multistep_cm.main' in call else 'poll'
+
+
 def _verbs(calls):
-  """gcloud calls as create / describe / delete / install / run."""
+  """gcloud calls as create / describe / delete / install / start / poll,
+  a series of polls as one."""
   out = []
   for call in calls:
     if 'tpu-vm ssh' in call:
-      out.append('run' if 'multistep_cm.main' in call else 'install')
+      verb = _ssh_verb(call)
     else:
-      out.append(call.split()[3])  # compute tpus queued-resources VERB
+      verb = call.split()[3]  # compute tpus queued-resources VERB
+    if not (verb == 'poll' and out and out[-1] == 'poll'):
+      out.append(verb)
   return out
 
 
@@ -243,18 +329,19 @@ def test_tpu_babysit_outlives_preemptions(fake, gone):
       'states',
       'ABSENT',  # Round 1: no TPU yet, so create it,
       'ACTIVE',  # wait for it, install, run: preempted after saving (75).
-      'ACTIVE',  # Round 2: the same TPU, run again: its ssh drops (255),
-      gone,      # and the TPU is gone.
+      'ACTIVE',  # Round 2: the same TPU, run again: the hosts stop answering
+      gone,      # and the TPU is gone;
+      gone,      # still gone after SETTLE_S.
       gone,      # Round 3: (delete,) create,
       'ACTIVE')  # install on the new hosts, run: done (0).
-  fake.script('run_codes', 75, 255, 0)
+  fake.script('run_codes', 75, '0 gone', 0)
   result = fake.run(TPU, 'babysit', **GS)
   assert result.returncode == 0, result.stderr
   assert _verbs(fake.calls()) == [
-      'describe', 'create', 'describe', 'install', 'run',
-      'describe', 'run', 'describe',
+      'describe', 'create', 'describe', 'install', 'start', 'poll',
+      'describe', 'start', 'poll', 'describe', 'describe',
       'describe', *(['delete'] if gone != 'ABSENT' else []), 'create',
-      'describe', 'install', 'run']
+      'describe', 'install', 'start', 'poll']
   assert 'preempted after saving' in result.stderr
   assert 'the run finished' in result.stderr
 
@@ -264,7 +351,8 @@ def test_tpu_babysit_stops_on_a_real_failure(fake):
   fake.script('run_codes', 3)
   result = fake.run(TPU, 'babysit', **GS)
   assert result.returncode == 3
-  assert _verbs(fake.calls()) == ['describe', 'install', 'run', 'describe']
+  assert _verbs(fake.calls()) == ['describe', 'install', 'start', 'poll',
+                                  'describe']
   errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert errors == ['error: the run failed with exit code 3 on an ACTIVE '
                     'TPU; not restarting']
@@ -276,12 +364,136 @@ def test_tpu_babysit_waits_out_a_deletion(fake):
   result = fake.run(TPU, 'babysit', **GS)
   assert result.returncode == 0, result.stderr
   assert _verbs(fake.calls()) == ['describe', 'describe', 'create', 'describe',
-                                  'install', 'run']
+                                  'install', 'start', 'poll']
 
-def test_tpu_run_passes_the_exit_code_on(fake):
-  fake.script('run_codes', 75)
+
+@pytest.mark.parametrize('codes, exit_code', [('0', 0), ('75', 75),
+                                              ('0 3', 3), ('75 1', 75)])
+def test_tpu_run_reports_the_first_nonzero_exit_code(fake, codes, exit_code):
+  fake.script('run_codes', codes)
   result = fake.run(TPU, 'run', **GS)
-  assert result.returncode == 75
+  assert result.returncode == exit_code, result.stderr
+  assert _verbs(fake.calls()) == ['start', 'poll']
+  assert fake.trainings() == ['host0', 'host1']
+  # The program ran detached, into a log and an exit code on its host.
+  (run_dir,) = (fake.host(1) / 'multistep_cm_run').iterdir()
+  assert (run_dir / 'exit_code').read_text().split() == [codes.split()[-1]]
+  assert (run_dir / 'log').exists()
+
+
+def test_tpu_run_outlives_a_dropped_connection(fake):
+  # The ssh that started the run drops (255) while the programs go on.
+  fake.script('run_codes', '0 drop')
+  result = fake.run(TPU, 'run', **GS)
+  assert result.returncode == 0, result.stderr
+  assert 'the start ended with exit code 255' in result.stderr
+  assert _verbs(fake.calls()) == ['start', 'poll']  # Not started again.
+  assert fake.trainings() == ['host0', 'host1']
+
+
+def test_tpu_run_starts_where_the_start_did_not_reach(fake):
+  # host1 never got the start: it is sent again, which host0 ignores.
+  fake.script('run_codes', '0 miss')
+  result = fake.run(TPU, 'run', LOST_S='30', **GS)
+  assert result.returncode == 0, result.stderr
+  assert _verbs(fake.calls()) == ['start', 'poll', 'start', 'poll']
+  assert fake.trainings() == ['host0', 'host1']
+  assert 'already started' in result.stdout
+
+
+def test_tpu_run_a_retried_start_starts_once(fake):
+  # gcloud sends the start twice to every host, at the same time.
+  fake.script('run_codes', '0 retry')
+  result = fake.run(TPU, 'run', **GS)
+  assert result.returncode == 0, result.stderr
+  assert sorted(fake.trainings()) == ['host0', 'host1']
+  assert result.stdout.count('already started') == 2
+
+
+def test_tpu_run_same_attempt_again_does_not_rerun(fake):
+  fake.script('run_codes', '3')
+  assert fake.run(TPU, 'run', ATTEMPT='a1', **GS).returncode == 3
+  # Following the same attempt again reports how it ended.
+  result = fake.run(TPU, 'run', ATTEMPT='a1', **GS)
+  assert result.returncode == 3
+  assert fake.trainings() == ['host0', 'host1']
+
+
+def test_tpu_run_refuses_to_start_beside_a_running_attempt(fake):
+  old = fake.host(0) / 'multistep_cm_run' / 'old'
+  old.mkdir(parents=True)
+  # Stands in for the wrapper of an older attempt, still running.
+  proc = subprocess.Popen(['sh', '-c', 'sleep 30; :', str(old)])
+  try:
+    (old / 'pid').write_text(f'{proc.pid}\n')
+    fake.script('run_codes', '0')
+    result = fake.run(TPU, 'run', **GS)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert result.returncode == 1, result.stderr
+  assert 'which still runs: old' in result.stdout
+  assert fake.trainings() == ['host1']
+
+
+def test_tpu_run_records_the_exit_code_of_a_sigterm(fake):
+  # A preempted VM sends SIGTERM to every process: the wrapper must outlive
+  # the program to record its 75.
+  fake.script('run_codes', '0')
+  env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+  env.update(PATH=f'{fake.dir / "bin"}:{os.environ["PATH"]}',
+             FAKE_DIR=str(fake.dir), POLL_S='0', FAKE_RUN_S='20',
+             ATTEMPT='a1', **GS)
+  run = subprocess.Popen(['bash', str(TPU), 'run'], env=env, cwd=fake.dir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+  try:
+    pids = [fake.host(i) / 'multistep_cm_run' / 'a1' / 'pid' for i in (0, 1)]
+    deadline = time.monotonic() + 10
+    # Both programs have started, and set their handlers.
+    while len(fake.trainings()) < 2:
+      assert time.monotonic() < deadline and run.poll() is None
+      time.sleep(0.05)
+    for pid in pids:
+      # The wrapper leads its own session, as setsid made it.
+      os.killpg(int(pid.read_text()), signal.SIGTERM)
+    _, stderr = run.communicate(timeout=20)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  assert run.returncode == 75, stderr
+  assert 'exit codes 75 75' in stderr
+
+
+def test_tpu_run_a_vanished_program_counts_as_lost(fake):
+  fake.script('run_codes', '0')
+  # A run directory without an exit code, whose wrapper is gone.
+  gone = fake.host(0) / 'multistep_cm_run' / 'a1'
+  gone.mkdir(parents=True)
+  (gone / 'pid').write_text('999999\n')
+  result = fake.run(TPU, 'run', ATTEMPT='a1', **GS)
+  assert result.returncode == 255
+  assert fake.trainings() == ['host1']
+
+
+def test_tpu_run_unreachable_hosts_on_an_active_tpu(fake):
+  fake.script('run_codes', '0 gone')
+  fake.script('states', 'ACTIVE')
+  result = fake.run(TPU, 'run', LOST_S='0', **GS)
+  assert result.returncode == 255
+  assert 'no answer from every host' in result.stderr
+
+
+def test_tpu_babysit_a_preempted_run_resumes(fake):
+  # Preempted after saving (75) on one host, the others stopped with it.
+  fake.script('states', 'ACTIVE', 'ACTIVE')
+  fake.script('run_codes', '75', '0')
+  result = fake.run(TPU, 'babysit', **GS)
+  assert result.returncode == 0, result.stderr
+  assert _verbs(fake.calls()) == ['describe', 'install', 'start', 'poll',
+                                  'describe', 'start', 'poll']
+  assert 'preempted after saving' in result.stderr
+  assert fake.trainings() == ['host0', 'host1'] * 2
 
 
 # ------------------------------------------------------------ slurm.sbatch
@@ -354,3 +566,58 @@ def test_slurm_outside_a_job(fake):
   assert result.returncode == 1 and 'set WORKDIR' in result.stderr
   assert fake.calls() == []
 
+
+
+@pytest.mark.parametrize('sbatch_cpus, srun_cpus, expected', [
+    ('8', None, '8'),   # sbatch's --cpus-per-task reaches srun,
+    (None, None, ''),   # nothing when sbatch was not given one,
+    ('8', '4', '4'),    # and a caller's own choice wins.
+])
+def test_slurm_srun_gets_the_cpus_per_task(fake, sbatch_cpus, srun_cpus,
+                                           expected):
+  env = dict(WORKDIR='/shared/run', SLURM_JOB_ID='1')
+  if sbatch_cpus:
+    env['SLURM_CPUS_PER_TASK'] = sbatch_cpus
+  if srun_cpus:
+    env['SRUN_CPUS_PER_TASK'] = srun_cpus
+  result = fake.run(SLURM, **env)
+  assert result.returncode == 0, result.stderr
+  assert fake.srun_cpus() == expected
+
+
+def test_slurm_in_a_container(fake):
+  workdir = fake.dir / 'runs' / 'cm64'
+  result = fake.run(SLURM, WORKDIR=str(workdir), SLURM_JOB_ID='1',
+                    SLURM_SUBMIT_DIR=str(ROOT), TFDS_DATA_DIR='/shared/tfds',
+                    CONTAINER_IMAGE='nvcr.io#nvidia/jax:25.04-py3',
+                    CONTAINER_MOUNTS='/shared/venv:/shared/venv')
+  assert result.returncode == 0, result.stderr
+  (call,) = fake.calls()
+  args = call.split()
+  assert args[1:4] == [
+      '--container-image=nvcr.io#nvidia/jax:25.04-py3',
+      f'--container-mounts={ROOT}:{ROOT},{workdir}:{workdir},'
+      '/shared/tfds:/shared/tfds,/shared/venv:/shared/venv',
+      f'--container-workdir={ROOT}']
+  assert args[4:7] == ['python', '-m', 'multistep_cm.main']
+  assert workdir.is_dir()  # A missing mount source stops the container.
+
+
+def test_slurm_container_skips_remote_data_and_dry_runs(fake):
+  result = fake.run(SLURM, DRY_RUN='1', WORKDIR='run',
+                    TFDS_DATA_DIR='gs://bucket/tfds', CONTAINER_IMAGE='jax.sqsh')
+  assert result.returncode == 0, result.stderr
+  mkdir, srun = result.stdout.splitlines()
+  assert mkdir == '+ mkdir -p run'
+  cwd = fake.dir
+  assert (f'--container-mounts={cwd}:{cwd},{cwd}/run:{cwd}/run '
+          f'--container-workdir={cwd} python') in srun
+  assert 'gs://' not in srun
+  assert fake.calls() == []
+  assert not (cwd / 'run').exists()
+
+
+def test_slurm_no_container_flags_without_an_image(fake):
+  result = fake.run(SLURM, WORKDIR='/shared/run', SLURM_JOB_ID='1')
+  assert result.returncode == 0, result.stderr
+  assert '--container' not in fake.calls()[0]
