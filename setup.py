@@ -12,7 +12,8 @@ setuptools.setup(
     package_data={'multistep_cm.evaluation': ['assets/*.npz']},
     license='Apache-2.0',
     python_requires='>=3.11',
-    # Lower bounds are the versions this was tested with.
+    # Lower bounds are the versions this was tested with (constraints.txt
+    # holds the whole tested set); older ones are untested.
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
