@@ -214,7 +214,7 @@ create() {
   # Runs in the image's working directory, where configs/ is, through xpk's
   # bash wrapper; exec makes python the process that the wrapper signals.
   local program
-  program="$(quote_all python -m multistep_cm.main --config="$CONFIG" \
+  program="exec $(quote_all python -m multistep_cm.main --config="$CONFIG" \
                               --workdir="$WORKDIR" "${extra[@]}")"
   local more=()
   read -r -a more <<< "$CREATE_ARGS"
