@@ -37,6 +37,9 @@ setuptools.setup(
         # nothing imports it at run time, and it publishes no Linux aarch64
         # wheel for its CPU build.
         'tfds': ['tensorflow-cpu>=2.21.0'],
+        # jax's detection of a Kubernetes job (GKE without TPUs, JobSet),
+        # which asks the cluster's API for the process count and id.
+        'k8s': ['jax[k8s]>=0.10.2'],
         # Only for converting published weights (the FID Inception, CLIP,
         # ADM, DINOv2), once.
         'convert': ['torch>=2.13.0', 'safetensors>=0.8.0'],
