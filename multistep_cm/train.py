@@ -193,9 +193,21 @@ def train_and_evaluate(config, workdir):
                      config.total_steps, 100 * step / config.total_steps, rate,
                      progress_lib.format_eta(eta))
       if save:
-        ckpt.save(step, state, force=True)
+        try:
+          ckpt.save(step, state, force=True)
+          if preempted:
+            ckpt.wait()
+        except errors.StorageError as e:
+          if not preempted:
+            raise
+          # Exit 1, not Preempted's 75: 75 tells the launchers that the step
+          # is saved and the same command resumes, but storage that fails
+          # needs a person first (a requeued run would train to its next
+          # save and fail there again).
+          raise errors.StorageError(
+              f'{e} A preemption notice stopped the run at step {step}, '
+              'which is not saved.') from e.__cause__
       if preempted:
-        ckpt.wait()
         ckpt.close()
         writer.close()
         raise preemption.Preempted(step)

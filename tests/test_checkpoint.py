@@ -1,11 +1,16 @@
 """A damaged newest checkpoint: resuming falls back to the newest intact step,
-with one warning, moving the damaged one aside and losing nothing."""
+with one warning, moving the damaged one aside and losing nothing. A save
+that cannot be written stops with one line naming the newest good step,
+which is kept."""
 
+import errno
 import logging
 import os
 
+from etils import epath
 import jax
 import numpy as np
+import orbax.checkpoint
 import pytest
 
 from multistep_cm.core import checkpoint
@@ -244,3 +249,84 @@ def test_small_replicated_arrays_save_without_compiling(tmp_path,
   ckpt.close()
   _assert_equal(checkpoint.Checkpointer(tmp_path, 1, 2).restore(
       _abstract(jax.device_get(large))), jax.device_get(large))
+
+
+def no_space_left(monkeypatch, prefix):
+  """From now on orbax's own file writes (its metadata and commit files,
+  written by Python) fail as on a full disk under `prefix`, a path or the
+  start of one: a step's temporary directory, say. Tensorstore writes the
+  arrays from C++; one failed write fails the save all the same."""
+  path_type = type(epath.Path(str(prefix)))
+  for name in ('write_text', 'write_bytes'):
+    real = getattr(path_type, name)
+
+    def write(self, *args, real=real, **kwargs):
+      if str(self).startswith(str(prefix)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return real(self, *args, **kwargs)
+    monkeypatch.setattr(path_type, name, write)
+
+
+@pytest.mark.parametrize('surfaces_at', ['next save', 'wait', 'close'])
+def test_a_failed_save_is_one_line_and_keeps_the_good_steps(
+    tmp_path, monkeypatch, caplog, surfaces_at):
+  """Step 30's save fails in orbax's background threads; whichever call
+  comes next reports it in one line naming step 30, the cause and step 20,
+  the newest good one, which a rerun resumes from. Orbax's own reports of
+  the failure (tracebacks from each of its threads) are dropped."""
+  _save(tmp_path, steps=(10, 20))
+  before = sorted(_files(tmp_path))
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+    no_space_left(m, tmp_path / '30')
+    assert ckpt.save(30, _state(30))  # It fails in the background.
+    with pytest.raises(errors.StorageError) as e:
+      if surfaces_at == 'next save':
+        ckpt.save(40, _state(40))
+      elif surfaces_at == 'wait':
+        ckpt.wait()
+      else:
+        ckpt.close()
+    ckpt.close()  # The error closed it: nothing is raised twice.
+  assert str(e.value) == (
+      f'Cannot save step 30 to {tmp_path}: No space left on device; the '
+      'newest good checkpoint is step 20, and a rerun resumes from it.')
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+  assert sorted(_files(tmp_path)) == before + sorted(
+      _files(tmp_path / '30.orbax-checkpoint-tmp'))
+
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  state, step = ckpt.restore_latest_intact(ABSTRACT)
+  assert step == 20
+  _assert_equal(state, _state(20))
+  assert ckpt.save(30, _state(30))  # With space again; the partial one goes.
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ['10', '20', '30']
+
+
+def test_only_storage_failures_of_orbax_threads_are_dropped(tmp_path, caplog):
+  """The records dropped are orbax's and asyncio's reports of a write that
+  failed; the same records of any other error, and a storage error logged
+  by anything else, pass."""
+  checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3).close()
+  full = ValueError('RESOURCE_EXHAUSTED: Failed writing: "x/d/1": Failed to '
+                    "write 10745 bytes to file 9: No space left on device "
+                    "[os_error_code='28']")
+  bug = ValueError('Unsupported type: <class object>')
+  orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__),
+                            '_src', 'futures', 'future.py')
+  cases = [('absl', orbax_file, full, False),
+           ('absl', orbax_file, OSError(errno.EACCES, 'Permission denied'),
+            False),
+           ('asyncio', '/usr/lib/python3/asyncio/base_events.py', full,
+            False),
+           ('absl', orbax_file, bug, True),
+           ('asyncio', '/usr/lib/python3/asyncio/base_events.py', bug, True),
+           ('absl', __file__, full, True)]
+  with caplog.at_level(logging.ERROR):
+    for i, (name, path, exc, _) in enumerate(cases):
+      logger = logging.getLogger(name)
+      logger.handle(logger.makeRecord(name, logging.ERROR, path, 1, str(i),
+                                      (), (type(exc), exc, None)))
+  assert [r.getMessage() for r in caplog.records] == [
+      str(i) for i, case in enumerate(cases) if case[-1]]

@@ -8,11 +8,20 @@ topology restores on another.
 A step that cannot be restored (truncated, partly deleted, empty) is skipped
 with one warning line, so a run resumes from its newest intact step; a run
 moves such a step into `damaged/` beside the steps, never deleting it.
+
+A save that cannot be written (a full disk, no permission, storage gone)
+fails in orbax's background threads and surfaces at the next save, wait or
+close, which raise errors.StorageError in one line: the step, the directory,
+the cause and the newest good step, which is intact and which a rerun resumes
+from. The background threads' own reports of that failure (a traceback for
+each array, thread and never-retrieved future) are dropped.
 """
 
 import contextlib
 import functools
+import logging as py_logging
 import os
+import re
 import sys
 import time
 
@@ -35,6 +44,12 @@ _COMMITTED = 'commit_success.txt'
 # hundreds of them, seconds at each start on a many-device host, and writes
 # no faster. Large arrays keep orbax's replica-parallel save.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
+# Status codes of tensorstore's errors (orbax passes them on as ValueErrors)
+# that blame the storage, not the data; a local file's error also carries the
+# OS's error code.
+_STORAGE_STATUS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'UNAVAILABLE',
+                   'DEADLINE_EXCEEDED', 'DATA_LOSS', 'UNAUTHENTICATED')
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -63,6 +78,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self._directory, item_handlers=ocp.PyTreeCheckpointHandler(
             type_handler_registry=_type_handlers()), options=options)
+    self._in_flight = None  # The step of a save not known to be written.
+    self._failed = False  # Whether a StorageError was raised.
+    _quiet_background_failures()
 
   def latest_step(self):
     """The newest finished step, or None. Orbax lists every step-named
@@ -80,9 +98,16 @@ class Checkpointer:
     return latest is None or step > latest
 
   def save(self, step, state, force=False):
-    """Saves if the policy says so (or `force`); returns whether it saved."""
-    return self._manager.save(step, args=ocp.args.PyTreeSave(state),
-                              force=force)
+    """Saves if the policy says so (or `force`); returns whether it saved.
+    Raises StorageError if the save before it failed (it is waited for
+    first, so that the error names its step) or this one cannot start."""
+    self.wait()
+    with self._storage_errors(step):
+      saved = self._manager.save(step, args=ocp.args.PyTreeSave(state),
+                                 force=force)
+    if saved:
+      self._in_flight = step
+    return saved
 
   def reached_preemption(self, step):
     return self._manager.reached_preemption(step)
@@ -137,10 +162,56 @@ class Checkpointer:
     return target
 
   def wait(self):
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises StorageError if it failed."""
+    with self._storage_errors(self._in_flight):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self):
-    self._manager.close()
+    """Waits for the save in flight and closes. A StorageError has closed
+    the Checkpointer already: nothing is saved after it."""
+    if not self._failed:
+      with self._storage_errors(self._in_flight):
+        self._manager.close()
+    self._in_flight = None
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step):
+    """Turns the failure of the save of `step` to write, from whichever
+    thread it comes, into one StorageError line, and closes. Other
+    exceptions are bugs and keep their tracebacks."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failure = _storage_failure(e)
+      if failure is None:
+        raise
+      self._in_flight, self._failed = None, True
+      message = (f'Cannot save step {step} to {self._directory}: {failure}; '
+                 f'{self._newest_good()}')
+      self._close_after_failure()
+      raise errors.StorageError(message) from e
+
+  def _close_after_failure(self):
+    """Lets orbax's threads end now rather than at the interpreter's exit,
+    where each still running would log a traceback of its own. Orbax raises
+    a failure once from each of its layers: the first is being reported."""
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if _storage_failure(e) is None:
+        raise
+
+  def _newest_good(self):
+    """The newest finished step, as the end of a StorageError's message."""
+    try:
+      good = self.latest_step()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      return f'its steps cannot be listed either ({_reason(e)}).'
+    if good is None:
+      return 'no step was saved before it, so a rerun starts afresh.'
+    return (f'the newest good checkpoint is step {good}, and a rerun resumes '
+            'from it.')
 
 
 def _type_handlers():
@@ -205,6 +276,60 @@ def _reason(e):
   text = str(e).split(' [tensorstore_spec', 1)[0].strip()
   text = text.splitlines()[0] if text else ''
   return f'{type(e).__name__}: {text}'[:300]
+
+
+def _storage_failure(e):
+  """The storage's failure behind `e` in a few words ("No space left on
+  device"), or None if `e` is not one. Orbax raises a background save's error
+  as it was: an OSError of Python's writes, or a ValueError of tensorstore's
+  carrying a status code (and a local file's OS error code)."""
+  while e is not None:
+    if isinstance(e, OSError):
+      return e.strerror or _reason(e).split(': ', 1)[-1]
+    code = _OS_ERROR_CODE.search(str(e))
+    if code:
+      return os.strerror(int(code.group(1)))
+    if str(e).startswith(_STORAGE_STATUS):
+      return _reason(e).split(': ', 1)[-1]
+    e = e.__cause__
+  return None
+
+
+class _DropBackgroundFailures(py_logging.Filter):
+  """Drops the reports of a failed save's background threads: orbax logs
+  the error with its traceback once for each array, thread and stage it
+  passes (tens of them), and asyncio logs each future orbax left
+  unretrieved. The same error reaches the main thread as one StorageError.
+  Records of any other error pass."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or not ('/orbax/' in record.pathname or
+                           record.name == 'asyncio'):
+      return True
+    return _storage_failure(exc) is None
+
+
+def _drop_closed_loop_callbacks(hook):
+  """`hook` (a sys.unraisablehook) without tensorstore's calls into an event
+  loop that orbax closed after an error: each prints a traceback ending in
+  "Event loop is closed", with nothing to report that the error did not."""
+  def unraisable(u):
+    if not (u.object is None and isinstance(u.exc_value, RuntimeError) and
+            str(u.exc_value) == 'Event loop is closed'):
+      hook(u)
+  unraisable.drops_closed_loop_callbacks = True
+  return unraisable
+
+
+def _quiet_background_failures():
+  """Installs the two above, once."""
+  if not getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False):
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+  for logger in (logging.get_absl_logger(), py_logging.getLogger('asyncio')):
+    if not any(isinstance(f, _DropBackgroundFailures)
+               for f in logger.filters):
+      logger.addFilter(_DropBackgroundFailures())
 
 
 def _shapes(tree):

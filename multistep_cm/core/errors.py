@@ -16,3 +16,8 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 class DatasetNotPreparedError(UserError):
   """A dataset that is not prepared where the run looks for it."""
+
+
+class StorageError(UserError):
+  """A file that could not be written (no space, no permission, storage
+  unreachable): what was written before it is intact."""
