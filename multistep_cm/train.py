@@ -165,10 +165,18 @@ def train_and_evaluate(config, workdir):
   # the host: the non-finite check costs no extra sync per step.
   unchecked, logged = [], []
   scores = {}
+  first, last_traced = tuple(config.get('profile_steps') or ()) or (0, -1)
   with preemption.Notice() as notice:
     for step in range(start + 1, config.total_steps + 1):
+      if step == first:
+        jax.profiler.start_trace(str(epath.Path(workdir) / 'profile'))
       state, out = train_step(
           state, sharding.global_batch(next(batches), mesh), teacher)
+      if step == last_traced and step >= first > start:
+        jax.block_until_ready(out)  # The trace holds the step's work.
+        jax.profiler.stop_trace()
+        logging.info('Wrote a profile of steps %d to %d to %s/profile.',
+                     first, step, workdir)
       unchecked.append(out)
       last = step == config.total_steps
       preempted = notice.reached(step, ckpt)

@@ -39,11 +39,13 @@ def readme_commands():
 
 def _cheap(command):
   """Sampling, evaluating or exporting a checkpoint of the quickstart
-  (/tmp/digits), or a smoke variant."""
+  (/tmp/digits), describing the digits config, or a smoke variant."""
   config = re.search(r'--config=(\S+)', command)
   smoke = config and re.search(r'[:,]smoke\b', config.group(1))
   mode = re.search(r'--mode=(sample|evaluate|export)\b', command)
-  return bool(smoke or (mode and '--workdir=/tmp/digits' in command))
+  describe = '--mode=describe' in command and 'configs/digits.py' in command
+  return bool(smoke or describe or (
+      mode and '--workdir=/tmp/digits' in command))
 
 
 CHEAP = [c for c in readme_commands() if _cheap(c)]
@@ -96,6 +98,9 @@ def _run(command, quickstart):
 @pytest.mark.parametrize('command', CHEAP)
 def test_readme_command_runs_as_printed(command, quickstart):
   proc = _run(command, quickstart)
+  if '--mode=describe' in command:
+    assert 'parameters; batch' in proc.stdout
+    return
   workdir = re.search(r'--workdir=(\S+)', command).group(1).replace(
       '/tmp/', f'{quickstart}/')
   if '--mode=sample' in command:

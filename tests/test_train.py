@@ -11,6 +11,7 @@ from configs import digits
 from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
+from multistep_cm.core import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import quick
@@ -38,11 +39,18 @@ def test_train_and_evaluate_digits_smoke(tmp_path):
     np.testing.assert_array_equal(f['arr_1'], np.arange(20) % 10)
 
 
-def test_train_toy2d_smoke(tmp_path):
-  state, scores = train.train_and_evaluate(toy2d.get_config('smoke'),
-                                           str(tmp_path))
+def test_train_toy2d_smoke_with_a_profile(tmp_path):
+  config = toy2d.get_config('smoke')
+  config.profile_steps = (2, 3)
+  state, scores = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4 and np.isfinite(scores['swd'])
   assert os.path.exists(tmp_path / 'samples' / 'step_0000004.png')
+  # One trace, of the window, where TensorBoard's profile plugin looks.
+  assert len(glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' /
+                           '*' / '*.xplane.pb'))) == 1
+  config.profile_steps = (3, 9)
+  with pytest.raises(errors.ConfigError, match='profile_steps'):
+    train.train_and_evaluate(config, str(tmp_path / 'bad'))
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):

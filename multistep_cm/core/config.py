@@ -199,6 +199,10 @@ def base():
   c.mesh.shape = (-1, 1)  # -1: the remaining devices.
 
   c.log_every = 100
+  # (first, last): a jax profiler trace of training steps first to last, in
+  # WORKDIR/profile (TensorBoard's profile plugin, or Perfetto, reads it);
+  # () for none.
+  c.profile_steps = ()
   c.ckpt_every = 1000
   c.keep_checkpoints = 3
   c.eval_every = 1000

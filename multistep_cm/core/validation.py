@@ -35,6 +35,14 @@ def check_config(config, train=True):
       if not isinstance(value, int) or value < 1:
         raise errors.ConfigError(f'config.{name} is {value!r}: it must be a '
                                  'positive integer.')
+  window = tuple(config.get('profile_steps') or ())
+  if train and window and not (
+      len(window) == 2 and all(isinstance(s, int) for s in window)
+      and 1 <= window[0] <= window[1] <= config.total_steps):
+    raise errors.ConfigError(
+        f'config.profile_steps is {window!r}: expected (first, last) training '
+        f'steps, 1 <= first <= last <= total_steps ({config.total_steps}), '
+        'or () for no trace.')
   attention = config.model.get('attention')
   if attention is not None and attention not in models.ATTENTION:
     raise errors.ConfigError(f'config.model.attention is {attention!r}: '
