@@ -1,13 +1,18 @@
 """The TensorBoard event file, read back by TensorBoard's own reader:
 scalars, images and text."""
 
+import errno
 import glob
 import io
+import os
 
 import numpy as np
 from PIL import Image
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from multistep_cm.core import errors
+from multistep_cm.core import images
 from multistep_cm.core import summaries
 
 
@@ -85,3 +90,29 @@ def test_a_training_run_shows_its_grids_and_config(digits_teacher):
     want = f.read()
   assert text.tensor_proto.string_val[0].decode().replace('\n    ', '\n') == (
       '    ' + want)
+
+
+class _FullDisk:
+  """A file whose writes fail as on a full disk."""
+
+  def write(self, data):
+    del data
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  flush = close = write
+
+
+def test_a_full_disk_is_one_line_for_events_and_pictures(tmp_path):
+  writer = summaries.Writer(tmp_path)
+  writer.write_scalars(1, {'train/loss': 0.5})
+  writer._file = _FullDisk()  # pylint: disable=protected-access
+  with pytest.raises(errors.StorageError,
+                     match=r'Cannot write the TensorBoard events .*'
+                           r'events\.out\.tfevents.*: No space left on device'):
+    writer.write_scalars(2, {'train/loss': 0.25})
+  assert _scalars(tmp_path) == {'train/loss': [(1, 0.5)]}  # Kept.
+  blocked = tmp_path / 'file'
+  blocked.write_text('')  # A file where the samples' directory should be.
+  with pytest.raises(errors.StorageError, match=r'Cannot write .*file/s\.png'):
+    images.save_samples_png(blocked / 's.png', np.zeros((2, 8, 8, 1)),
+                            np.arange(2), 2)

@@ -1,8 +1,21 @@
 """Writing samples: PNG grids, toy2d scatter plots and ADM-layout .npz files."""
 
+import contextlib
+
 from etils import epath
 import numpy as np
 from PIL import Image
+
+from multistep_cm.core import errors
+
+
+@contextlib.contextmanager
+def _storage_errors(path):
+  """A file that cannot be written (a full disk) as one StorageError line."""
+  try:
+    yield
+  except OSError as e:
+    raise errors.StorageError(f'Cannot write {path}: {e.strerror or e}.') from e
 
 
 def to_uint8(x):
@@ -30,15 +43,16 @@ def save_samples_png(path, samples, labels, columns, title=''):
   """A grid of images (one column per class when labels cycle through the
   classes), or a scatter plot for 2-D points."""
   path = epath.Path(path)  # Local or gs://.
-  path.parent.mkdir(parents=True, exist_ok=True)
   samples = np.asarray(samples)
-  if samples.ndim == 2:
-    _scatter(path, samples, labels, title)
-    return
-  cols = columns if columns and len(samples) % columns == 0 else (
-      int(np.ceil(np.sqrt(len(samples)))))
-  with path.open('wb') as f:
-    Image.fromarray(grid(to_uint8(samples), cols)).save(f, format='PNG')
+  with _storage_errors(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if samples.ndim == 2:
+      _scatter(path, samples, labels, title)
+      return
+    cols = columns if columns and len(samples) % columns == 0 else (
+        int(np.ceil(np.sqrt(len(samples)))))
+    with path.open('wb') as f:
+      Image.fromarray(grid(to_uint8(samples), cols)).save(f, format='PNG')
 
 
 def _scatter(path, points, labels, title):
@@ -64,5 +78,5 @@ def save_npz(path, samples, labels):
   `arr_1` int labels."""
   samples = np.asarray(samples)
   arr = samples.astype(np.float32) if samples.ndim == 2 else to_uint8(samples)
-  with epath.Path(path).open('wb') as f:
+  with _storage_errors(path), epath.Path(path).open('wb') as f:
     np.savez(f, arr_0=arr, arr_1=np.asarray(labels))

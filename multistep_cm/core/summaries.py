@@ -7,6 +7,7 @@ writers import TensorFlow, seconds and hundreds of MB at every start of a
 run, and do not install everywhere jax does.
 """
 
+import contextlib
 import io
 import socket
 import struct
@@ -15,6 +16,8 @@ import time
 from absl import logging
 from etils import epath
 from PIL import Image
+
+from multistep_cm.core import errors
 
 
 def _crc32c_table():
@@ -105,19 +108,33 @@ class Writer:
   in it (one per start of a run: TensorBoard reads them together)."""
 
   def __init__(self, logdir=None):
-    self._file = None
+    self._file = self._path = None
     if logdir is not None:
       path = epath.Path(logdir)
-      path.mkdir(parents=True, exist_ok=True)
-      self._file = (path / f'events.out.tfevents.{time.time():.6f}.'
-                    f'{socket.gethostname()}').open('wb')
-      self._file.write(record(event(0, file_version='brain.Event:2')))
+      self._path = path / (f'events.out.tfevents.{time.time():.6f}.'
+                           f'{socket.gethostname()}')
+      with self._storage_errors():
+        path.mkdir(parents=True, exist_ok=True)
+        self._file = self._path.open('wb')
+        self._file.write(record(event(0, file_version='brain.Event:2')))
+
+  @contextlib.contextmanager
+  def _storage_errors(self):
+    """A write that fails (a full disk) as one StorageError line; what was
+    flushed before it stays readable."""
+    try:
+      yield
+    except OSError as e:
+      raise errors.StorageError(
+          f'Cannot write the TensorBoard events {self._path}: '
+          f'{e.strerror or e}.') from e
 
   def _write(self, step, **kwargs):
     if self._file is not None:
-      # Flushed at once: a killed run keeps everything it logged.
-      self._file.write(record(event(step, **kwargs)))
-      self._file.flush()
+      with self._storage_errors():
+        # Flushed at once: a killed run keeps everything it logged.
+        self._file.write(record(event(step, **kwargs)))
+        self._file.flush()
 
   def write_scalars(self, step, scalars):
     logging.info('[%d] %s', step, ', '.join(
@@ -138,8 +155,9 @@ class Writer:
 
   def close(self):
     if self._file is not None:
-      self._file.close()
-      self._file = None
+      file, self._file = self._file, None
+      with self._storage_errors():
+        file.close()
 
 
 class NullWriter(Writer):
