@@ -20,9 +20,7 @@ printed, for the evaluation config to check. Nothing is downloaded.
 """
 
 import argparse
-import io
 import math
-import pickle
 import re
 import sys
 
@@ -132,37 +130,7 @@ def convert_state_dict(state_dict, config):
 
 def read_state_dict(path):
   """{name: float32 array} of a .safetensors or torch-saved state dict."""
-  if not epath.Path(path).exists():
-    raise dinov2.DINOv2WeightsError(f'{path} does not exist.')
-  blob = epath.Path(path).read_bytes()
-  try:
-    if str(path).endswith('.safetensors'):
-      import safetensors  # pylint: disable=g-import-not-at-top
-      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-      try:
-        return st_numpy.load(blob)
-      except KeyError:  # bfloat16, which numpy lacks: torch reads it.
-        from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
-        return {k: v.float().numpy() for k, v in st_torch.load(blob).items()}
-      except safetensors.SafetensorError as e:
-        raise dinov2.DINOv2WeightsError(
-            f'{path}: unreadable safetensors ({e}).') from None
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise dinov2.DINOv2WeightsError(
-        f'Reading {path} needs `pip install {e.name.split(".")[0]}`.'
-    ) from None
-  try:
-    state = torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
-  except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-    first = (str(e).splitlines() or [type(e).__name__])[0]
-    raise dinov2.DINOv2WeightsError(
-        f'{path}: not a readable torch state dict ({first}).') from None
-  if not isinstance(state, dict) or not all(
-      hasattr(v, 'shape') for v in state.values()):
-    raise dinov2.DINOv2WeightsError(
-        f'{path}: not a state dict of tensors.')
-  return {k: v.float().numpy() for k, v in state.items()}
+  return convert_inception.read_state_dict(path, dinov2.DINOv2WeightsError)
 
 
 def convert(weights, out, heads=0):

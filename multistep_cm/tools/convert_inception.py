@@ -120,3 +120,45 @@ def main(argv=None):
 
 if __name__ == '__main__':
   main()
+
+
+def read_state_dict(path, error):
+  """{name: float32 array} of a .safetensors or torch-saved state dict, read
+  as tensors only (`torch.load(weights_only=True)`: no pickled code runs);
+  anything else is one `error` line."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise error(f'{path} does not exist.')
+  blob = path.read_bytes()
+  try:
+    if path.name.endswith('.safetensors'):
+      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+      try:
+        return {k: np.asarray(v, np.float32)
+                for k, v in st_numpy.load(blob).items()}
+      except KeyError:  # bfloat16, which numpy lacks: torch reads it.
+        from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
+        return {k: v.float().numpy() for k, v in st_torch.load(blob).items()}
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise error(
+        f'Reading {path} needs `pip install {e.name.split(".")[0]}`.'
+    ) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors' errors are of its own (Rust) types.
+    raise error(f'{path}: not a safetensors file ({e}).') from None
+  try:
+    state = torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # Other bytes fail in many ways (UnpicklingError, KeyError, EOFError...).
+    raise error(
+        f'{path}: not a torch state dict ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}).') from None
+  if not isinstance(state, dict):
+    raise error(f'{path}: not a state dict (a dict of tensors) but '
+                f'a {type(state).__name__}.')
+  for key, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise error(f'{path}: not a state dict: {key!r} is a '
+                  f'{type(value).__name__}, not a tensor.')
+  return {k: v.float().numpy() for k, v in state.items()}
