@@ -11,8 +11,10 @@ Needs: the project installed (`pip install -e .`); nothing else.
 Everything after `--` goes to `python -m multistep_cm.main` (or --module).
 Each output line is prefixed with its process, `[1] ...`. SIGTERM or Ctrl-C
 is passed on to every process, as a preempted pod's hosts all get it. The
-exit code is 0 when every process succeeded, else the first non-zero one
-(75: preempted and saved, rerun to resume). `--dry_run` prints the commands.
+exit code is 0 when every process succeeded; 75 ("rerun to resume") when the
+job was preempted and saved, or lost a process: some exited 75 or were killed
+by a signal, and none failed otherwise; else the first non-zero one.
+`--dry_run` prints the commands.
 """
 
 import argparse
@@ -25,9 +27,13 @@ import sys
 import threading
 import time
 
+EXIT_RESUME = 75
 # After one process fails, the others are stopped once this many seconds
-# have passed: they would otherwise wait on it in a collective.
+# past the program's heartbeat timeout have passed (they would otherwise wait
+# on it in a collective); within the timeout they stop by themselves, naming
+# a lost process.
 GRACE_S = 20
+HEARTBEAT_TIMEOUT_S = 100  # multistep_cm.main's default.
 
 
 def _free_port():
@@ -47,6 +53,26 @@ def commands(processes, devices, module, args, port):
            'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
     out.append((env, [sys.executable, '-m', module, *args]))
   return out
+
+
+def heartbeat_timeout(args):
+  """The --heartbeat_timeout_s among the program's arguments, or its
+  default."""
+  for i, arg in enumerate(args):
+    if arg.startswith('--heartbeat_timeout_s='):
+      return float(arg.split('=', 1)[1])
+    if arg == '--heartbeat_timeout_s' and i + 1 < len(args):
+      return float(args[i + 1])
+  return HEARTBEAT_TIMEOUT_S
+
+
+def job_code(codes):
+  """The job's exit code from its processes' (negative: killed by that
+  signal)."""
+  failed = [c for c in codes if c]
+  if failed and all(c == EXIT_RESUME or c < 0 for c in failed):
+    return EXIT_RESUME
+  return next(iter(failed), 0)
 
 
 def _pump(i, stream, sink):
@@ -76,20 +102,20 @@ def run(processes, devices, module, args):
   for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
     signal.signal(s, forward)
 
+  grace_s = heartbeat_timeout(args) + GRACE_S
   failed_at = None
   while any(p.poll() is None for p in procs):
     codes = [p.returncode for p in procs if p.returncode is not None]
     if failed_at is None and any(codes):
       failed_at = time.time()
-    if failed_at is not None and time.time() - failed_at > GRACE_S:
+    if failed_at is not None and time.time() - failed_at > grace_s:
       for p in procs:
         if p.poll() is None:
           p.kill()
     time.sleep(0.1)
   for t in pumps:
     t.join()
-  codes = [p.returncode for p in procs]
-  return next((c for c in codes if c), 0)
+  return job_code([p.returncode for p in procs])
 
 
 def main():

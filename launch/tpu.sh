@@ -19,8 +19,7 @@
 #     create   queue the TPU and wait until it is ACTIVE
 #     install  on every host: clone or update REPO at BRANCH, pip install -e .
 #     run      on every host: start training, detached from ssh, and wait until
-#              every host's run has ended (the exit code is the first
-#              non-zero one among the hosts')
+#              every host's run has ended (the exit code: see below)
 #     babysit  create, install and run, again after each preemption, until the
 #              run succeeds or fails for a reason other than a preemption
 #     delete   delete the queued resource and its TPU
@@ -39,11 +38,15 @@
 # neither a dropped connection, nor gcloud retrying a command, nor the start
 # sent again for a host it missed, ever runs a second program on a host; a
 # host that still runs an older attempt refuses (exit code 1) rather than
-# share its chips. The run's exit code is the first non-zero one among the
-# hosts' once all have ended. A host whose run vanished without an exit code,
-# or that does not answer while the queued resource is no longer ACTIVE, or for
-# LOST_S seconds, ends the run with 255, as a dropped ssh connection would:
-# the babysitter then looks at the queued resource, as after any failure. If
+# share its chips. A host whose run vanished without an exit code, or that
+# does not answer while the queued resource is no longer ACTIVE, or for LOST_S
+# seconds, counts as 255, as a dropped ssh connection would. The run's exit
+# code, once every host's run has ended, is 75 (start again, to resume) when
+# some host's run exited 75 or was killed by a signal (a process killed, or
+# its host lost, stops the others with 75; or with jax's abort, 134, when it
+# ran the coordinator) and none failed otherwise, else the first non-zero
+# one. On any code but 0 and 75 the babysitter looks at the queued resource:
+# a TPU that is gone is taken as preempted, an ACTIVE one as a failure. If
 # the babysitter itself stops, the run goes on; to follow it to its end,
 #   ATTEMPT=<id from the babysitter's log> launch/tpu.sh run
 #
@@ -276,10 +279,28 @@ ALIVE='alive() { [ -d "$1" ] && [ ! -e "$1/exit_code" ] || return 1; if [ -s "$1
 
 new_attempt() { printf '%s-%04x%04x' "$(date -u +%Y%m%dT%H%M%SZ)" "$RANDOM" "$RANDOM"; }
 
+# Prints the run's exit code from its hosts' (the arguments): EXIT_PREEMPTED
+# when some exited with it or were killed by a signal (128 + its number), and
+# the rest did too, succeeded or were lost; else the first non-zero one, 0 if
+# none.
+job_code() {
+  local rc first=0 resume=0 other=0
+  for rc in "$@"; do
+    if (( rc != 0 && first == 0 )); then first=$rc; fi
+    if (( rc == EXIT_PREEMPTED || (rc >= 128 && rc != EXIT_LOST) )); then
+      resume=1
+    elif (( rc != 0 && rc != EXIT_LOST )); then
+      other=1
+    fi
+  done
+  if (( resume && !other )); then first=$EXIT_PREEMPTED; fi
+  echo "$first"
+}
+
 # Starts ATTEMPT on every host, detached from the ssh session, then polls the
-# hosts' status files until every host's run has ended. Exit code: the first
-# non-zero one among the hosts', 0 if none, EXIT_LOST if a host's run cannot
-# be followed (see the header).
+# hosts' status files until every host's run has ended. Exit code: job_code's
+# of the hosts', EXIT_LOST if a host's run cannot be followed (see the
+# header).
 # shellcheck disable=SC2016  # the single-quoted snippets expand on the hosts
 train() {
   local attempt=$1
@@ -388,12 +409,8 @@ train() {
     fi
     rm -f "$err"
     for (( ; none > 0; none-- )); do codes+=("$EXIT_LOST"); done
-    first=0
-    for rc in "${codes[@]}"; do
-      if (( rc != 0 )); then first=$rc; break; fi
-    done
     log "attempt $attempt ended; exit codes ${codes[*]}"
-    return "$first"
+    return "$(job_code "${codes[@]}")"
   done
 }
 

@@ -35,9 +35,12 @@
 # (all hosts together, at most MAX_RESTARTS times) when a host's program exits
 # with one of the restart codes: xpk's own (42, and 127-255, which covers a
 # program killed by a signal) and 75, the program's "preempted after saving:
-# run again to resume" (--restart-on-exit-codes=75). Any other non-zero code
-# (1: an error) fails the workload without a restart. Each restart runs the
-# same command, which resumes from the newest checkpoint in WORKDIR.
+# run again to resume" (--restart-on-exit-codes=75), also its code when
+# another host's program was lost: killed, or its node gone (the others name
+# it within --heartbeat_timeout_s, default 100 s; or abort with 134 at once
+# when it ran jax's coordinator). Any other non-zero code (1: an error) fails
+# the workload without a restart. Each restart runs the same command, which
+# resumes from the newest checkpoint in WORKDIR.
 # A host that is to stop gets SIGTERM, and SIGKILL GRACE_S seconds later
 # (--termination-grace-period-seconds); the program saves a checkpoint on
 # SIGTERM and exits 75, so GRACE_S must cover saving one. That holds when

@@ -55,6 +55,11 @@ flags.DEFINE_integer('num_processes', None, 'Processes in the job (with '
                      '--coordinator_address); default $JAX_NUM_PROCESSES.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes-1 '
                      '(with --coordinator_address); default $JAX_PROCESS_ID.')
+flags.DEFINE_float('heartbeat_timeout_s', 100, 'In a multi-host job: when a '
+                   'process has not been heard from for this long (killed, '
+                   'its host lost), the others stop, naming it and the newest '
+                   'checkpoint, with exit code 75 (restart to resume).',
+                   lower_bound=1)
 
 # The explicit multi-host settings: (flag, environment variable).
 EXPLICIT = (('coordinator_address', 'JAX_COORDINATOR_ADDRESS'),
@@ -88,9 +93,11 @@ def _initialize_distributed():
   works where the cluster gives process count and id. Only "nothing given,
   nothing detected" means a single process: any other failure is raised,
   since hosts that each trained alone would waste the whole job."""
+  from multistep_cm.core import liveness  # pylint: disable=g-import-not-at-top
   explicit = _explicit_settings()
   try:
-    jax.distributed.initialize(**explicit)
+    jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=round(
+        liveness.JAX_TIMEOUT_FACTOR * FLAGS.heartbeat_timeout_s))
   except ValueError as e:
     if not explicit and 'coordinator_address' in str(e):
       return  # Nothing given, no cluster: one process.
@@ -160,6 +167,34 @@ def parse_flags(argv):
     sys.exit(f'error: no such config field ({msg}) in {" ".join(overrides)}')
 
 
+def _run_mode(config, workdir):
+  # pylint: disable=g-import-not-at-top
+  from multistep_cm import export
+  from multistep_cm import pipeline
+  from multistep_cm import train
+  from multistep_cm.core import config as config_lib
+  from multistep_cm.core import validation
+  from multistep_cm.evaluation import evaluate
+  from multistep_cm.evaluation import fid
+  from multistep_cm.evaluation import quick
+  # pylint: enable=g-import-not-at-top
+  _log_start(config)
+  if FLAGS.mode == 'train' and config.pipeline.stages:
+    pipeline.run(config_lib.StageConfigs.from_flag(FLAGS['config']), workdir)
+  elif FLAGS.mode == 'train':
+    train.train_and_evaluate(config, workdir)
+  else:
+    validation.check_run(config, workdir, train=False)
+    if FLAGS.mode == 'evaluate':
+      evaluate.run(config, workdir)
+    elif FLAGS.mode == 'reference':
+      fid.compute_reference(config, workdir)
+    elif FLAGS.mode == 'export':
+      export.run(config, workdir)
+    else:
+      quick.write_samples(config, workdir, FLAGS.num_samples)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -167,15 +202,8 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors come back fast.
   # pylint: disable=g-import-not-at-top
-  from multistep_cm import export
-  from multistep_cm import pipeline
-  from multistep_cm import train
-  from multistep_cm.core import config as config_lib
+  from multistep_cm.core import liveness
   from multistep_cm.core import preemption
-  from multistep_cm.core import validation
-  from multistep_cm.evaluation import evaluate
-  from multistep_cm.evaluation import fid
-  from multistep_cm.evaluation import quick
   # pylint: enable=g-import-not-at-top
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'describe':
@@ -187,22 +215,8 @@ def main(argv):
     return
   try:
     _initialize_distributed()
-    _log_start(config)
-    if FLAGS.mode == 'train' and config.pipeline.stages:
-      pipeline.run(config_lib.StageConfigs.from_flag(FLAGS['config']),
-                   workdir)
-    elif FLAGS.mode == 'train':
-      train.train_and_evaluate(config, workdir)
-    else:
-      validation.check_run(config, workdir, train=False)
-      if FLAGS.mode == 'evaluate':
-        evaluate.run(config, workdir)
-      elif FLAGS.mode == 'reference':
-        fid.compute_reference(config, workdir)
-      elif FLAGS.mode == 'export':
-        export.run(config, workdir)
-      else:
-        quick.write_samples(config, workdir, FLAGS.num_samples)
+    with liveness.Watch(workdir, FLAGS.heartbeat_timeout_s):
+      _run_mode(config, workdir)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
   except preemption.Preempted as e:

@@ -3,6 +3,7 @@ real code paths against stand-in gcloud, srun and scontrol commands that
 record how they were called and answer from a script of states and exit
 codes."""
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -23,7 +24,7 @@ SETTINGS = ('NAME', 'PROJECT', 'ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION',
             'WORKDIR', 'TFDS_DATA_DIR', 'EXTRA_ARGS', 'POLL_S', 'SETTLE_S',
             'LOST_S', 'ATTEMPT', 'DRY_RUN', 'FAKE_EXIT_CODE', 'PYTHON',
             'JAX_LOCAL_DEVICE_IDS', 'CONTAINER_IMAGE', 'CONTAINER_MOUNTS',
-            'SRUN_CPUS_PER_TASK')
+            'SRUN_CPUS_PER_TASK', 'MAX_RESTARTS')
 
 # Stand-in gcloud: logs each call; `describe` answers with the next line of
 # `states` (ABSENT: gcloud's not-found error); anything else succeeds.
@@ -367,9 +368,12 @@ def test_tpu_babysit_waits_out_a_deletion(fake):
                                   'install', 'start', 'poll']
 
 
-@pytest.mark.parametrize('codes, exit_code', [('0', 0), ('75', 75),
-                                              ('0 3', 3), ('75 1', 75)])
-def test_tpu_run_reports_the_first_nonzero_exit_code(fake, codes, exit_code):
+@pytest.mark.parametrize('codes, exit_code', [
+    ('0', 0), ('75', 75), ('0 3', 3), ('75 1', 75), ('3 75', 3),
+    # A process killed (137), the others stopping with 75; the coordinator's
+    # process killed, jax aborting the others (134).
+    ('137 75', 75), ('137 134', 75), ('139 1', 139)])
+def test_tpu_run_reports_the_jobs_exit_code(fake, codes, exit_code):
   fake.script('run_codes', codes)
   result = fake.run(TPU, 'run', **GS)
   assert result.returncode == exit_code, result.stderr
@@ -519,7 +523,7 @@ def test_slurm_dry_run(fake):
 
 @pytest.mark.parametrize('code, requeued, exit_code',
                          [(0, False, 0), (75, True, 0), (3, False, 3),
-                          (1, False, 1)])
+                          (1, False, 1), (137, True, 0), (134, True, 0)])
 def test_slurm_dry_run_exit_codes(fake, code, requeued, exit_code):
   result = fake.run(SLURM, DRY_RUN='1', WORKDIR='/shared/run',
                     FAKE_EXIT_CODE=str(code))
@@ -542,6 +546,18 @@ def test_slurm_in_a_job(fake, code, requeued):
   # One process per GPU: jax picks each process's GPU itself.
   assert calls[0].endswith('JAX_LOCAL_DEVICE_IDS=')
   assert calls[1:] == (['scontrol requeue 4242'] if requeued else [])
+
+
+def test_slurm_a_recurring_kill_is_requeued_at_most_max_restarts_times(fake):
+  run = lambda count: fake.run(SLURM, WORKDIR='/shared/run', SRUN_EXIT='137',
+                               SLURM_JOB_ID='7', MAX_RESTARTS='3',
+                               SLURM_RESTART_COUNT=str(count))
+  assert run(2).returncode == 0
+  assert fake.calls()[-1] == 'scontrol requeue 7'
+  result = run(3)
+  assert result.returncode == 137
+  assert 'after 3 restarts (MAX_RESTARTS)' in result.stderr
+  assert fake.calls()[-1].startswith('srun ')
 
 
 def test_slurm_failed_requeue_keeps_the_exit_code(fake):
@@ -621,3 +637,27 @@ def test_slurm_no_container_flags_without_an_image(fake):
   result = fake.run(SLURM, WORKDIR='/shared/run', SLURM_JOB_ID='1')
   assert result.returncode == 0, result.stderr
   assert '--container' not in fake.calls()[0]
+
+
+def _local():
+  spec = importlib.util.spec_from_file_location(
+      'local_launch', ROOT / 'launch' / 'local.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('codes, exit_code', [
+    ([0, 0], 0), ([75, 75], 75), ([0, 3], 3), ([1, 75], 1),
+    # A process killed, the other stopping with 75 (or killed by local.py);
+    # the coordinator's process killed, jax aborting the other.
+    ([-9, 75], 75), ([-9, -9], 75), ([-9, -6], 75), ([1, -9], 1)])
+def test_local_jobs_exit_code(codes, exit_code):
+  assert _local().job_code(codes) == exit_code
+
+
+def test_local_waits_out_the_programs_heartbeat_timeout():
+  local = _local()
+  assert local.heartbeat_timeout(['--config=c']) == 100
+  assert local.heartbeat_timeout(['--heartbeat_timeout_s=7']) == 7
+  assert local.heartbeat_timeout(['--heartbeat_timeout_s', '8.5']) == 8.5

@@ -203,7 +203,13 @@ def test_sigterm_saves_the_step_and_a_rerun_resumes(processes, tmp_path):
   step = int(said[0])
   assert step >= 20
   assert str(step) in os.listdir(os.path.join(workdir, 'checkpoints'))
-  # The rerun resumes there (a short one: to two steps further).
+  # The rerun resumes there.
+  assert (f'Resuming from the checkpoint of step {step}.'
+          in _rerun(workdir, step))
+
+
+def _rerun(workdir, step):
+  """A short single-process rerun, to two steps past `step`: its stderr."""
   rerun = subprocess.run(
       [sys.executable, '-m', 'multistep_cm.main', f'--config={CONFIG}',
        f'--workdir={workdir}', f'--config.total_steps={step + 2}',
@@ -211,4 +217,49 @@ def test_sigterm_saves_the_step_and_a_rerun_resumes(processes, tmp_path):
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
       text=True, timeout=300, check=False)
   assert rerun.returncode == 0, rerun.stderr
-  assert f'Resuming from the checkpoint of step {step}.' in rerun.stderr
+  return rerun.stderr
+
+
+def test_a_killed_process_stops_the_other_with_75_and_a_rerun_resumes(
+    tmp_path):
+  """kill -9 of process 1: process 0 names it and the newest checkpoint in
+  one line within the heartbeat timeout, and exits 75 (jax alone would abort
+  it from C++, 2 timeouts later)."""
+  workdir, timeout_s = str(tmp_path / 'run'), 5
+  port = 20000 + (os.getpid() + 7) % 20000
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+               JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'multistep_cm.main', f'--config={CONFIG}',
+         f'--workdir={workdir}', *LONG[:3], '--config.ckpt_every=20',
+         f'--heartbeat_timeout_s={timeout_s}'],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True))
+  first = os.path.join(workdir, 'checkpoints', '20', 'commit_success.txt')
+  started = time.time()
+  while not os.path.exists(first) and procs[1].poll() is None:
+    assert time.time() - started < 240, 'no checkpoint of step 20'
+    time.sleep(0.1)
+  procs[1].kill()
+  killed = time.time()
+  code = procs[0].wait(timeout=120)
+  seconds = time.time() - killed
+  err = procs[0].stderr.read()
+  procs[1].communicate()
+  assert code == preemption.EXIT_CODE, err[-3000:]
+  assert timeout_s - 1 < seconds < timeout_s + 10, err[-3000:]
+  said = re.findall(
+      r'^error: process 1 of 2 stopped answering \d+ s ago \(killed, or its '
+      r'host lost\); the newest checkpoint is step (\d+) in (\S+): restart '
+      r'the job to resume from it \(exit 75\)\.$', err, re.M)
+  assert said, err[-3000:]
+  step, directory = int(said[0][0]), said[0][1]
+  assert directory == os.path.join(workdir, 'checkpoints')
+  assert step >= 20
+  assert 'Check failure stack trace' not in err  # Not jax's abort.
+  assert (f'Resuming from the checkpoint of step {step}.'
+          in _rerun(workdir, step))
