@@ -213,9 +213,8 @@ class ADMUNet(nn.Module):
     emb = nn.Dense(emb_dim, name='time_embed_1')(emb)
     emb = nn.Dense(emb_dim, name='time_embed_2')(nn.silu(emb))
     if cfg.num_classes:
-      emb += nn.Embed(cfg.num_classes + cfg.null_class, emb_dim,
-                      name='label_embed')(
-          class_labels)
+      emb += conditioning.Embed(cfg.num_classes + cfg.null_class, emb_dim,
+                                name='label_embed')(class_labels)
     # Every block's embedding projection starts with this SiLU.
     emb = nn.silu(emb)
 

@@ -95,7 +95,21 @@ class ClassLabels(Condition):
     return jnp.full_like(cond, self.num_classes)
 
   def vector(self, cond, dim, dtype):
-    return nn.Embed(self.num_classes + 1, dim, dtype=dtype)(cond)
+    return Embed(self.num_classes + 1, dim, dtype=dtype)(cond)
+
+
+class Embed(nn.Embed):
+  """nn.Embed (the same parameters, under the same name) whose table is
+  gathered whole before the lookup when a mesh is in context
+  (`jax.sharding.use_abstract_mesh`), as FSDP gathers a weight before using
+  it: XLA otherwise computes the lookup's gradient in the table's sharding
+  and replicates the batch's tensors to reshard them."""
+
+  def __call__(self, inputs):
+    table = self.embedding
+    if not jax.sharding.get_abstract_mesh().empty:
+      table = jax.lax.with_sharding_constraint(table, jax.P())
+    return jnp.take(jnp.asarray(table, self.dtype), inputs, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,11 @@ import sys
 
 # Nothing here imports TensorFlow; where it is installed (to build tfds
 # datasets) and a library pulls it in, it must keep its C++ start-up chatter
-# to itself; set before anything imports it.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# to itself; set before anything imports it. --mode=describe counts XLA's
+# warnings, which this level would hide (read before the flags are parsed).
+_DESCRIBE = any(a == '--mode=describe' or (a, b) == ('--mode', 'describe')
+                for a, b in zip(sys.argv, sys.argv[1:] + ['']))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1' if _DESCRIBE else '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app

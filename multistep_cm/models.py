@@ -83,6 +83,16 @@ def attention_implementation(name, dtype, head_dim, backend=None):
   return 'cudnn' if backend == 'gpu' and fits else 'xla'
 
 
+def constrain_batch(x):
+  """`x`, an activation, with its leading (batch) axis split over every axis
+  of the mesh in context (`jax.sharding.use_abstract_mesh`), if one is set
+  and divides it; else `x`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.size:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.P(tuple(mesh.axis_names)))
+
+
 def timestep_embedding(t, dim, max_period=10_000.):
   """Sinusoidal features of 1000 t, the usual scale for t in [0, 1]."""
   half = dim // 2
@@ -301,7 +311,10 @@ class _ScanStep(nn.Module):
     cfg = self.config
     block = _block('attn', cfg, cfg.mid_channels, cfg.mid_dropout, self.dtype,
                    'block')
-    return block(h, emb, self.train, context), None
+    # Under FSDP, XLA otherwise partitions the scan's body like its sharded
+    # weights and computes it over the whole batch on every device.
+    h = constrain_batch(h)
+    return constrain_batch(block(h, emb, self.train, context)), None
 
 
 def _mid_names(config):

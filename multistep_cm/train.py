@@ -48,8 +48,10 @@ def make_train_step(config, network, tx, state_shardings, mesh):
 
   def step_fn(state, batch, teacher_params):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state, teacher_params, batch, rng)
+    # The mesh in context: the network gathers its embedding tables whole.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, state, teacher_params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay(state.step, config.optim.ema_decay)

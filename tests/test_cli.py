@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-from configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,17 +99,30 @@ def test_overrides_reach_every_stage_of_the_pipeline(tmp_path):
 
 
 def test_describe_needs_no_workdir_and_writes_nothing(tmp_path):
-  proc = _run('--config=configs/digits.py:smoke,cd', '--mode=describe')
+  # FSDP on a 2-D mesh of 8 devices, the embedding table sharded: XLA
+  # replicated tensors to reshard them (the warnings describe counts) until
+  # the network gathered the table whole.
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='1',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'multistep_cm.main', '--mode=describe',
+       '--config=configs/imagenet64.py:small,smoke',
+       '--config.mesh.shape=(2,4)', '--config.batch_size=16'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = proc.stdout
   assert 'smoke' in out  # The config file's variants, from its docstring.
-  batch = digits.get_config('smoke,cd').batch_size
-  assert f'\nbatch_size = {batch}\n' in out and "\nstage = 'cd'\n" in out
-  assert f'parameters; batch {batch} over mesh' in out
+  assert '\nbatch_size = 16\n' in out and "\nstage = 'teacher'\n" in out
+  assert ("parameters; batch 16 over mesh {'data': 2, 'fsdp': 4} of 8 cpu "
+          'devices.') in out
   assert 'temporaries (activations, gathered weights):' in out
+  assert '\nInvoluntary full rematerializations: 0\n' in out + '\n', (
+      proc.stderr[-3000:])
   proc = _run('--config=configs/digits.py:smoke', f'--workdir={tmp_path}',
               '--mode=sample', '--mode=train', '--workdir=')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert '--workdir is required (except with --mode=describe)' in (
       _last_line(proc))
   assert not os.listdir(tmp_path)
+

@@ -36,7 +36,9 @@ def make_mesh(axes, shape, devices=None):
     raise ValueError(f'mesh shape {shape} needs {math.prod(shape)} devices, '
                      f'there are {len(devices)}.')
   # Auto axes: the compiler propagates shardings from the explicit in/out
-  # shardings of each jitted function, so model code needs no annotations.
+  # shardings of each jitted function; the networks add constraints only
+  # where propagation alone goes wrong (models.constrain_batch,
+  # conditioning.Embed), under the mesh the jitted function puts in context.
   auto = (jax.sharding.AxisType.Auto,) * len(axes)
   return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto,
                        devices=devices)
