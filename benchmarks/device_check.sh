@@ -15,7 +15,7 @@
 # sets the budget (default 360), DEVICE_CHECK_CONFIG the config (default
 # configs/imagenet64.py:small).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 out=${1:-${OUT:-device_check}}
 budget=${DEVICE_CHECK_SECONDS:-360}
 config=${DEVICE_CHECK_CONFIG:-configs/imagenet64.py:small}
