@@ -1,9 +1,12 @@
-"""The README's commands run as printed: every `python -m multistep_cm...`
-line that takes under a minute on a CPU (sampling, evaluating and exporting
-the quickstart's checkpoints, the smoke variants) is run exactly as written,
-with its /tmp/ directory moved into a temporary one, and so is its Python:
-the library example, and serving the exported student."""
+"""The commands of the README and of docs/ run as printed: every
+`python -m multistep_cm...` line that takes under a minute on a CPU
+(sampling, evaluating and exporting the quickstart's checkpoints, the smoke
+variants) is run exactly as written, with its /tmp/ directory moved into a
+temporary one, and so is their Python: the library example, and serving the
+exported student. The README keeps the quickstart's two commands, and every
+relative link of the documentation resolves."""
 
+import glob
 import os
 import re
 import shlex
@@ -19,17 +22,32 @@ from multistep_cm.core import checkpoint
 from multistep_cm.core import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The pages whose commands and Python are run: the README, then docs/.
+PAGES = ['README.md'] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
+# The pages whose links are checked.
+LINKED_PAGES = PAGES + ['launch/README.md']
 # One worker makes the checkpoints once for all of them.
 pytestmark = pytest.mark.xdist_group('readme')
 
 
+def _read(page):
+  with open(os.path.join(ROOT, page), encoding='utf-8') as f:
+    return f.read()
+
+
+def _blocks(language, pages=PAGES):
+  """The ```LANGUAGE blocks of `pages`, in order."""
+  return [block for page in pages
+          for block in re.findall(rf'```{language}\n(.*?)```', _read(page),
+                                  re.S)]
+
+
 def readme_commands():
-  """The `python -m multistep_cm...` commands of the README's bash blocks,
-  continuation lines joined."""
-  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
-    text = f.read()
+  """The `python -m multistep_cm...` commands of the bash blocks of the README
+  and of docs/, continuation lines joined."""
   commands = []
-  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+  for block in _blocks('bash'):
     for command in block.replace('\\\n', ' ').splitlines():
       command = ' '.join(command.split())
       if command.startswith('python -m multistep_cm.'):
@@ -52,11 +70,28 @@ CHEAP = [c for c in readme_commands() if _cheap(c)]
 
 
 def test_the_readme_has_cheap_commands_to_run():
-  # Sampling the student, evaluating the student and the teacher.
-  assert len(CHEAP) >= 3, CHEAP
+  # Sampling, evaluating and exporting the student, evaluating the teacher,
+  # describing a config.
+  assert len(CHEAP) >= 5, CHEAP
   assert any('stage=cd' in c and '--mode=sample' in c for c in CHEAP)
   assert any('stage=cd' in c and '--mode=evaluate' in c for c in CHEAP)
+  assert any('stage=cd' not in c and '--mode=evaluate' in c for c in CHEAP)
   assert any('stage=cd' in c and '--mode=export' in c for c in CHEAP)
+  assert any('--mode=describe' in c for c in CHEAP)
+
+
+def test_the_readme_keeps_the_quickstart_and_the_ci_test_command():
+  """The quickstart is two commands on a fresh machine, the second the one
+  CI runs."""
+  with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
+    ci = [line for line in f.read().splitlines()
+          if line.startswith('pip install -e ')]
+  assert ci == ["pip install -e '.[test]' && python -m pytest -q tests"]
+  quickstart = _read('README.md').split('\n## ')[1]
+  assert quickstart.startswith('Quickstart\n')
+  assert re.findall(r'```bash\n(.*?)\n```', quickstart, re.S)[:2] == [
+      'pip install -e . && python -m multistep_cm.main '
+      '--config=configs/digits.py --workdir=/tmp/digits', ci[0]]
 
 
 def _checkpoint(config, workdir):
@@ -113,8 +148,7 @@ def test_readme_command_runs_as_printed(command, quickstart):
 
 
 def _python_blocks():
-  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
-    return re.findall(r'```python\n(.*?)```', f.read(), re.S)
+  return _blocks('python')
 
 
 def test_readme_serving_runs_as_printed(quickstart):
@@ -144,3 +178,55 @@ def test_readme_python_runs():
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == '16'
+
+
+def _slug(heading):
+  """GitHub's anchor of a heading: its text lowercased, punctuation dropped,
+  spaces as hyphens."""
+  text = re.sub(r'!?\[([^\]]*)\]\([^)]*\)', r'\1', heading)
+  return re.sub(r'[^\w\- ]', '', text.lower()).replace(' ', '-')
+
+
+def _prose(text):
+  """`text` without its fenced blocks and code spans."""
+  text = re.sub(r'^```.*?^```', '', text, flags=re.S | re.M)
+  return re.sub(r'`[^`\n]*`', '', text)
+
+
+def _anchors(page):
+  anchors, seen = set(), {}
+  for heading in re.findall(r'^#{1,6} +(.*?) *#*$', _prose(_read(page)),
+                            re.M):
+    slug = _slug(heading)
+    anchors.add(slug if slug not in seen else f'{slug}-{seen[slug]}')
+    seen[slug] = seen.get(slug, 0) + 1
+  return anchors
+
+
+def test_every_relative_link_of_the_documentation_resolves():
+  """Every link of the README, docs/ and launch/README.md that is not a URL
+  names a file of the repository, and its #anchor a heading of it."""
+  broken, links = [], 0
+  for page in LINKED_PAGES:
+    for target in re.findall(r'\]\(([^)\s]+)(?: "[^"]*")?\)',
+                             _prose(_read(page))):
+      if re.match(r'[a-z][a-z0-9+.-]*:', target):
+        continue  # https:, mailto:
+      links += 1
+      path, _, anchor = target.partition('#')
+      path = os.path.normpath(os.path.join(os.path.dirname(page), path)
+                              if path else page)
+      if not os.path.exists(os.path.join(ROOT, path)):
+        broken.append(f'{page}: {target} (no file {path})')
+      elif anchor and (not path.endswith('.md') or
+                       anchor not in _anchors(path)):
+        broken.append(f'{page}: {target} (no heading #{anchor} in {path})')
+  assert links > 20
+  assert not broken, '\n'.join(broken)
+
+
+def test_every_page_of_docs_is_linked_from_the_readme_or_the_index():
+  linked = set(re.findall(r'\]\(docs/([^)#]+)', _read('README.md')))
+  linked |= set(re.findall(r'\]\(([^)#/]+\.md)', _read('docs/README.md')))
+  pages = {os.path.basename(p) for p in PAGES if p.startswith('docs')}
+  assert pages - {'README.md'} <= linked, pages - linked
