@@ -12,8 +12,8 @@ setuptools.setup(
     package_data={'multistep_cm.evaluation': ['assets/*.npz']},
     license='Apache-2.0',
     python_requires='>=3.11',
-    # Lower bounds are the versions this was tested with (constraints.txt
-    # holds the whole tested set); older ones are untested.
+    # Lower bounds: the oldest versions the suite was run with
+    # (constraints-oldest.txt); constraints.txt holds the newest tested set.
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
@@ -24,13 +24,13 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.10',
         'array-record>=0.8.3',  # Reads array_record files on gs:// too.
         'tensorboard>=2.21.0',  # Only to view the event files.
-        'ml-collections>=1.1.0',
-        'etils[epath]>=1.15.0',  # Files on local disks and gs:// alike.
-        'numpy>=2.4.6',
-        'scipy>=1.17.1',
-        'scikit-learn>=1.9.1',  # Ships the 8x8 digits.
-        'matplotlib>=3.11.2',
-        'pillow>=13.0.0',
+        'ml-collections>=1.0.0',
+        'etils[epath]>=1.10.0',  # Files on local disks and gs:// alike.
+        'numpy>=2.0.2',
+        'scipy>=1.14.1',
+        'scikit-learn>=1.5.2',  # Ships the 8x8 digits.
+        'matplotlib>=3.9.4',
+        'pillow>=10.4.0',
     ],
     extras_require={
         # TensorFlow, only for building tfds datasets (`tfds build`):
