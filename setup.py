@@ -12,8 +12,8 @@ setuptools.setup(
     package_data={'multistep_cm.evaluation': ['assets/*.npz']},
     license='Apache-2.0',
     python_requires='>=3.11',
-    # Lower bounds: the oldest versions the suite was run with
-    # (constraints-oldest.txt); constraints.txt holds the newest tested set.
+    # Lower bounds: the oldest versions tested (constraints-oldest.txt says
+    # with which tests); constraints.txt holds the newest tested set.
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',

@@ -48,7 +48,7 @@ def make_train_step(config, network, tx, state_shardings, mesh):
 
   def step_fn(state, batch, teacher_params):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    # The mesh in context: the network gathers its embedding tables whole.
+    # The mesh in context, for the network's own sharding constraints.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           state.params, state, teacher_params, batch, rng)

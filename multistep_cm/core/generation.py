@@ -89,7 +89,7 @@ class Generator:
         noise = jax.random.normal(rng, (n,) + shape)
         step_keys = jax.random.fold_in(rng, STEP_NOISE)
       noise = jax.lax.with_sharding_constraint(noise, batch)
-      # The mesh in context: the network keeps its activations batch-sharded.
+      # The mesh in context, for the network's own sharding constraints.
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         x = spec(network, params, noise, labels, logsnr, condition, step_keys)
       if not images or not (uint8 or features):
