@@ -253,6 +253,21 @@ def _locate(path):
   return path, None
 
 
+def newest_finished(workdir):
+  """(step, checkpoint directory) of the newest finished save under
+  `workdir` (its checkpoints/, or a pipeline stage's), or None. Reads the
+  files alone: for a process that can wait neither on orbax nor on its
+  peers."""
+  root = epath.Path(workdir)
+  found = []
+  for pattern in ('checkpoints', '*/checkpoints', '*/*/checkpoints'):
+    for directory in root.glob(pattern):
+      for step_dir in directory.iterdir():
+        if step_dir.name.isdigit() and _unfinished(step_dir) is None:
+          found.append((step_dir.stat().mtime, int(step_dir.name), directory))
+  return max(found)[1:] if found else None
+
+
 def _on_every_process(ok):
   if jax.process_count() == 1:
     return ok

@@ -24,10 +24,10 @@ import sys
 import threading
 import time
 
-from etils import epath
 import jax
 from jax._src import distributed
 
+from multistep_cm.core import checkpoint
 from multistep_cm.core import errors
 from multistep_cm.core import preemption
 
@@ -41,16 +41,10 @@ DONE, FAILED, ERROR = 'done', 'failed', 'error'
 def newest_checkpoint(workdir):
   """'step N in DIR' of the newest finished checkpoint in the workdir (a
   pipeline's stages have their own), or a phrase saying there is none."""
-  root = epath.Path(workdir)
-  found = []
-  for pattern in ('checkpoints', '*/checkpoints', '*/*/checkpoints'):
-    for directory in root.glob(pattern):
-      for step_dir in directory.iterdir():
-        if step_dir.name.isdigit() and (step_dir / 'commit_success.txt').exists():
-          found.append((step_dir.stat().mtime, int(step_dir.name), directory))
-  if not found:
+  newest = checkpoint.newest_finished(workdir)
+  if newest is None:
     return f'there is no checkpoint in {workdir} yet'
-  _, step, directory = max(found)
+  step, directory = newest
   return f'the newest checkpoint is step {step} in {directory}'
 
 
