@@ -1,9 +1,13 @@
 """The entry point as a user meets it: bad input ends in one clear line."""
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
+
+import multistep_cm
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +56,22 @@ def test_sample_without_checkpoint(tmp_path):
               '--mode=sample')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert _last_line(proc).startswith('error: No checkpoint in')
+
+
+def test_help_is_printed_and_succeeds():
+  for flag in ('--help', '--helpshort'):
+    proc = _run(flag)
+    assert proc.returncode == 0, (flag, proc.stderr[-2000:])
+    assert '--workdir: Directory for checkpoints' in proc.stdout, flag
+    assert '--mode: <train|sample|evaluate' in proc.stdout, flag
+
+
+def test_the_package_has_its_distributions_version():
+  with open(os.path.join(ROOT, 'setup.py'), encoding='utf-8') as f:
+    (declared,) = re.findall(r"version='([^']+)'", f.read())
+  installed = importlib.metadata.version('multistep_cm')
+  assert installed == declared, 'setup.py changed since `pip install -e .`'
+  assert multistep_cm.__version__ == installed
 
 
 def test_missing_config_file(tmp_path):

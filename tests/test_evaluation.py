@@ -4,6 +4,7 @@ embedded datasets' metrics, and the Inception and DINOv2 metrics end to end
 on a fake ImageNet source."""
 
 import json
+import logging as py_logging
 import os
 import shutil
 
@@ -40,12 +41,18 @@ def digits_run(digits_teacher):
 
 
 def test_resumed_evaluation_equals_uninterrupted(digits_run, tmp_path,
-                                                 monkeypatch):
+                                                 monkeypatch, caplog):
   config, trained = digits_run
   full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
   shutil.copytree(trained, full_dir)
   shutil.copytree(trained, cut_dir)
-  full = evaluation.run(config, full_dir)
+  with caplog.at_level(py_logging.INFO):
+    full = evaluation.run(config, full_dir)
+  # Too few samples for FD-digits: the result line says so, and why.
+  summary = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith('Evaluation ')]
+  assert len(summary) == 1 and 'no FD-digits (needs at least 360 samples' in (
+      summary[0]) and 'there are 30' in summary[0], summary
 
   calls = []
   real = generation.Generator.__call__
@@ -73,6 +80,20 @@ def test_resumed_evaluation_equals_uninterrupted(digits_run, tmp_path,
   assert record['sampler'] == 'addim' and record['nfe'] == 4
   assert record['num_samples'] == 30 and record['ema'] is True
   assert set(record['metrics']) == {'class_accuracy'}  # < 360: no FD-digits.
+  assert set(record['not_reported']) == {'fd_digits'}
+
+
+def test_a_reference_the_dataset_is_not_scored_against(tmp_path, monkeypatch):
+  """Digits are scored against their train split: a reference given for them,
+  above all one that does not exist, stops the run before anything is
+  sampled or even loaded."""
+  config = digits.get_config('smoke')
+  config.evaluate.reference = str(tmp_path / 'missing.npz')
+  monkeypatch.setattr(evaluation.state, 'load_for_sampling', None)
+  with pytest.raises(errors.ConfigError, match='digits dataset is scored '
+                     'against no reference file: leave it unset'):
+    evaluation.run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_protocols_never_mix(digits_run, tmp_path):

@@ -146,6 +146,16 @@ def test_weight_errors_are_one_clear_message(tmp_path):
   bad.write_bytes(b'truncated')
   with pytest.raises(inception.InceptionWeightsError, match='6726825d'):
     convert_inception.check_name_hash(str(bad))
+  # Bytes torch cannot read end the command in one line, as the other
+  # converters' do, not in torch's traceback.
+  for name, content in (('notes.pth', b'not a checkpoint\n'),
+                        ('random.pth', np.random.default_rng(0).bytes(512))):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+      convert_inception.main([f'--pth={tmp_path / name}',
+                              f'--out={tmp_path / "x.npz"}'])
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
+    assert 'not a torch state dict' in str(e.value)
 
 
 def test_resize_matches_tf1_bilinear():

@@ -3,10 +3,12 @@
 (sampling, evaluating and exporting the quickstart's checkpoints, the smoke
 variants) is run exactly as written, with its /tmp/ directory moved into a
 temporary one, and so is their Python: the library example, and serving the
-exported student. The README keeps the quickstart's two commands, and every
-relative link of the documentation resolves."""
+exported student. The README keeps the quickstart's two commands, every
+relative link of the documentation resolves, the figures other pages quote
+from the README agree with it, and every converter flag is documented."""
 
 import glob
+import importlib
 import os
 import re
 import shlex
@@ -223,6 +225,49 @@ def test_every_relative_link_of_the_documentation_resolves():
         broken.append(f'{page}: {target} (no heading #{anchor} in {path})')
   assert links > 20
   assert not broken, '\n'.join(broken)
+
+
+@pytest.mark.parametrize('converter', ['convert_adm', 'convert_clip',
+                                       'convert_dinov2', 'convert_inception'])
+def test_every_flag_of_the_converters_is_documented(converter, capsys):
+  module = importlib.import_module(f'multistep_cm.tools.{converter}')
+  with pytest.raises(SystemExit):
+    module.main(['--help'])
+  flags = re.findall(r'^  (--\w+)', capsys.readouterr().out, re.M)
+  assert '--out' in flags  # The help was read.
+  docs = ''.join(_read(page) for page in PAGES)
+  missing = [f for f in flags if not re.search(rf'{f}\b', docs)]
+  assert not missing, f'{converter}: {missing} only in --help'
+
+
+def _words(text):
+  return ' '.join(text.split())
+
+
+def test_figures_quoted_from_the_readme_agree_with_it():
+  """The quickstart's measurements, where other pages quote them."""
+  readme = _words(_read('README.md'))
+  row = lambda name: re.search(
+      rf'\| {re.escape(name)} \| [^|]+ \| \**([\d.]+)\** \| ([\d.]+) %',
+      readme).groups()
+  student, teacher8 = row('**8-step CD student**'), row(
+      'teacher, aDDIM, 8 steps')
+  floor = row('real held-out digits (the floor)')
+  minutes = re.search(r'teacher 4000 steps ≈ (\d+) min', readme).group(1)
+  score = re.search(r'at step 4000 scores ([\d.]+) with 128 aDDIM', readme)
+  config = _words(digits.__doc__)
+  assert (f'4000 steps, about {minutes} minutes on a 2-core CPU; FD-digits '
+          f'{score.group(1)} with 128 aDDIM steps') in config
+  assert f'FD-digits {floor[0]} and {floor[1]}% accuracy' in config
+  evaluation = _words(_read('docs/evaluation.md'))
+  assert (f'{student[0]} and {student[1]} % for the student, {teacher8[0]} '
+          f'and {teacher8[1]} % for the teacher') in evaluation
+  # And the README quotes --mode=evaluate's accuracies as that page has them.
+  measured = re.search(r'student scores FD-digits [\d.]+, class accuracy '
+                       r'([\d.]+) %; the teacher with 8 aDDIM steps [\d.]+ '
+                       r'and ([\d.]+) %', evaluation).groups()
+  assert (f'gives the student {measured[0]} % and the 8-step aDDIM teacher '
+          f'{measured[1]} %') in readme
 
 
 def test_every_page_of_docs_is_linked_from_the_readme_or_the_index():

@@ -23,6 +23,9 @@ from multistep_cm.evaluation import metrics
 WEIGHTS = epath.Path(__file__).parent / 'assets' / 'digits_classifier.npz'
 SIZES = (64, 256, 64, 10)
 TRAIN_STEPS = 2000
+# FD-digits is compared at the held-out split's size (`fd_digits`): fewer
+# images than that have no FD-digits.
+FD_CHUNK = digits_data.TEST_SIZE
 
 
 def _forward(params, x):
@@ -104,7 +107,7 @@ def fd_digits(images):
 def evaluate(images, labels):
   """Class accuracy, and FD-digits (the mean over chunks of the held-out size)
   when there are at least that many images."""
-  n = digits_data.TEST_SIZE
+  n = FD_CHUNK
   chunks = [images[i:i + n] for i in range(0, len(images) - n + 1, n)]
   scores = {'class_accuracy': accuracy(images, labels)}
   if chunks:

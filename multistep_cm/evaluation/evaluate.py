@@ -12,9 +12,9 @@ hosts or where a run was interrupted.
 Outputs, next to the chunks: `samples.npz` in the ADM layout (`arr_0` uint8
 NHWC, `arr_1` labels) for the reference evaluator, `grid.png`, and
 `protocol.json` with the sampler, steps, NFE, guidance, EMA, seed, reference,
-N and the metric values. Metrics: those of the scorer the dataset names
-(`scoring.py`); the FID Inception's features are computed on the devices
-right after sampling.
+N, the metric values and why any metric has none. Metrics: those of the
+scorer the dataset names (`scoring.py`); the FID Inception's features are
+computed on the devices right after sampling.
 """
 
 import io
@@ -131,6 +131,11 @@ def run(config, workdir):
   if ev.num_samples < 1 or ev.chunk_size < 1:
     raise errors.ConfigError('config.evaluate.num_samples and chunk_size must '
                              'be positive.')
+  if ev.reference and not scoring.scorer_class(config).reads_reference:
+    raise errors.ConfigError(
+        f'config.evaluate.reference is {ev.reference!r}, but the '
+        f'{config.dataset.name} dataset is scored against no reference file: '
+        'leave it unset.')
   mesh = state.make_mesh(config)
   # Everything that can be missing (weights, reference, checkpoint) is
   # checked before any sampling.
@@ -178,6 +183,9 @@ def run(config, workdir):
   chunks = [_load(q, keys) for q in paths]  # Each chunk read once.
   gathered = {k: np.concatenate([c[k] for c in chunks]) for k in keys}
   p['metrics'] = scorer.score(gathered, gathered['labels'])
+  unreported = scorer.unreported(ev.num_samples)
+  if unreported:
+    p['not_reported'] = unreported
   p['seconds_sampling_this_run'] = round(time.time() - t0, 1)
   p['samples_npz'] = os.fspath(directory / 'samples.npz')
   write_adm_npz(directory / 'samples.npz', paths, ev.num_samples)
@@ -190,9 +198,12 @@ def run(config, workdir):
                           datasets.get(config).grid_columns,
                           title=protocol_name(p))
   (directory / 'protocol.json').write_text(json.dumps(p, indent=2))
+  names = {m.key: m.label for m in scorer.metrics}
   logging.info('Evaluation %s: %s. Wrote %s/{samples.npz,grid.png,'
                'protocol.json}.', protocol_name(p), ', '.join(
-                   f'{k} {v:.4g}' for k, v in p['metrics'].items()), directory)
+                   [f'{k} {v:.4g}' for k, v in p['metrics'].items()] +
+                   [f'no {names.get(k, k)} ({why})'
+                    for k, why in unreported.items()]), directory)
   return p
 
 

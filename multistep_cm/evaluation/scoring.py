@@ -55,6 +55,9 @@ class Scorer:
   the devices); `labels` are the dataset's `eval_labels`, sample i first.
   """
   needs_many_samples = False
+  # Whether it compares with config.evaluate.reference: a reference set for
+  # one that does not is an error, not silently ignored.
+  reads_reference = False
   metrics = ()
   floor_label = ''
   inputs = ('samples',)
@@ -73,6 +76,12 @@ class Scorer:
     """The scores of real data: the best a model can hope for."""
     return {}
 
+  def unreported(self, num_samples):
+    """{metric key: why} for the metrics that `num_samples` samples are too
+    few to score."""
+    del num_samples
+    return {}
+
   def record(self):
     """What `protocol.json` notes about the scorer's own inputs."""
     return {}
@@ -88,6 +97,14 @@ class Digits(Scorer):
 
   def floor(self):
     return digits_classifier.floor()
+
+  def unreported(self, num_samples):
+    n = digits_classifier.FD_CHUNK
+    if num_samples >= n:
+      return {}
+    return {'fd_digits': f'needs at least {n} samples, the held-out split\'s '
+                         'size its statistics are compared at; there are '
+                         f'{num_samples}'}
 
 
 def _floats(x):
@@ -140,6 +157,7 @@ class Inception(Scorer):
   reference are read and checked when it is built, before anything is
   sampled."""
   needs_many_samples = True
+  reads_reference = True
   metrics = (Metric('fid', 'FID', True), Metric('inception_score', 'IS', False),
              Metric('precision', 'precision', False),
              Metric('recall', 'recall', False))

@@ -85,19 +85,12 @@ def check_name_hash(path):
 
 def convert(pth, out):
   """Returns the SHA-256 of the written .npz."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise inception.InceptionWeightsError(
-        'Converting needs torch: `pip install torch` (CPU build is enough).'
-    ) from None
   if not epath.Path(pth).exists():
     raise inception.InceptionWeightsError(
         f'{pth} does not exist. {inception.HOW_TO_GET}')
   check_name_hash(pth)
-  state_dict = torch.load(io.BytesIO(epath.Path(pth).read_bytes()),
-                          map_location='cpu', weights_only=True)
-  arrays = convert_state_dict({k: v.numpy() for k, v in state_dict.items()})
+  arrays = convert_state_dict(
+      read_state_dict(pth, inception.InceptionWeightsError))
   epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
   write_npz(out, arrays)
   return sha256_of(out)
@@ -116,10 +109,6 @@ def main(argv=None):
   print(f'wrote {args.out}\nSHA-256 {digest}\nUse it with '
         f'--config.evaluate.inception_weights={args.out} '
         f'--config.evaluate.inception_sha256={digest}')
-
-
-if __name__ == '__main__':
-  main()
 
 
 def read_state_dict(path, error):
@@ -162,3 +151,7 @@ def read_state_dict(path, error):
       raise error(f'{path}: not a state dict: {key!r} is a '
                   f'{type(value).__name__}, not a tensor.')
   return {k: v.float().numpy() for k, v in state.items()}
+
+
+if __name__ == '__main__':
+  main()
