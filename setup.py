@@ -15,7 +15,16 @@ setuptools.setup(
     # Lower bounds: the oldest versions tested (constraints-oldest.txt says
     # with which tests); constraints.txt holds the newest tested set.
     install_requires=[
-        'jax>=0.10.2',
+        # jax and numpy are bounded above too, to the releases tested: the
+        # suite runs on Python 3.11 only, where these are the newest, and
+        # Python 3.12 and 3.13 would otherwise resolve newer ones no test
+        # has run (jax 0.12.1, numpy 2.5.5). jax's minor releases change
+        # internals (liveness.py reads one) and exported programs' versions;
+        # jax bounds jaxlib itself. With it, flax, optax and orbax resolve
+        # to their tested versions on 3.12 and 3.13 too.
+        'jax>=0.10.2,<0.11',
+        # jax.export's (de)serialiser imports it, and jax does not install it.
+        'flatbuffers>=25.12.19',
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
@@ -26,7 +35,11 @@ setuptools.setup(
         'tensorboard>=2.21.0',  # Only to view the event files.
         'ml-collections>=1.0.0',
         'etils[epath]>=1.10.0',  # Files on local disks and gs:// alike.
-        'numpy>=2.0.2',
+        # epath's gs:// backend without TensorFlow: fsspec's GCS file system
+        # (epath has no other; tensorstore, orbax's array store, has its
+        # own GCS client).
+        'gcsfs>=2026.10.1',
+        'numpy>=2.0.2,<2.5',
         'scipy>=1.14.1',
         'scikit-learn>=1.5.2',  # Ships the 8x8 digits.
         'matplotlib>=3.9.4',
@@ -39,7 +52,7 @@ setuptools.setup(
         'tfds': ['tensorflow-cpu>=2.21.0'],
         # jax's detection of a Kubernetes job (GKE without TPUs, JobSet),
         # which asks the cluster's API for the process count and id.
-        'k8s': ['jax[k8s]>=0.10.2'],
+        'k8s': ['jax[k8s]>=0.10.2,<0.11'],
         # Only for converting published weights (the FID Inception, CLIP,
         # ADM, DINOv2), once.
         'convert': ['torch>=2.13.0', 'safetensors>=0.8.0'],

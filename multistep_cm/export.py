@@ -15,8 +15,8 @@ and config.evaluate's overrides, as --mode=evaluate samples:
   manifest.json         what it is: stage, sampler, S, NFE, guidance, image
                         shape, labels, versions, the files' SHA-256
 
-`multistep_cm/exported.py` loads and runs it with only jax installed (the
-format's reader: its constants are the format). The directory is written
+`multistep_cm/exported.py` loads and runs it with only jax and flatbuffers
+installed (the format's reader: its constants are the format). The directory is written
 under a temporary name and renamed into place, so a re-export replaces it
 and a reader never sees a half-written one (for an instant between two
 renames, none).

@@ -5,7 +5,9 @@ sampler as one serialised program (`jax.export`: noise -> S network
 evaluations -> uint8 images, for CPU, CUDA and TPU), its weights and a
 manifest. This file reads it. It imports only jax, numpy and the standard
 library, never the rest of the package, so a serving program can copy it
-next to an artifact and use it on its own:
+next to an artifact and use it on its own (jax reads the program with the
+`flatbuffers` package, which it does not install: docs/serving.md gives
+the one pip line):
 
   sampler = exported.load('/tmp/digits/cd_s8/export/step1500_student8')
   images = sampler.sample(0, labels=np.arange(10))  # uint8 (10, 8, 8, 1)
@@ -154,6 +156,11 @@ def _deserialize(directory, manifest):
     return jax.export.deserialize(bytearray(blob))
   except Exception as e:  # pylint: disable=broad-except
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, ImportError):
+      # A package this Python lacks, not a fault of the artifact.
+      raise ImportError(f'{directory}/{PROGRAM} cannot be read by jax '
+                        f'{jax.__version__} here: {line} (docs/serving.md '
+                        'lists what serving needs).') from None
     raise ArtifactError(f'{directory}/{PROGRAM} cannot be deserialised by jax '
                         f'{jax.__version__}: {line}') from None
 

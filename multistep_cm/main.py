@@ -150,6 +150,10 @@ def _innermost_message(e):
   return str(e.args[0] if e.args else e)
 
 
+# absl's help flags (`-?` is --help's short name).
+_HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
+
+
 def parse_flags(argv):
   """absl's parser, with a mistyped `--config.x.y=` override reported in one
   line (ml_collections raises a bare AttributeError/KeyError for it)."""
@@ -157,6 +161,12 @@ def parse_flags(argv):
     rest = FLAGS(argv)
     FLAGS.config.keys()  # A config file that failed to load raises here.
     return rest
+  except SystemExit:
+    # absl's help flags print the help, then exit 1: help that was asked for
+    # and given is a success.
+    if any(a.lstrip('-').split('=')[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except OSError as e:  # The config file is missing or unreadable.
     sys.exit(f'error: cannot load --config: {str(e).splitlines()[-1].strip()}')
   except flags.Error as e:
@@ -221,7 +231,8 @@ def main(argv):
     with liveness.Watch(workdir, FLAGS.heartbeat_timeout_s):
       _run_mode(config, workdir)
   except errors.UserError as e:
-    sys.exit(f'error: {e}')
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   except preemption.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_CODE)

@@ -204,17 +204,18 @@ def train_and_evaluate(config, workdir):
                      progress_lib.format_eta(eta))
       if save:
         try:
-          ckpt.save(step, state, force=True)
-          if preempted:
-            ckpt.wait()
+          if last or preempted:
+            ckpt.save_now(step, state)
+          else:
+            ckpt.save(step, state, force=True)
         except errors.StorageError as e:
           if not preempted:
             raise
-          # Exit 1, not Preempted's 75: 75 tells the launchers that the step
-          # is saved and the same command resumes, but storage that fails
-          # needs a person first (a requeued run would train to its next
-          # save and fail there again).
-          raise errors.StorageError(
+          # Not Preempted, which says the step is saved. A full disk exits
+          # 1, for a person to mend (a requeued run would train to its next
+          # save and fail there again); storage that kept failing after its
+          # retries exits 75, as a lost host does.
+          raise type(e)(
               f'{e} A preemption notice stopped the run at step {step}, '
               'which is not saved.') from e.__cause__
       if preempted:

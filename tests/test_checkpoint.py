@@ -330,3 +330,187 @@ def test_only_storage_failures_of_orbax_threads_are_dropped(tmp_path, caplog):
                                       (), (type(exc), exc, None)))
   assert [r.getMessage() for r in caplog.records] == [
       str(i) for i, case in enumerate(cases) if case[-1]]
+
+
+def _failing(monkeypatch, error, times, method='restore'):
+  """The next `times` calls of the CheckpointManager's `method` raise
+  `error`, as a read of a flaky storage would; returns the calls' count."""
+  real = getattr(orbax.checkpoint.CheckpointManager, method)
+  calls = []
+
+  def flaky(self, *args, **kwargs):
+    calls.append(args)
+    if len(calls) <= times:
+      raise error
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(orbax.checkpoint.CheckpointManager, method, flaky)
+  return calls
+
+
+TRANSIENT = {
+    'EIO': OSError(errno.EIO, os.strerror(errno.EIO)),
+    'ESTALE': OSError(errno.ESTALE, os.strerror(errno.ESTALE)),
+    # tensorstore's error for a GCS 503 that outlived its own retries.
+    'UNAVAILABLE': ValueError('UNAVAILABLE: Error reading "params.w/0.0": '
+                              'HTTP response code: 503'),
+}
+
+
+@pytest.mark.parametrize('kind', TRANSIENT)
+def test_a_transient_read_error_is_retried_not_quarantined(
+    tmp_path, monkeypatch, caplog, kind):
+  _save(tmp_path)
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01, 0.02))
+  calls = _failing(monkeypatch, TRANSIENT[kind], times=2)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest_intact(ABSTRACT)
+  assert step == 30 and len(calls) == 3
+  _assert_equal(state, _state(30))
+  assert not os.path.exists(tmp_path / 'damaged')
+  warnings = _warnings(caplog)
+  assert len(warnings) == 2 and all(
+      w.startswith(f'Reading checkpoint step 30 in {tmp_path} failed (')
+      for w in warnings), warnings
+  ckpt.close()
+
+
+def test_a_step_failing_after_the_retries_is_damaged_if_storage_answers(
+    tmp_path, monkeypatch, caplog):
+  _save(tmp_path)
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01, 0.02))
+  calls = _failing(monkeypatch, TRANSIENT['EIO'], times=3)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest_intact(ABSTRACT)
+  assert step == 20 and len(calls) == 4
+  _assert_equal(state, _state(20))
+  assert os.listdir(tmp_path / 'damaged') == ['30']
+  assert _warnings(caplog)[-1] == (
+      f'Checkpoint step 30 in {tmp_path} cannot be restored (Input/output '
+      'error, 3 times over 0.03 s, while the storage around it answers); '
+      f'moved it to {tmp_path}/damaged/30 and trying step 20.')
+  ckpt.close()
+
+
+def test_storage_that_stays_down_moves_nothing_and_is_one_line(
+    tmp_path, monkeypatch):
+  _save(tmp_path)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01,))
+  _failing(monkeypatch, TRANSIENT['ESTALE'], times=100)
+  path_type = type(epath.Path(str(tmp_path)))
+  monkeypatch.setattr(path_type, 'iterdir', lambda self: (_ for _ in ()).throw(
+      OSError(errno.ESTALE, os.strerror(errno.ESTALE))))
+  with pytest.raises(errors.StorageError) as e:
+    ckpt.restore_latest_intact(ABSTRACT)
+  assert str(e.value) == (
+      f'Cannot read checkpoint step 30 in {tmp_path}: Stale file handle, 2 '
+      'times over 0.01 s, and the storage around it does not answer either; '
+      'nothing was moved, and a rerun resumes from step 30 once the storage '
+      'answers.')
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ['10', '20', '30']
+
+
+def test_load_params_retries_a_transient_error(tmp_path, monkeypatch):
+  _save(tmp_path)
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01,))
+  _failing(monkeypatch, TRANSIENT['UNAVAILABLE'], times=1)
+  params, step = checkpoint.load_params(str(tmp_path), ABSTRACT['params'],
+                                        key='params')
+  assert step == 30
+  _assert_equal(params, _state(30)['params'])
+
+
+def test_a_restore_keeps_what_is_written_to_stderr(tmp_path, monkeypatch,
+                                                   capfd):
+  """Nothing mutes file descriptor 2 while a step is read: a message a
+  crashing library writes there (as C++ code does) is kept."""
+  _save(tmp_path)
+  real = orbax.checkpoint.CheckpointManager.restore
+
+  def restore(self, *args, **kwargs):
+    os.write(2, b'F1207 a fatal message from C++\n')
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(orbax.checkpoint.CheckpointManager, 'restore', restore)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  _, step = ckpt.restore_latest_intact(ABSTRACT)
+  ckpt.close()
+  assert step == 30
+  assert 'F1207 a fatal message from C++' in capfd.readouterr().err
+
+
+def io_error(monkeypatch, prefix, saves):
+  """orbax's file writes under `prefix` fail with an I/O error, as a network
+  file system's may, during the next `saves` saves; those of the saves
+  after pass. Returns the paths that failed."""
+  path_type = type(epath.Path(str(prefix)))
+  started, failed = [], []
+  real_save = orbax.checkpoint.CheckpointManager.save
+
+  def save(self, *args, **kwargs):
+    started.append(args)
+    return real_save(self, *args, **kwargs)
+  monkeypatch.setattr(orbax.checkpoint.CheckpointManager, 'save', save)
+  for name in ('write_text', 'write_bytes'):
+    real = getattr(path_type, name)
+
+    def write(self, *args, real=real, **kwargs):
+      if str(self).startswith(str(prefix)) and len(started) <= saves:
+        failed.append(str(self))
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+      return real(self, *args, **kwargs)
+    monkeypatch.setattr(path_type, name, write)
+  return failed
+
+
+def test_a_save_failing_once_is_tried_again_at_the_next_save(
+    tmp_path, monkeypatch, caplog):
+  _save(tmp_path, steps=(10, 20))
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    failed = io_error(monkeypatch, tmp_path / '30', saves=1)
+    assert ckpt.save(30, _state(30))  # It fails in the background.
+    assert ckpt.save(40, _state(40))
+    ckpt.wait()
+  assert failed
+  assert _warnings(caplog) == [
+      f'Saving step 30 to {tmp_path} failed (Input/output error); trying '
+      'again at the next save.']
+  assert ckpt.latest_step() == 40
+  _assert_equal(ckpt.restore(ABSTRACT), _state(40))
+  ckpt.close()
+
+
+def test_a_final_save_is_tried_again_from_the_state_at_hand(
+    tmp_path, monkeypatch, caplog):
+  _save(tmp_path, steps=(10, 20))
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01, 0.02))
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  with caplog.at_level(logging.WARNING):
+    failed = io_error(monkeypatch, tmp_path / '30', saves=2)
+    ckpt.save_now(30, _state(30))
+  assert failed
+  assert _warnings(caplog) == [
+      f'Saving step 30 to {tmp_path} failed (Input/output error); trying '
+      f'again in {delay:g} s.' for delay in (0.01, 0.02)]
+  assert ckpt.latest_step() == 30
+  _assert_equal(ckpt.restore(ABSTRACT), _state(30))
+  ckpt.close()
+
+
+def test_a_save_that_keeps_failing_ends_in_one_line_for_a_restart(
+    tmp_path, monkeypatch):
+  _save(tmp_path, steps=(10, 20))
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAYS_S', (0.01,))
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=10, keep=3)
+  io_error(monkeypatch, tmp_path / '30', saves=100)
+  with pytest.raises(errors.StorageUnavailableError) as e:
+    ckpt.save_now(30, _state(30))
+  assert str(e.value) == (
+      f'Cannot save step 30 to {tmp_path}: Input/output error (2 saves in a '
+      'row); the newest good checkpoint is step 20, and a rerun resumes from '
+      'it.')
+  assert e.value.exit_code == errors.RESTART_EXIT_CODE
+  ckpt.close()

@@ -8,9 +8,11 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -26,8 +28,16 @@ from multistep_cm.core import generation
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
+from tests import test_readme
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Virtualenvs holding only what docs/serving.md says to install, one per
+# requirements line and Python, kept across runs: building one installs jax
+# and its jaxlib (20 s and 600 MB on the 2-core CI machine, more where pip
+# downloads them), using one costs nothing.
+SERVING_VENVS = pathlib.Path(
+    os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+) / 'multistep_cm' / 'serving_venvs'
 STEP = 3
 SEED = 11
 
@@ -323,6 +333,105 @@ print('MODULES', sorted(m for m in sys.modules
   assert proc.stdout.split('MODULES')[-1].split() == ['[]']
   np.testing.assert_array_equal(np.load(served / 'images.npy'),
                                 loaded.sample(SEED, _labels(7)))
+
+
+def _serving_requirements():
+  """The arguments of docs/serving.md's `pip install` line."""
+  lines = [line for block in test_readme._blocks('bash', ['docs/serving.md'])
+           for line in block.splitlines() if line.startswith('pip install ')]
+  assert len(lines) == 1, lines
+  return shlex.split(lines[0])[2:]
+
+
+def _serving_python(requirements):
+  """The Python of a virtualenv into which pip installed `requirements` and
+  nothing else, built the first time and then taken from SERVING_VENVS."""
+  key = hashlib.sha256(json.dumps(
+      [sys.version, sys.base_prefix, requirements]).encode()).hexdigest()[:16]
+  venv = SERVING_VENVS / key
+  if not venv.exists():
+    SERVING_VENVS.mkdir(parents=True, exist_ok=True)
+    # Built beside it and renamed into place: an interrupted build is never
+    # taken for a finished one.
+    building = pathlib.Path(tempfile.mkdtemp(prefix=f'{key}.',
+                                             dir=SERVING_VENVS))
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', building],
+                   check=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pip', '--python', building / 'bin' / 'python',
+         'install', '--quiet', *requirements],
+        capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode:
+      shutil.rmtree(building, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+      building.rename(venv)
+    except OSError:  # Another process built it meanwhile.
+      shutil.rmtree(building, ignore_errors=True)
+  return venv / 'bin' / 'python'
+
+
+def test_serving_runs_with_only_the_documented_requirements(artifact,
+                                                            tmp_path):
+  """docs/serving.md's pip line in a virtualenv of its own, then its Python
+  as printed, with the artifact and exported.py where it says: the line
+  installs all that serving needs. It holds setup.py's versions, so
+  serving runs the jax that exported."""
+  requirements = _serving_requirements()
+  assert f'jax=={jax.__version__}' in requirements
+  setup = (ROOT / 'setup.py').read_text(encoding='utf-8')
+  assert [r for r in requirements
+          if f"'{r}'" not in setup and not r.startswith('jax==')] == []
+  python = _serving_python(requirements)
+  (block,) = [b for b in test_readme._blocks('python', ['docs/serving.md'])
+              if 'exported' in b]
+  block = block.replace('/tmp/', f'{tmp_path}/')
+  (copied_to,) = re.findall(r"sys\.path\.insert\(0, '([^']+)'\)", block)
+  (loaded_from,) = re.findall(r"exported\.load\('([^']+)'\)", block)
+  shutil.copytree(artifact, loaded_from)
+  shutil.copy(ROOT / 'multistep_cm' / 'exported.py', copied_to)
+  env = dict({k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+             XLA_FLAGS='')
+  proc = subprocess.run([python, '-I', '-c', block], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  nfe = json.loads((pathlib.Path(artifact) / exported.MANIFEST).read_text(
+      encoding='utf-8'))['nfe']
+  assert proc.stdout.split() == [str(nfe), '(10,', '8,', '8,', '1)', 'uint8']
+
+
+def test_without_flatbuffers_loading_says_so_in_one_line(artifact):
+  """jax deserialises with flatbuffers but does not install it: a Python
+  without it is told so, not that the artifact is damaged."""
+  script = f'''
+import importlib.util
+import sys
+
+class NotInstalled:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'flatbuffers':
+      raise ImportError(f'No module named {{name!r}}')
+    return None
+
+sys.meta_path.insert(0, NotInstalled())
+spec = importlib.util.spec_from_file_location('exported', {str(ROOT / 'multistep_cm' / 'exported.py')!r})
+exported = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(exported)
+try:
+  exported.load({str(artifact)!r})
+except ImportError as e:
+  print('ImportError', e)
+'''
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == (
+      f'ImportError {artifact}/{exported.PROGRAM} cannot be read by jax '
+      f"{jax.__version__} here: Please install 'flatbuffers' in order to use "
+      'Exported serialization (docs/serving.md lists what serving needs).\n')
 
 
 def test_the_command_replaces_the_artifact(student, artifact, tmp_path):

@@ -10,12 +10,14 @@ parameter after 6 steps, measured between two command-line runs. RTOL 1e-4
 leaves room; different data, or two steps fewer, changes them by ~1.
 """
 
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -24,6 +26,8 @@ import pytest
 
 from configs import toy2d
 from multistep_cm import train
+from multistep_cm.core import errors
+from multistep_cm.core import liveness
 from multistep_cm.core import preemption
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import evaluate
@@ -263,3 +267,44 @@ def test_a_killed_process_stops_the_other_with_75_and_a_rerun_resumes(
   assert 'Check failure stack trace' not in err  # Not jax's abort.
   assert (f'Resuming from the checkpoint of step {step}.'
           in _rerun(workdir, step))
+
+
+@pytest.fixture(params=['module', 'attribute'])
+def jax_without_its_client(request, monkeypatch):
+  """A jax whose distributed client moved: jax._src.distributed gone, or
+  without global_state."""
+  # pylint: disable=protected-access
+  if request.param == 'module':
+    monkeypatch.delattr(jax._src, 'distributed')
+    monkeypatch.setitem(sys.modules, 'jax._src.distributed', None)
+  else:
+    monkeypatch.delattr(jax._src.distributed, 'global_state')
+
+
+def test_a_jax_without_the_client_stops_a_multi_host_run_in_one_line(
+    jax_without_its_client, monkeypatch, tmp_path):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(errors.UserError) as e:
+    with liveness.Watch(str(tmp_path)):
+      pass
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith("multi-host liveness needs jax's distributed "
+                            'client (jax._src.distributed.global_state.'
+                            f'client), which jax {jax.__version__} does not '
+                            'have: ')
+  assert 'liveness' not in [t.name for t in threading.enumerate()]
+
+
+def test_a_jax_without_the_client_imports_and_runs_one_process(
+    jax_without_its_client, tmp_path):
+  """liveness.py loaded afresh where the client cannot be found: a
+  single-process run never needs it."""
+  spec = importlib.util.spec_from_file_location('fresh_liveness',
+                                                liveness.__file__)
+  fresh = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fresh)
+  ran = []
+  with fresh.Watch(str(tmp_path)):
+    ran.append(jax.process_count())
+  assert ran == [1]

@@ -7,7 +7,12 @@ topology restores on another.
 
 A step that cannot be restored (truncated, partly deleted, empty) is skipped
 with one warning line, so a run resumes from its newest intact step; a run
-moves such a step into `damaged/` beside the steps, never deleting it.
+moves such a step into `damaged/` beside the steps, never deleting it. A read
+that fails because of the storage (EIO, ESTALE, a time-out, HTTP 429 or 5xx
+after the GCS clients' own retries) is no sign of damage: it is tried again
+with backoff, and a step that still fails is moved aside only if the rest of
+the storage answers; if it does not, the run ends in one StorageError line,
+moving nothing.
 
 A save that cannot be written (a full disk, no permission, storage gone)
 fails in orbax's background threads and surfaces at the next save, wait or
@@ -17,7 +22,9 @@ from. The background threads' own reports of that failure (a traceback for
 each array, thread and never-retrieved future) are dropped.
 """
 
+import collections
 import contextlib
+import errno
 import functools
 import logging as py_logging
 import os
@@ -50,6 +57,19 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 _STORAGE_STATUS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'UNAVAILABLE',
                    'DEADLINE_EXCEEDED', 'DATA_LOSS', 'UNAUTHENTICATED')
 _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+# A read failing with one of these may succeed when asked again: a network
+# file system's stale handle or time-out, a disk's or server's I/O error, a
+# GCS server's 429 or 5xx (tensorstore's UNAVAILABLE, after its own retries).
+_TRANSIENT_ERRNO = frozenset((
+    errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR,
+    errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN))
+_TRANSIENT_STATUS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'ABORTED',
+                     'RESOURCE_EXHAUSTED')
+# The pauses between tries of a read that failed as above. tensorstore and
+# gcsfs retry a GCS request for up to about a minute themselves; nothing
+# retries a local or network file system's read, nor a whole step.
+RETRY_DELAYS_S = (1, 4, 16)
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -66,21 +86,26 @@ class Checkpointer:
   def __init__(self, directory, every_steps, keep):
     self._directory = _path(directory)
     self._every = every_steps
+    self._keep = keep
+    self._manager = self._open()
+    self._in_flight = None  # The step of a save not known to be written.
+    self._failed = False  # Whether a StorageError was raised.
+    self._failed_in_a_row = 0  # Saves that failed and were tried again.
+    _quiet_background_failures()
+
+  def _open(self):
     options = ocp.CheckpointManagerOptions(
         # Preemption saves are the train loop's (core/preemption.py).
-        save_decision_policy=policies.FixedIntervalPolicy(every_steps),
-        preservation_policy=policies.LatestN(keep),
+        save_decision_policy=policies.FixedIntervalPolicy(self._every),
+        preservation_policy=policies.LatestN(self._keep),
         enable_async_checkpointing=True,
         # Saves killed midway leave `<step>.orbax-checkpoint-tmp*` behind:
         # removed by process 0 in the background, before the first save.
         cleanup_tmp_directories=True)
     # A declared handler lets item_metadata read a step before any save.
-    self._manager = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         self._directory, item_handlers=ocp.PyTreeCheckpointHandler(
             type_handler_registry=_type_handlers()), options=options)
-    self._in_flight = None  # The step of a save not known to be written.
-    self._failed = False  # Whether a StorageError was raised.
-    _quiet_background_failures()
 
   def latest_step(self):
     """The newest finished step, or None. Orbax lists every step-named
@@ -99,15 +124,27 @@ class Checkpointer:
 
   def save(self, step, state, force=False):
     """Saves if the policy says so (or `force`); returns whether it saved.
-    Raises StorageError if the save before it failed (it is waited for
-    first, so that the error names its step) or this one cannot start."""
-    self.wait()
+    Waits for the save before it first: if that one failed as storage that
+    may recover fails (`_transient`), this one tries again, up to
+    len(RETRY_DELAYS_S) times in a row; otherwise, or after that, raises
+    StorageError naming the failed step. So does a save that cannot start."""
+    self._wait(retry='at the next save')
     with self._storage_errors(step):
       saved = self._manager.save(step, args=ocp.args.PyTreeSave(state),
                                  force=force)
     if saved:
       self._in_flight = step
     return saved
+
+  def save_now(self, step, state):
+    """Saves `step` and waits until it is written: the last step, or the one
+    a preemption notice stopped at. A failure that may pass is tried again
+    after each of RETRY_DELAYS_S, from `state`, still at hand."""
+    for delay in (*RETRY_DELAYS_S, None):
+      self.save(step, state, force=True)
+      if self._wait(retry=delay and f'in {delay:g} s'):
+        return
+      time.sleep(delay)
 
   def reached_preemption(self, step):
     return self._manager.reached_preemption(step)
@@ -125,20 +162,22 @@ class Checkpointer:
     to `damaged/`, so that saving its step again does not collide and the
     `keep` rotation does not count it. Raises CheckpointMismatchError, moving
     nothing, if a step reads but does not fit `abstract_state` (a changed
-    config), and DamagedCheckpointError if no step is left but damaged ones:
-    starting afresh then would silently drop the run.
+    config), DamagedCheckpointError if no step is left but damaged ones:
+    starting afresh then would silently drop the run, and StorageError if the
+    storage fails beyond a step.
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
-      state, reason = _try_restore(self._manager, self._directory, step,
-                                   abstract_state, _restore_args)
-      # A process reads only its own shards: every process must agree.
-      if _on_every_process(reason is None):
+      state, failure = _try_restore(self._manager, self._directory, step,
+                                    abstract_state, _restore_args)
+      failure = _agreed(failure)
+      if failure is None:
         return state, step
+      if failure.kind == _STORAGE:
+        raise _unreadable(step, self._directory, failure)
       moved = self._move_aside(step)
-      _warn_damaged(step, self._directory, reason or 'another process '
-                    'could not read it', f'moved it to {moved} and',
-                    steps[i + 1:])
+      _warn_damaged(step, self._directory, failure.reason,
+                    f'moved it to {moved} and', steps[i + 1:])
     damaged = self._directory / DAMAGED
     if damaged.is_dir() and any(damaged.iterdir()):
       raise DamagedCheckpointError(
@@ -163,9 +202,19 @@ class Checkpointer:
 
   def wait(self):
     """Waits for the save in flight; raises StorageError if it failed."""
-    with self._storage_errors(self._in_flight):
+    self._wait(retry=None)
+
+  def _wait(self, retry):
+    """Waits for the save in flight: whether it was written (or none was in
+    flight). With `retry` (when it is tried again, in words), a failure that
+    may pass is one warning line and False, up to len(RETRY_DELAYS_S) in a
+    row; else StorageError."""
+    with self._storage_errors(self._in_flight, retry):
       self._manager.wait_until_finished()
-    self._in_flight = None
+      if self._in_flight is not None:
+        self._in_flight, self._failed_in_a_row = None, 0
+      return True
+    return False
 
   def close(self):
     """Waits for the save in flight and closes. A StorageError has closed
@@ -176,21 +225,40 @@ class Checkpointer:
     self._in_flight = None
 
   @contextlib.contextmanager
-  def _storage_errors(self, step):
+  def _storage_errors(self, step, retry=None):
     """Turns the failure of the save of `step` to write, from whichever
-    thread it comes, into one StorageError line, and closes. Other
-    exceptions are bugs and keep their tracebacks."""
+    thread it comes, into one StorageError line, and closes. With `retry`
+    (when it is tried again, in words) and a single process, a failure that may pass (`_transient`) is instead one warning line and a
+    fresh manager for the next save, up to len(RETRY_DELAYS_S) in a row.
+    Other exceptions are bugs and keep their tracebacks.
+
+    In a multi-host job one process's failure is not retried: the others
+    wait for it in orbax's commit; its StorageUnavailableError stops the job
+    for a restart instead (core/liveness.py)."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-exception-caught
-      failure = _storage_failure(e)
+      cause = _transient(e)
+      failure = cause or _storage_failure(e)
       if failure is None:
         raise
-      self._in_flight, self._failed = None, True
-      message = (f'Cannot save step {step} to {self._directory}: {failure}; '
+      self._in_flight = None
+      if (retry and cause and jax.process_count() == 1 and
+          self._failed_in_a_row < len(RETRY_DELAYS_S)):
+        self._failed_in_a_row += 1
+        logging.warning('Saving step %s to %s failed (%s); trying again %s.',
+                        step, self._directory, cause, retry)
+        self._close_after_failure()
+        self._manager = self._open()
+        return
+      self._failed = True
+      tries = self._failed_in_a_row + 1
+      message = (f'Cannot save step {step} to {self._directory}: {failure}'
+                 f'{f" ({tries} saves in a row)" if tries > 1 else ""}; '
                  f'{self._newest_good()}')
       self._close_after_failure()
-      raise errors.StorageError(message) from e
+      error = errors.StorageUnavailableError if cause else errors.StorageError
+      raise error(message) from e
 
   def _close_after_failure(self):
     """Lets orbax's threads end now rather than at the interpreter's exit,
@@ -199,7 +267,7 @@ class Checkpointer:
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-exception-caught
-      if _storage_failure(e) is None:
+      if _storage_failure(e) is None and _transient(e) is None:
         raise
 
   def _newest_good(self):
@@ -268,10 +336,24 @@ def newest_finished(workdir):
   return max(found)[1:] if found else None
 
 
-def _on_every_process(ok):
+def _agreed(failure):
+  """This process's _Failure (or None), made the worst of every process's:
+  a process reads only its own shards, and all must take the same step."""
   if jax.process_count() == 1:
-    return ok
-  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+    return failure
+  kind = failure.kind if failure else _OK
+  worst = int(multihost_utils.process_allgather(np.int32(kind)).max())
+  if worst == kind:
+    return failure
+  return _Failure(worst, 'another process could not read it' if
+                  worst == _DAMAGED else 'another process cannot reach it')
+
+
+def _unreadable(step, directory, failure):
+  return errors.StorageUnavailableError(
+      f'Cannot read checkpoint step {step} in {directory}: {failure.reason}; '
+      f'nothing was moved, and a rerun resumes from step {step} once the '
+      'storage answers.')
 
 
 def _unfinished(step_dir):
@@ -310,14 +392,24 @@ def _storage_failure(e):
   return None
 
 
+# orbax's warning on a step without its item metadata, which the one line
+# naming the step says better.
+_ORBAX_RESTORE_NOISE = ('call `restore` with an appropriate `CheckpointArgs` '
+                        'subclass.')
+
+
 class _DropBackgroundFailures(py_logging.Filter):
   """Drops the reports of a failed save's background threads: orbax logs
   the error with its traceback once for each array, thread and stage it
   passes (tens of them), and asyncio logs each future orbax left
   unretrieved. The same error reaches the main thread as one StorageError.
-  Records of any other error pass."""
+  Also orbax's warning before a step without metadata is reported as
+  damaged. Records of any other error pass."""
 
   def filter(self, record):
+    if '/orbax/' in record.pathname and record.getMessage().endswith(
+        _ORBAX_RESTORE_NOISE):
+      return False
     exc = record.exc_info[1] if record.exc_info else None
     if exc is None or not ('/orbax/' in record.pathname or
                            record.name == 'asyncio'):
@@ -366,61 +458,113 @@ def _mismatch(saved, wanted):
                       f'{"checkpoint" if first in saved else "config"}')
 
 
-def _try_restore(manager, directory, step, target, restore_args, key=None):
-  """(restored tree, None), or (None, why `step` cannot be restored).
+class _Failure(collections.namedtuple('_Failure', 'kind reason')):
+  """Why a step did not restore: _DAMAGED (its files) or _STORAGE (the
+  storage beyond it), and in a few words."""
 
-  Raises CheckpointMismatchError if the step reads but its arrays do not fit
-  `target` (the tree under `key` of the checkpoint when a key is given).
+
+_OK, _DAMAGED, _STORAGE = 0, 1, 2  # Ordered: the worst outcome wins.
+
+
+def _try_restore(manager, directory, step, target, restore_args, key=None):
+  """(restored tree, None), or (None, _Failure).
+
+  A read that fails as the storage fails (`_transient`) is tried again after
+  each of RETRY_DELAYS_S; one that still fails is the step's damage only if
+  the storage beyond it answers. Raises CheckpointMismatchError if the step
+  reads but its arrays do not fit `target` (the tree under `key` of the
+  checkpoint when a key is given).
   """
+  for delay in (*RETRY_DELAYS_S, None):
+    try:
+      return _restore_step(manager, directory, step, target, restore_args,
+                           key), None
+    except CheckpointMismatchError:
+      raise
+    except _NotRestorable as e:
+      return None, _Failure(_DAMAGED, str(e))
+    # Damage surfaces as OSError, ValueError, TypeError, tensorstore errors
+    # and orbax's bare Exception around them.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      cause = _transient(e)
+      if cause is None:
+        return None, _Failure(_DAMAGED, _reason(e))
+      if delay is not None:
+        logging.warning('Reading checkpoint step %d in %s failed (%s); '
+                        'trying again in %g s.', step, directory, cause, delay)
+        time.sleep(delay)
+        continue
+      tries = (f'{cause}, {len(RETRY_DELAYS_S) + 1} times over '
+               f'{sum(RETRY_DELAYS_S):g} s')
+      if _storage_answers(directory, step):
+        return None, _Failure(_DAMAGED, f'{tries}, while the storage around '
+                              'it answers')
+      return None, _Failure(_STORAGE, f'{tries}, and the storage around it '
+                            'does not answer either')
+
+
+class _NotRestorable(Exception):
+  """A step that is no checkpoint (its message says why)."""
+
+
+def _restore_step(manager, directory, step, target, restore_args, key):
   reason = _unfinished(directory / str(step))
   if reason:
-    return None, reason
+    raise _NotRestorable(reason)
+  saved = manager.item_metadata(step)
+  if saved is None:
+    raise _NotRestorable('no readable metadata')
+  where = f'Checkpoint {directory} (step {step})'
+  if key and key not in saved:
+    raise CheckpointMismatchError(f'{where} holds no {key}.')
+  diff = _mismatch(_shapes(saved[key] if key else saved),
+                   _shapes(target[key] if key else target))
+  if diff:
+    raise CheckpointMismatchError(
+        f'{where} does not match {"config.model" if key else "the config"}'
+        f': {diff[0]} {"parameter" if key else "array"}(s) differ, e.g. '
+        f'{diff[1]}.')
+  return manager.restore(step, args=restore_args(target))
+
+
+def _storage_answers(directory, step):
+  """Whether the storage around a step that keeps failing still answers:
+  its directory is listed and the step's commit marker read. On a storage
+  that has gone (a server down, a lost mount) these fail too."""
   try:
-    with _stderr_muted():
-      saved = manager.item_metadata(step)
-      if saved is None:
-        return None, 'no readable metadata'
-      where = f'Checkpoint {directory} (step {step})'
-      if key and key not in saved:
-        raise CheckpointMismatchError(f'{where} holds no {key}.')
-      diff = _mismatch(_shapes(saved[key] if key else saved),
-                       _shapes(target[key] if key else target))
-      if diff:
-        raise CheckpointMismatchError(
-            f'{where} does not match {"config.model" if key else "the config"}'
-            f': {diff[0]} {"parameter" if key else "array"}(s) differ, e.g. '
-            f'{diff[1]}.')
-      return manager.restore(step, args=restore_args(target)), None
-  except CheckpointMismatchError:
-    raise
-  # Damage surfaces as OSError, ValueError, TypeError, tensorstore errors and
-  # orbax's bare Exception around them.
+    list(directory.iterdir())
+    (directory / str(step) / _COMMITTED).read_text()
+    return True
   except Exception as e:  # pylint: disable=broad-exception-caught
-    return None, _reason(e)
+    if _transient(e) is None:
+      raise
+    return False
 
 
-@contextlib.contextmanager
-def _stderr_muted(drain_s=0.5):
-  """Keeps a failed restore to the one warning line: when one read of a
-  damaged step fails, tensorstore completes the step's other reads into
-  orbax's closed event loop, and each prints a traceback ("Event loop is
-  closed") straight to file descriptor 2. The outcome is reported from the
-  exception, so fd 2 is muted while a restore runs (and, after a failure,
-  settles)."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    yield
-  except Exception:
-    time.sleep(drain_s)
-    raise
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
+def _transient(e):
+  """`e`'s cause in a few words if it is a storage's that may answer when
+  asked again (_TRANSIENT_ERRNO, _TRANSIENT_STATUS, the GCS client's
+  retriable errors), else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+      return e.strerror or os.strerror(e.errno)
+    if isinstance(e, (ConnectionError, TimeoutError)) or _gcs_retriable(e):
+      return _reason(e)
+    code = _OS_ERROR_CODE.search(str(e))
+    if code and int(code.group(1)) in _TRANSIENT_ERRNO:
+      return os.strerror(int(code.group(1)))
+    if str(e).startswith(_TRANSIENT_STATUS):
+      return _reason(e).split(': ', 1)[-1]
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _gcs_retriable(e):
+  """Whether gcsfs (epath's gs:// files) counts `e` as worth retrying."""
+  retry = sys.modules.get('gcsfs.retry')
+  return retry is not None and retry.is_retriable(e)
 
 
 def _warn_damaged(step, directory, reason, done, older):
@@ -446,6 +590,7 @@ def load_params(path, abstract_params, key='ema_params'):
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.PyTreeCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(create=False))
+  _quiet_background_failures()
   steps = [step] if step is not None else sorted(manager.all_steps(),
                                                  reverse=True)
   if not steps:
@@ -456,15 +601,19 @@ def load_params(path, abstract_params, key='ema_params'):
 
   try:
     for i, s in enumerate(steps):
-      restored, reason = _try_restore(manager, directory, s, target,
-                                      restore_args, key)
-      if reason is None:
+      restored, failure = _try_restore(manager, directory, s, target,
+                                       restore_args, key)
+      failure = _agreed(failure)
+      if failure is None:
         return restored[key], s
+      if failure.kind == _STORAGE:
+        raise _unreadable(s, directory, failure)
       if step is not None:
         raise DamagedCheckpointError(
             f'Checkpoint step {s} in {directory} cannot be restored '
-            f'({reason}).')
-      _warn_damaged(s, directory, reason, 'left it there and', steps[i + 1:])
+            f'({failure.reason}).')
+      _warn_damaged(s, directory, failure.reason, 'left it there and',
+                    steps[i + 1:])
     raise DamagedCheckpointError(
         f'No checkpoint in {directory} can be restored: every step is '
         'damaged (see the warnings above).')

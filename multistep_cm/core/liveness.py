@@ -13,7 +13,8 @@ set longer, as the backstop. A process whose counter stops for TIMEOUT
 seconds is named, with the newest checkpoint, and the others exit with
 EXIT_CODE. A process that ends says so first: "done" (finished or
 preempted) is not waited for, "failed" (an error, which it reports itself)
-stops the others at once with exit 1. A process that meets an unexpected
+stops the others at once with exit 1, "restart" (storage it could not reach
+after its retries) with EXIT_CODE. A process that meets an unexpected
 error first waits for the others to end or to be found lost, saying "error"
 meanwhile: on CPUs a collective whose peer died fails at once, and only the
 watch can then tell that a process was lost.
@@ -25,7 +26,6 @@ import threading
 import time
 
 import jax
-from jax._src import distributed
 
 from multistep_cm.core import checkpoint
 from multistep_cm.core import errors
@@ -36,6 +36,8 @@ DEFAULT_TIMEOUT_S = 100  # jax's default heartbeat timeout.
 JAX_TIMEOUT_FACTOR = 2  # jax's own heartbeat timeout, the backstop.
 KEY = 'multistep_cm/alive/'
 DONE, FAILED, ERROR = 'done', 'failed', 'error'
+# Failed in a way a restart may mend (its storage, a transient error).
+RESTART = 'restart'
 
 
 def newest_checkpoint(workdir):
@@ -49,7 +51,21 @@ def newest_checkpoint(workdir):
 
 
 def _client():
-  return distributed.global_state.client
+  """jax's client of the coordination service, whose key-value store holds
+  the beats. jax has no public API for it (jax.distributed offers only
+  initialize, is_initialized and shutdown), so it is taken from where jax's
+  own multihost_utils takes it, at run time: a jax that moved it stops a
+  multi-host run in one line, and single-process runs never look."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client
+  except (ImportError, AttributeError):
+    raise errors.UserError(
+        "multi-host liveness needs jax's distributed client "
+        '(jax._src.distributed.global_state.client), which jax '
+        f'{jax.__version__} does not have: install the jax setup.py names '
+        "(pip install -e .).") from None
 
 
 class Watch:
@@ -62,9 +78,11 @@ class Watch:
     self._stop = threading.Event()
     self._error = threading.Event()
     self._thread = None
+    self._client = None
 
   def __enter__(self):
     if jax.process_count() > 1:
+      self._client = _client()
       self._thread = threading.Thread(target=self._run, daemon=True,
                                       name='liveness')
       self._thread.start()
@@ -76,7 +94,7 @@ class Watch:
     if exc_type is None or issubclass(exc_type, preemption.Preempted):
       self._say(DONE)
     elif issubclass(exc_type, errors.UserError):
-      self._say(FAILED)
+      self._say(RESTART if exc.exit_code == EXIT_CODE else FAILED)
     else:
       # The thread ends when every other process has ended too, or exits
       # naming the one that was lost.
@@ -90,8 +108,8 @@ class Watch:
   def _say(self, value):
     self._stop.set()
     try:
-      _client().key_value_set(f'{KEY}{jax.process_index()}', value,
-                              allow_overwrite=True)
+      self._client.key_value_set(f'{KEY}{jax.process_index()}', value,
+                                 allow_overwrite=True)
     except Exception:  # pylint: disable=broad-exception-caught
       pass  # The coordinator is gone: nobody is left to tell.
 
@@ -105,8 +123,8 @@ class Watch:
       count += 1
       mine = ERROR if self._error.is_set() else str(count)
       try:
-        _client().key_value_set(f'{KEY}{me}', mine, allow_overwrite=True)
-        values = dict(_client().key_value_dir_get(KEY))
+        self._client.key_value_set(f'{KEY}{me}', mine, allow_overwrite=True)
+        values = dict(self._client.key_value_dir_get(KEY))
         reached = now
       except Exception:  # pylint: disable=broad-exception-caught
         if now - reached > self.timeout_s:
@@ -120,6 +138,8 @@ class Watch:
           beats.pop(i)  # Ended, and says why itself.
         elif value == FAILED:
           self._exit(i, n, 'failed (its log says why)', code=1)
+        elif value == RESTART:
+          self._exit(i, n, 'failed to reach its storage (its log says why)')
         elif value != seen:
           beats[i] = (value, now)
         elif now - since > self.timeout_s:

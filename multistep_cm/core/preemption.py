@@ -13,7 +13,9 @@ import signal
 
 import jax
 
-EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, the same command resumes.
+from multistep_cm.core import errors
+
+EXIT_CODE = errors.RESTART_EXIT_CODE  # The same command resumes.
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
