@@ -67,6 +67,9 @@ setuptools.setup(
         'test': ['pytest>=9.1.1,<9.2', 'pytest-xdist>=3.8.0', 'torch>=2.13.0',
                  'open_clip_torch>=3.3.0', 'torchvision==0.28.0',
                  'safetensors>=0.8.0', 'diffusers>=0.42.1', 'timm>=1.0.31',
+                 # A GCS server on loopback for the gs:// tests, exactly
+                 # this release: tests/gcs.py patches its handlers.
+                 'gcp-storage-emulator==2026.7.19',
                  # The tests build tfds datasets and compare with tf's ops.
                  'tensorflow-cpu>=2.21.0'],
     },

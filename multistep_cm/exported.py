@@ -7,7 +7,8 @@ manifest. This file reads it. It imports only jax, numpy and the standard
 library, never the rest of the package, so a serving program can copy it
 next to an artifact and use it on its own (jax reads the program with the
 `flatbuffers` package, which it does not install: docs/serving.md gives
-the one pip line):
+the one pip line). An artifact on gs:// is read through etils' epath and
+gcsfs, imported only then:
 
   sampler = exported.load('/tmp/digits/cd_s8/export/step1500_student8')
   images = sampler.sample(0, labels=np.arange(10))  # uint8 (10, 8, 8, 1)
@@ -27,6 +28,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -200,14 +202,52 @@ def _read_weights(directory, manifest, avals):
 
 def load(directory):
   """The exported sampler in `directory`, checked: its format, the SHA-256
-  of each file, and a calling convention version this jax can run."""
+  of each file, and a calling convention version this jax can run. A URL
+  (gs://...) is copied to a temporary directory first, through etils'
+  epath (with gcsfs for gs://), which only this needs."""
   directory = os.fspath(directory)
+  if '://' not in directory:
+    return _load(directory)
+  with tempfile.TemporaryDirectory() as local:
+    _copy_from(directory, local)
+    return _load(local)
+
+
+def _load(directory):
   manifest = _read_manifest(directory)
   _check_files(directory, manifest)
   program = _deserialize(directory, manifest)
   _check_program(directory, manifest, program)
   weights = _read_weights(directory, manifest, program.in_avals)
   return Sampler(manifest, program, weights)
+
+
+def _copy_from(url, local):
+  """The files of the artifact at `url` (its manifest's, and the manifest)
+  into `local`."""
+  try:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f'reading {url} needs etils: pip install '
+                      "'etils[epath]' gcsfs, or copy the directory to a "
+                      'local disk first.') from None
+  source = epath.Path(url)
+  try:
+    names = [MANIFEST] + sorted(
+        json.loads((source / MANIFEST).read_text()).get('files', {}))
+    for name in names:
+      if '/' in name or name.startswith('.'):
+        raise ArtifactError(f'{url}/{MANIFEST} lists {name!r}: damaged.')
+      if (source / name).exists():
+        (epath.Path(local) / name).write_bytes((source / name).read_bytes())
+  except (ArtifactError, ImportError):
+    raise
+  except FileNotFoundError:
+    raise ArtifactError(f'{url} has no {MANIFEST}: not an exported '
+                        'sampler.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ArtifactError(f'{url} cannot be read: {line}') from None
 
 
 class Sampler:

@@ -217,7 +217,9 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from multistep_cm.core import liveness
   from multistep_cm.core import preemption
+  from multistep_cm.core import storage
   # pylint: enable=g-import-not-at-top
+  storage.configure()
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.mode == 'describe':
     from multistep_cm import describe  # pylint: disable=g-import-not-at-top
@@ -232,6 +234,12 @@ def main(argv):
       _run_mode(config, workdir)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
+    if jax.distributed.is_initialized():
+      # The others stop on this process's word (liveness.Watch); jax's
+      # shutdown at exit would wait for them, then abort from C++ over the
+      # line above.
+      sys.stdout.flush()
+      os._exit(e.exit_code)  # pylint: disable=protected-access
     sys.exit(e.exit_code)
   except preemption.Preempted as e:
     print(e, file=sys.stderr, flush=True)

@@ -42,6 +42,10 @@ import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# gs:// on a GCS emulator on loopback: the fixtures gcs_server, gcs_bucket
+# (in-process) and gcs_env (for the processes tests start).
+pytest_plugins = ['tests.gcs']
+
 
 @pytest.fixture
 def count_compiles():

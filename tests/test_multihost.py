@@ -308,3 +308,52 @@ def test_a_jax_without_the_client_imports_and_runs_one_process(
   with fresh.Watch(str(tmp_path)):
     ran.append(jax.process_count())
   assert ran == [1]
+
+
+# Put first on process 1's PYTHONPATH: its share of step 40's arrays fails
+# to write, as one host's storage (a mount, a network path) fails while the
+# others' is fine; process 0 writes its share and waits in orbax's commit.
+ONE_HOST_FAILS_AT_40 = '''
+import errno
+import os
+import re
+
+if os.environ.get('JAX_PROCESS_ID') == '1':
+  import orbax.checkpoint as ocp
+  _real = ocp.type_handlers.ArrayHandler.serialize
+
+  async def _serialize(self, values, infos, args=None):
+    if any(re.search(r'/40(\\.orbax|/)', str(i.parent_dir)) for i in infos):
+      raise OSError(errno.EIO, os.strerror(errno.EIO))
+    return await _real(self, values, infos, args)
+  ocp.type_handlers.ArrayHandler.serialize = _serialize
+'''
+
+
+def test_one_hosts_storage_failing_stops_the_job_for_a_restart(tmp_path):
+  """Process 1 cannot save step 40: it says so, process 0 names it and the
+  newest good step (20), both stop at the next save (60) within the
+  heartbeat timeout, the launcher exits 75 (restart), and a rerun resumes
+  from step 20."""
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(ONE_HOST_FAILS_AT_40)
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, 'launch/local.py', '--processes=2',
+       '--devices_per_process=2', '--', f'--config={CONFIG}',
+       f'--workdir={workdir}', *LONG[:3], '--config.ckpt_every=20',
+       '--heartbeat_timeout_s=5'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=f'{site}{os.pathsep}{ROOT}'),
+      capture_output=True, text=True, timeout=300, check=False)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == preemption.EXIT_CODE, out[-3000:]
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  assert (f'[1] error: Cannot save step 40 to {checkpoints}: Input/output '
+          'error; the newest good checkpoint is step 20, and a rerun resumes '
+          'from it.\n') in out, out[-3000:]
+  assert ('[0] error: process 1 of 2 failed to reach its storage (its log '
+          f'says why); the newest checkpoint is step 20 in {checkpoints}: '
+          'restart the job to resume from it (exit 75).\n') in out, out[-3000:]
+  assert 'Traceback' not in out and 'Check failure' not in out, out[-3000:]
+  assert 'Resuming from the checkpoint of step 20.' in _rerun(workdir, 20)
