@@ -159,3 +159,27 @@ def test_a_stalled_gcsfs_request_is_retried(gcs_bucket, monkeypatch):
   started = time.time()
   assert path.read_text() == 'intact'
   assert rule.injected == 1 and time.time() - started < 15
+
+
+def test_a_damaged_step_on_gs_is_moved_aside(gcs_bucket, caplog):
+  """The quarantine on gs://, where moving a step is a move of each of its
+  objects: a step whose metadata is gone is moved to damaged/, the step
+  before restores, and the damaged step's number can be saved again."""
+  from tests import test_checkpoint  # pylint: disable=g-import-not-at-top
+  from multistep_cm.core import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = gcs_bucket.path('checkpoints')
+  test_checkpoint._save(directory)  # pylint: disable=protected-access
+  for name in gcs_bucket.names('checkpoints/30/'):
+    if name.endswith('/_METADATA'):
+      epath.Path(gcs_bucket.path(name)).unlink()
+  ckpt = checkpoint.Checkpointer(directory, every_steps=10, keep=3)
+  with caplog.at_level('WARNING'):
+    state, step = ckpt.restore_latest_intact(test_checkpoint.ABSTRACT)
+  assert step == 20
+  test_checkpoint._assert_equal(state, test_checkpoint._state(20))  # pylint: disable=protected-access
+  assert _committed(gcs_bucket, 'checkpoints/damaged') == [30]
+  assert _committed(gcs_bucket, 'checkpoints') == [10, 20]
+  assert ckpt.save(30, test_checkpoint._state(31))  # pylint: disable=protected-access
+  ckpt.wait()
+  assert _committed(gcs_bucket, 'checkpoints') == [10, 20, 30]
+  ckpt.close()

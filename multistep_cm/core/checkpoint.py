@@ -43,6 +43,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from multistep_cm.core import errors
 
 DAMAGED = 'damaged'
+_DAMAGED_README = ('Checkpoint steps that could not be restored, moved here '
+                   'by multistep_cm (never deleted): see the run\'s log.\n')
 # The file orbax writes into a step last, just before renaming it into place.
 _COMMITTED = 'commit_success.txt'
 # An array is split among the devices holding a copy of it, each writing a
@@ -194,6 +196,10 @@ class Checkpointer:
       n += 1
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
+      if not target.parent.exists():
+        # An object store (gs://) keeps no empty directories, and a move
+        # needs its target's to exist.
+        (target.parent / 'README').write_text(_DAMAGED_README)
       (self._directory / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint: moved step {step}')
