@@ -19,12 +19,16 @@ and config.evaluate's overrides, as --mode=evaluate samples:
 installed (the format's reader: its constants are the format). The directory is written
 under a temporary name and renamed into place, so a re-export replaces it
 and a reader never sees a half-written one (for an instant between two
-renames, none).
+renames, none). On gs://, where renaming a directory moves its objects one
+at a time, the manifest leaves the old artifact first and enters the new
+one last: a reader finds a whole artifact, or none (no manifest.json), never
+a manifest whose files are still moving.
 """
 
 import hashlib
 import io
 import json
+import os
 
 from absl import logging
 from etils import epath
@@ -197,13 +201,24 @@ def _write(directory, exp, weights, record):
 
 def _replace(tmp, final):
   """`tmp` renamed to `final`; an existing `final` is moved aside first and
-  then deleted (a directory cannot be renamed over a full one)."""
+  then deleted (a directory cannot be renamed over a full one). On a local
+  disk each is one rename; on an object store (a URL: gs://) a directory
+  rename moves each object in turn, in no set order, so the manifest, which
+  makes a directory an artifact, is taken out first and put in last."""
   old = final.parent / (final.name + '.old')
+  manifest = None
+  if '://' in os.fspath(final):
+    manifest = (tmp / exported.MANIFEST).read_bytes()
+    (tmp / exported.MANIFEST).unlink()
+    if (final / exported.MANIFEST).exists():
+      (final / exported.MANIFEST).unlink()
   if old.exists():
     old.rmtree()
   if final.exists():
     final.rename(old)
   tmp.rename(final)
+  if manifest is not None:
+    (final / exported.MANIFEST).write_bytes(manifest)
   if old.exists():
     old.rmtree()
 

@@ -1240,6 +1240,20 @@ class GcsBucket:
   def path(self, *parts):
     return '/'.join((self.root,) + parts)
 
+  def upload(self, local, *parts, keep=lambda rel: True):
+    """Every file under the local directory `local` (those whose relative
+    path `keep` accepts) to the same place under path(*parts), as
+    `gcloud storage cp -r` copies a directory; returns that gs:// path."""
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    url = self.path(*parts)
+    for parent, _, files in os.walk(local):
+      for f in files:
+        rel = os.path.relpath(os.path.join(parent, f), local)
+        if keep(rel):
+          with open(os.path.join(parent, f), 'rb') as data:
+            (epath.Path(url) / rel).write_bytes(data.read())
+    return url
+
   @property
   def proxy(self):
     return self.server.proxy

@@ -3,11 +3,13 @@ embedded datasets' metrics, and the Inception and DINOv2 metrics end to end
 (reference statistics, FID and FD-DINOv2 during training, --mode=evaluate)
 on a fake ImageNet source."""
 
+import io
 import json
 import logging as py_logging
 import os
 import shutil
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,12 +149,16 @@ def random_dinov2_npz(path):
 
 
 @pytest.mark.usefixtures('eigen_frechet')
-def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
+def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch,
+                                                  gcs_bucket):
   """The real-data code path (random access by global index, preprocessing,
   each process's share) on 12 random 64x64 examples standing in for the
   array_record files (their reading: test_tfds_source.py): reference
   statistics of both feature networks in one pass, a training run with FID
-  and FD-DINOv2 at its evaluation, then --mode=evaluate."""
+  and FD-DINOv2 at its evaluation, then --mode=evaluate with the weights,
+  the reference and the workdir on gs:// (local ones: the training's
+  evaluation here, and --mode=evaluate in test_imported_teacher.py and
+  test_text2image.py)."""
   rng = np.random.default_rng(0)
   examples = [{'image': rng.integers(0, 256, (64, 64, 3), np.uint8),
                'label': i % 1000} for i in range(12)]
@@ -186,13 +192,31 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   assert np.isfinite(scores['fid']) and scores['fid'] > 0
   assert np.isfinite(scores['fd_dinov2']) and scores['fd_dinov2'] > 0
 
+  # The run copied to gs:// (its checkpoints, as `gcloud storage cp -r`
+  # copies them), and the weights and the reference beside it.
+  remote = gcs_bucket.path('run')
+  gcs_bucket.upload(os.path.join(workdir, 'checkpoints'), 'run', 'checkpoints')
+  for key in ('inception_weights', 'dinov2_weights', 'reference'):
+    url = gcs_bucket.path(os.path.basename(config.evaluate[key]))
+    epath.Path(url).write_bytes(epath.Path(config.evaluate[key]).read_bytes())
+    config.evaluate[key] = url
   config.evaluate.num_samples = 12
   config.evaluate.chunk_size = 8
-  record = evaluation.run(config, workdir)
+  record = evaluation.run(config, remote)
   m = record['metrics']
   assert np.isfinite(m['fid']) and m['inception_score'] >= 1.
   assert 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
-  assert record['reference']['path'] == ref_path
+  assert record['reference']['path'] == config.evaluate.reference
+  out = epath.Path(record['samples_npz']).parent
+  assert os.fspath(out).startswith(f'{remote}/eval/step2_')
+  # What it wrote, complete (no *.tmp left), on gs:// and read back from it.
+  prefix = f'run/eval/{out.name}/'
+  assert sorted(gcs_bucket.names(prefix)) == [prefix + f for f in (
+      'chunk_00000.npz', 'chunk_00001.npz', 'grid.png', 'protocol.json',
+      'samples.npz', 'spec.json')]
+  assert json.loads((out / 'protocol.json').read_text()) == json.loads(
+      json.dumps(record))
+  assert (out / 'grid.png').read_bytes().startswith(b'\x89PNG\r\n\x1a\n')
   assert record['inception']['sha256'] == config.evaluate.inception_sha256
   assert record['dinov2']['sha256'] == config.evaluate.dinov2_sha256
   assert np.isfinite(m['fd_dinov2']) and m['fd_dinov2'] > 0
@@ -200,17 +224,17 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch):
   assert os.path.dirname(record['samples_npz']).endswith('_dinov2')
   assert record['reference']['statistics'] == {'fid': 'from the file',
                                                'fd_dinov2': 'from the file'}
-  with np.load(record['samples_npz']) as f:
+  samples = (out / 'samples.npz').read_bytes()
+  with np.load(io.BytesIO(samples)) as f:
     assert f['arr_0'].shape == (12, 64, 64, 3) and f['arr_0'].dtype == np.uint8
     np.testing.assert_array_equal(f['arr_1'], np.arange(12) % 1000)
   # The features were computed from exactly the uint8 images written: what
   # the ADM evaluator reads from samples.npz.
   params = fid.Detectors(config).params['inception']
   mesh = sharding.make_mesh(('data', 'fsdp'), (-1, 1))
-  chunk = os.path.join(os.path.dirname(record['samples_npz']),
-                       'chunk_00000.npz')
+  chunk = io.BytesIO((out / 'chunk_00000.npz').read_bytes())
   weights = dinov2.load_weights(config.evaluate.dinov2_weights)
-  with np.load(record['samples_npz']) as f, np.load(chunk) as c:
+  with np.load(io.BytesIO(samples)) as f, np.load(chunk) as c:
     feats, _ = fid.image_features(f['arr_0'][:8], params, mesh, 8)
     np.testing.assert_allclose(feats, c['features'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 
 import jax
 import numpy as np
@@ -481,3 +482,65 @@ def test_a_stochastic_sampler_takes_its_step_keys(student, tmp_path):
   with pytest.raises(exported.InputError) as e:
     sampler.sample(np.zeros((7, 8, 8, 1)), _labels(7))
   assert 'pass a seed, not noise' in _one_line(e)
+
+
+def _changes(proxy, prefix):
+  """The changes to the objects under `prefix` that the proxy saw, in order:
+  ('write', name), ('delete', name) or ('move', name, new name), the names
+  relative to `prefix`."""
+  out = []
+  for r in proxy.requests:
+    path, _, query = r['path'].partition('?')
+    path = urllib.parse.unquote(path)
+    if r['status'] not in (200, 204):
+      continue
+    if r['method'] == 'DELETE':
+      out.append(('delete', path.split('/o/', 1)[1]))
+    elif r['method'] == 'POST' and '/moveTo/o/' in path:
+      out.append(('move', *path.split('/o/', 1)[1].split('/moveTo/o/')))
+    elif r['method'] == 'POST' and 'upload_id=' in query:  # An upload's end.
+      out.append(('write', urllib.parse.parse_qs(query)['name'][0]))
+  return [(what, *(n[len(prefix):] for n in names))
+          for what, *names in out if names[0].startswith(prefix)]
+
+
+def test_export_to_gs_and_load_from_it(student, artifact, loaded, gcs_bucket):
+  """A workdir on gs://: --mode=export writes the artifact there and
+  exported.load reads it back (its files copied to a temporary directory
+  through etils.epath): the local artifact's files byte for byte, and its
+  images. A directory rename on GCS moves one object after another, in no
+  set order: the manifest leaves the old artifact first and enters the new
+  one last, so a reader never finds a manifest whose files are moving."""
+  config, workdir = student
+  remote = gcs_bucket.path('cd')
+  gcs_bucket.upload(workdir / 'checkpoints', 'cd', 'checkpoints')
+  proxy = gcs_bucket.proxy
+  name = artifact.name
+  files = sorted([exported.MANIFEST, exported.PROGRAM, exported.WEIGHTS])
+  moved = sorted(set(files) - {exported.MANIFEST})
+  for again in (False, True):
+    proxy.reset()
+    directory = export.run(config, remote)
+    assert os.fspath(directory) == f'{remote}/export/{name}'
+    assert gcs_bucket.names('cd/export/') == [
+        f'cd/export/{name}/{f}' for f in files]
+    for f in files:
+      assert (directory / f).read_bytes() == (artifact / f).read_bytes()
+    changes = _changes(proxy, 'cd/export/')
+    into = [i for i, c in enumerate(changes)
+            if c[0] == 'move' and c[2].startswith(name + '/')]
+    assert sorted(changes[i][2] for i in into) == [f'{name}/{f}'
+                                                   for f in moved]
+    assert changes.index(('write', f'{name}/{exported.MANIFEST}')) > max(into)
+    if again:  # The old artifact: no longer one before its files move.
+      out = [i for i, c in enumerate(changes)
+             if c[0] == 'move' and c[1].startswith(name + '/')]
+      assert sorted(changes[i][2] for i in out) == [f'{name}.old/{f}'
+                                                    for f in moved]
+      assert (changes.index(('delete', f'{name}/{exported.MANIFEST}')) <
+              min(out) and max(out) < min(into))
+    else:
+      sampler = exported.load(os.fspath(directory))
+      assert sampler.manifest == loaded.manifest
+      np.testing.assert_array_equal(sampler.sample(SEED, _labels(7)),
+                                    loaded.sample(SEED, _labels(7)))

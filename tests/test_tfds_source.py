@@ -1,6 +1,8 @@
 """Random-access tfds reading, on a tiny dataset built on the fly in
-array_record (and in tfrecord, for the error) in a temporary directory."""
+array_record (and in tfrecord, for the error) in a temporary directory, and
+on a copy of it on gs:// (the tests' GCS emulator: tests/gcs.py)."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import imagenet128
 from multistep_cm import datasets
 from multistep_cm.core import errors
+from multistep_cm.datasets import tfds_images
 from multistep_cm.datasets import tfds_source
 
 NAME = 'msc_tiny_images'
@@ -226,3 +230,50 @@ def test_reads_without_tensorflow(array_record_dir, source):
   x, y = tfds_source.load_rows(source, [4, 1, 9], 8, [1, 2, 3], crop=True)
   np.testing.assert_array_equal(got['x'], x)
   np.testing.assert_array_equal(got['y'], y)
+
+
+def test_reads_a_dataset_on_gs(array_record_dir, gcs_bucket, monkeypatch):
+  """The prepared dataset copied to gs:// (as `tfds build --data_dir=gs://`
+  leaves it) and read through the dataset table, with the data dir given as
+  users give it (config.dataset.data_dir, or TFDS_DATA_DIR): the same
+  examples as the local read. tfds reads the metadata through etils.epath
+  (gcsfs); array_record reads the records itself (riegeli's GcsReader, on
+  google-cloud-cpp)."""
+  remote = gcs_bucket.upload(
+      array_record_dir, 'tfds', keep=lambda rel: rel.startswith(NAME + os.sep))
+  monkeypatch.setitem(datasets.TABLE, 'msc_tiny', functools.partial(
+      tfds_images.TfdsImages, tfds_name=NAME, crop=True))
+
+  def read(data_dir):
+    config = imagenet128.get_config('smoke')
+    config.dataset.name, config.dataset.image_size = 'msc_tiny', 8
+    config.dataset.num_classes, config.dataset.data_dir = NUM_CLASSES, data_dir
+    datasets.check_available(config)
+    batches = datasets.train_batches(config, 8, seed=3, start_step=2,
+                                     rows=slice(0, 8))
+    train = [next(batches) for _ in range(2)]
+    return train, list(datasets.one_pass(config, 'train', 8))
+
+  def read_gs(data_dir):
+    gcs_bucket.proxy.reset()
+    got = read(data_dir)
+    agents = {r['agent'].split('/')[0] for r in gcs_bucket.proxy.requests}
+    assert agents == {'python-gcsfs', 'gl-cpp'}, agents
+    return got
+
+  local = read(array_record_dir)
+  on_gs = read_gs(remote)
+  monkeypatch.setenv('TFDS_DATA_DIR', remote)
+  from_env = read_gs(None)
+  for got in (on_gs, from_env):
+    for a, b in zip(local[0], got[0]):
+      np.testing.assert_array_equal(a['x'], b['x'])
+      np.testing.assert_array_equal(a['cond'], b['cond'])
+    assert len(got[1]) == len(local[1]) == 4
+    for a, b in zip(local[1], got[1]):
+      for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+  # Not prepared there: the one line names the gs:// directory.
+  msg = _error_message(NAME, gcs_bucket.path('elsewhere'))
+  assert f'{gcs_bucket.path("elsewhere", NAME)}' in msg
+  assert f'--data_dir={gcs_bucket.path("elsewhere")} ' in msg
