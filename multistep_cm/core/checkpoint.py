@@ -18,7 +18,8 @@ A save that cannot be written (a full disk, no permission, storage gone)
 fails in orbax's background threads and surfaces at the next save, wait or
 close, which raise errors.StorageError in one line: the step, the directory,
 the cause and the newest good step, which is intact and which a rerun resumes
-from. The background threads' own reports of that failure (a traceback for
+from. A failure that may pass (as above) is tried again first, at the next
+save, and then ends the run as StorageUnavailableError (exit 75, restart). The background threads' own reports of that failure (a traceback for
 each array, thread and never-retrieved future) are dropped.
 """
 
@@ -234,8 +235,9 @@ class Checkpointer:
   def _storage_errors(self, step, retry=None):
     """Turns the failure of the save of `step` to write, from whichever
     thread it comes, into one StorageError line, and closes. With `retry`
-    (when it is tried again, in words) and a single process, a failure that may pass (`_transient`) is instead one warning line and a
-    fresh manager for the next save, up to len(RETRY_DELAYS_S) in a row.
+    (when it is tried again, in words) and a single process, a failure that
+    may pass (`_transient`) is instead one warning line and a fresh manager
+    for the next save, up to len(RETRY_DELAYS_S) in a row.
     Other exceptions are bugs and keep their tracebacks.
 
     In a multi-host job one process's failure is not retried: the others
