@@ -400,6 +400,16 @@ def test_serving_runs_with_only_the_documented_requirements(artifact,
   nfe = json.loads((pathlib.Path(artifact) / exported.MANIFEST).read_text(
       encoding='utf-8'))['nfe']
   assert proc.stdout.split() == [str(nfe), '(10,', '8,', '8,', '1)', 'uint8']
+  # Reading from gs:// is the one thing that needs more, and says what.
+  proc = subprocess.run(
+      [python, '-I', '-c', f'import sys; sys.path.insert(0, {copied_to!r}); '
+       "import exported; exported.load('gs://bucket/artifact')"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "ImportError: reading gs://bucket/artifact needs etils: pip install "
+      "'etils[epath]' gcsfs, or copy the directory to a local disk first."), (
+          proc.stderr[-3000:])
 
 
 def test_without_flatbuffers_loading_says_so_in_one_line(artifact):
