@@ -3,7 +3,7 @@
   python -m multistep_cm.main --config=configs/digits.py --workdir=/tmp/digits
 
 trains the class-conditional diffusion teacher (WORKDIR/teacher; 4000 steps,
-about 10 minutes on a 2-core CPU; FD-digits 2.53 with 128 aDDIM steps), distils
+about 10 minutes on a 2-core CPU; FD-digits 2.53–2.54 with 128 aDDIM steps), distils
 an 8-step student from it with multistep consistency distillation
 (WORKDIR/cd_s8), then prints FD-digits, class accuracy and network evaluations
 for the student and the teacher's aDDIM and DDIM samplers at 8 and 512 steps

@@ -244,24 +244,61 @@ def _words(text):
   return ' '.join(text.split())
 
 
+def _machines():
+  """{row name: (FD-digits, accuracy) per machine column} of
+  docs/results.md's table of the quickstart on each machine."""
+  page = _read('docs/results.md')
+  table = page[page.index('## Why the numbers depend on the machine'):]
+  rows = {}
+  for line in table.splitlines():
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if len(cells) == 4 and re.match(r'[\d.]', cells[1]):
+      rows[cells[0]] = [tuple(re.findall(r'[\d.]+', c)) for c in cells[1:]]
+  return rows
+
+
+def _range(values):
+  """'lo–hi' as the front page prints it, rounded to 2 decimals (1 for a
+  percentage), or one value where they round alike."""
+  digits = 1 if '%' in values[0] else 2
+  rounded = sorted({f'{float(v.rstrip("%")):.{digits}f}' for v in values},
+                   key=float)
+  return '–'.join([rounded[0], rounded[-1]] if len(rounded) > 1 else rounded)
+
+
 def test_figures_quoted_from_the_readme_agree_with_it():
-  """The quickstart's measurements, where other pages quote them."""
+  """The quickstart's measurements, where other pages quote them: each
+  range on the front page spans machines A and B of docs/results.md."""
   readme = _words(_read('README.md'))
   row = lambda name: re.search(
-      rf'\| {re.escape(name)} \| [^|]+ \| \**([\d.]+)\** \| ([\d.]+) %',
+      rf'\| {re.escape(name)} \| [^|]+ \| \**([\d.–]+)\** \| ([\d.–]+) %',
       readme).groups()
-  student, teacher8 = row('**8-step CD student**'), row(
-      'teacher, aDDIM, 8 steps')
-  floor = row('real held-out digits (the floor)')
+  machines = _machines()
+  names = {'**8-step CD student**': '8-step CD student',
+           'teacher, aDDIM, 8 steps': 'teacher, aDDIM, 8 steps',
+           'teacher, DDIM, 8 steps': 'teacher, DDIM, 8 steps',
+           'teacher, aDDIM, 512 steps': 'teacher, aDDIM, 512 steps',
+           'teacher, DDIM, 512 steps': 'teacher, DDIM, 512 steps',
+           'real held-out digits (the floor)': 'real held-out digits'}
+  for front, detail in names.items():
+    a, b = machines[detail][:2]
+    assert row(front) == (_range([a[0], b[0]]),
+                          _range([a[1] + '%', b[1] + '%'])), front
+  a, b = machines['teacher at step 4000, aDDIM, 128 steps'][:2]
   minutes = re.search(r'teacher 4000 steps ≈ (\d+) min', readme).group(1)
-  score = re.search(r'at step 4000 scores ([\d.]+) with 128 aDDIM', readme)
+  score = re.search(r'at step 4000 scores ([\d.–]+) with 128 aDDIM',
+                    readme).group(1)
+  assert score == _range([a[0], b[0]])
   config = _words(digits.__doc__)
   assert (f'4000 steps, about {minutes} minutes on a 2-core CPU; FD-digits '
-          f'{score.group(1)} with 128 aDDIM steps') in config
+          f'{score} with 128 aDDIM steps') in config
+  floor = row('real held-out digits (the floor)')
   assert f'FD-digits {floor[0]} and {floor[1]}% accuracy' in config
   evaluation = _words(_read('docs/evaluation.md'))
+  student, teacher8 = (machines['8-step CD student'][0],
+                       machines['teacher, aDDIM, 8 steps'][0])
   assert (f'{student[0]} and {student[1]} % for the student, {teacher8[0]} '
-          f'and {teacher8[1]} % for the teacher') in evaluation
+          f'and {teacher8[1]} % for the teacher (machine A') in evaluation
   # And the README quotes --mode=evaluate's accuracies as that page has them.
   measured = re.search(r'student scores FD-digits [\d.]+, class accuracy '
                        r'([\d.]+) %; the teacher with 8 aDDIM steps [\d.]+ '
