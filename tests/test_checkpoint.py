@@ -514,3 +514,20 @@ def test_a_save_that_keeps_failing_ends_in_one_line_for_a_restart(
       'it.')
   assert e.value.exit_code == errors.RESTART_EXIT_CODE
   ckpt.close()
+
+
+@pytest.mark.parametrize('error, transient', [
+    (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/c/30/d": '
+                "[os_error_code=28] No space left on device"), None),
+    (ValueError('UNAVAILABLE: Error reading local file "/c/30/d": '
+                "[os_error_code=5] Input/output error"), 'Input/output error'),
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "gs://b/c/30/d": HTTP '
+                'response code: 429'), 'RESOURCE_EXHAUSTED: Error writing '
+     '"gs://b/c/30/d": HTTP response code: 429'),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), None),
+    (ValueError('OUT_OF_RANGE: Error reading "params.w/0.0"'), None),
+])
+def test_what_counts_as_a_passing_storage_fault(error, transient):
+  """A full disk is not retried (a person must act), though tensorstore
+  reports it with the status of a GCS rate limit; its OS error decides."""
+  assert checkpoint._transient(error) == transient  # pylint: disable=protected-access

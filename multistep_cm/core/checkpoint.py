@@ -561,8 +561,10 @@ def _transient(e):
     if isinstance(e, (ConnectionError, TimeoutError)) or _gcs_retriable(e):
       return _reason(e)
     code = _OS_ERROR_CODE.search(str(e))
-    if code and int(code.group(1)) in _TRANSIENT_ERRNO:
-      return os.strerror(int(code.group(1)))
+    if code:  # A local file's: its OS error decides (a full disk is
+      # tensorstore's RESOURCE_EXHAUSTED too).
+      code = int(code.group(1))
+      return os.strerror(code) if code in _TRANSIENT_ERRNO else None
     if str(e).startswith(_TRANSIENT_STATUS):
       return _reason(e).split(': ', 1)[-1]
     e = e.__cause__ or e.__context__
