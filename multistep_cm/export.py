@@ -47,8 +47,6 @@ from multistep_cm.core import stages
 from multistep_cm.core import state
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-# Samplers that draw noise at every step: the program then takes their keys.
-STOCHASTIC = ('ddpm',)
 
 
 def check_exportable(config):
@@ -127,7 +125,7 @@ def export_program(config, spec, params):
                 for a in flat.values()),
           jax.ShapeDtypeStruct((batch,) + shape, np.float32),
           jax.ShapeDtypeStruct((batch,), np.int32)]
-  if spec.kind in STOCHASTIC:
+  if spec.stochastic:
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     args.append(jax.ShapeDtypeStruct((batch,) + key_shape, np.uint32))
   fn = program(config, spec, jax.tree.structure(params), impl)
@@ -172,7 +170,7 @@ def manifest(config, spec, step, exp, names):
       'output': 'uint8 NHWC, round((clip(x, -1, 1) + 1) * 127.5)',
       'noise': 'sample i of seed s: normal(fold_in(key(s), i)), as '
                '--mode=evaluate draws it',
-      'stochastic': spec.kind in STOCHASTIC,
+      'stochastic': spec.stochastic,
       'prng_impl': prng_impl(),
       'threefry_partitionable': jax.config.jax_threefry_partitionable,
       'platforms': list(exp.platforms),

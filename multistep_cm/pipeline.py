@@ -87,11 +87,10 @@ def run_guided(configs, workdir):
   rows = []
   teacher_steps = base.teacher_steps[-1]
   for w in base.guidance:
-    for kind, label in (('addim', 'aDDIM'), ('ddpm', 'DDPM')):
-      rows.append((f'w={w:g}: teacher {label} {teacher_steps}', teacher,
-                   teacher_dir, teacher_stage.sampler(teacher, kind,
-                                                      teacher_steps,
-                                                      float(w))))
+    for kind in ('addim', 'ddpm'):
+      spec = teacher_stage.sampler(teacher, kind, teacher_steps, float(w))
+      rows.append((f'w={w:g}: teacher {spec.label}', teacher, teacher_dir,
+                   spec))
     for stage, config, directory in runs[1:]:
       if config.consistency.guidance == float(w):
         rows.append((f'w={w:g}: {stage.label(config)}', config, directory,

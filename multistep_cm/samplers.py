@@ -4,8 +4,9 @@ sharded over the mesh to sample on many devices.
 
 `KINDS` is the table of samplers (the student's, DDIM, aDDIM, ancestral
 DDPM); `SamplerSpec` names one of them, its steps and guidance: the one value
-the framework passes around to say how to sample. To add a sampler: its
-function here and a row in `KINDS`.
+the framework passes around to say how to sample. A sampler is one row of
+`KINDS`, its step (or whole loop) and every fact the framework reads of it;
+code outside the package adds one by adding a row.
 """
 
 import dataclasses
@@ -51,7 +52,8 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
                      kind='ddim', guidance=0.,
                      condition=conditioning.UNCONDITIONAL, x_var=None,
                      rng=None):
-  """Samples a diffusion model with `num_steps` uniform steps from t = 1 to 0.
+  """Samples a diffusion model with `num_steps` uniform steps from t = 1 to 0,
+  each the `step` of `kind`'s row of `KINDS`.
 
   `kind` is 'ddim', 'addim' (adjusted DDIM; its variance is the analytic
   0.1 / (2 + SNR) unless `x_var`, one value per step as made by
@@ -62,11 +64,13 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
   (z_0 without its tiny sigma_0 noise term). Network evaluations:
   `nfe(num_steps, guidance, condition)`.
   """
-  if kind not in ('ddim', 'addim', 'ddpm'):
-    raise ValueError(f'Unknown sampler {kind!r}: expected ddim, addim or '
-                     'ddpm.')
-  if kind == 'ddpm' and rng is None:
-    raise ValueError('The ddpm sampler draws noise at every step: pass rng.')
+  row = KINDS.get(kind)
+  if row is None or row.step is None:
+    raise ValueError(f'Unknown sampler {kind!r}: expected one of '
+                     f'{", ".join(k for k, r in KINDS.items() if r.step)}.')
+  if row.stochastic and rng is None:
+    raise ValueError(f'The {kind} sampler draws noise at every step: pass '
+                     'rng.')
   net = guidance_lib.guided_network(network, guidance, condition)
 
   def body(i, carry):
@@ -76,18 +80,26 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
     lt, ls = logsnr_fn(t), logsnr_fn(s)
     (a_t, s_t), (a_s, s_s) = schedules.alpha_sigma(lt), schedules.alpha_sigma(ls)
     x = ddim.x_from_v(net(params, z, t, labels), z, a_t, s_t)
-    if kind == 'addim':
-      v = analytic_x_var(lt) if x_var is None else x_var[i]
-      z = ddim.addim_step(x, z, a_t, s_t, a_s, s_s, v)
-    elif kind == 'ddpm':
-      z = ddim.ddpm_step(x, z, a_t, s_t, a_s, s_s, _step_noise(rng, i, z))
-    else:
-      z = ddim.ddim_step(x, z, a_t, s_t, a_s, s_s)
+    z = row.step(x, z, a_t, s_t, a_s, s_s, i=i, logsnr=lt, x_var=x_var,
+                 noise=_step_noise(rng, i, z) if row.stochastic else None)
     return z, x
 
   noise = noise.astype(jnp.float32)
   _, x = jax.lax.fori_loop(0, num_steps, body, (noise, jnp.zeros_like(noise)))
   return x
+
+
+def _ddim_step(x, z, a_t, s_t, a_s, s_s, **_):
+  return ddim.ddim_step(x, z, a_t, s_t, a_s, s_s)
+
+
+def _addim_step(x, z, a_t, s_t, a_s, s_s, *, i, logsnr, x_var, **_):
+  v = analytic_x_var(logsnr) if x_var is None else x_var[i]
+  return ddim.addim_step(x, z, a_t, s_t, a_s, s_s, v)
+
+
+def _ddpm_step(x, z, a_t, s_t, a_s, s_s, *, noise, **_):
+  return ddim.ddpm_step(x, z, a_t, s_t, a_s, s_s, noise)
 
 
 def _step_noise(rng, i, z):
@@ -119,19 +131,24 @@ def nfe(num_steps, guidance=0., condition=conditioning.UNCONDITIONAL):
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-  """A row of the sampler table: `sample(network, params, noise, labels,
-  logsnr_fn, steps, guidance, condition, rng) -> x`; `guidable`: whether it
-  takes classifier-free guidance."""
-  sample: Callable
+  """A row of the sampler table: all the framework knows of a sampler.
+
+  A diffusion sampler gives its `step`, `(x, z_t, alpha_t, sigma_t, alpha_s,
+  sigma_s, *, i, logsnr, x_var, noise) -> z_s` (step i, from t to s = t -
+  1 / steps, given the x prediction at t), which `diffusion_sample` runs;
+  any other gives its whole `sample(network, params, noise, labels,
+  logsnr_fn, steps, guidance, condition, rng) -> x`. `label`: its name in
+  the reports' tables. `guidable`: it takes classifier-free guidance.
+  `stochastic`: it draws noise at every step (standard normal, as `noise`,
+  for a step), so it needs keys: an exported program takes them.
+  `evaluations`: network evaluations per step, unguided (1 for a `step`,
+  which is given one prediction)."""
+  label: str
+  step: Callable | None = None
+  sample: Callable | None = None
   guidable: bool = True
-
-
-def _diffusion(kind):
-  def sample(network, params, noise, labels, logsnr_fn, steps, guidance,
-             condition, rng):
-    return diffusion_sample(network, params, noise, labels, logsnr_fn, steps,
-                            kind, guidance, condition, rng=rng)
-  return sample
+  stochastic: bool = False
+  evaluations: int = 1
 
 
 def _student(network, params, noise, labels, logsnr_fn, steps, guidance,
@@ -141,10 +158,10 @@ def _student(network, params, noise, labels, logsnr_fn, steps, guidance,
 
 
 KINDS = {
-    'student': Kind(_student, guidable=False),
-    'ddim': Kind(_diffusion('ddim')),
-    'addim': Kind(_diffusion('addim')),
-    'ddpm': Kind(_diffusion('ddpm')),
+    'student': Kind('student', sample=_student, guidable=False),
+    'ddim': Kind('DDIM', _ddim_step),
+    'addim': Kind('aDDIM', _addim_step),
+    'ddpm': Kind('DDPM', _ddpm_step, stochastic=True),
 }
 
 
@@ -170,14 +187,30 @@ class SamplerSpec:
 
   def __call__(self, network, params, noise, labels, logsnr_fn,
                condition=conditioning.UNCONDITIONAL, rng=None):
-    """Samples; `rng` is needed by the ancestral sampler only."""
-    return KINDS[self.kind].sample(network, params, noise, labels, logsnr_fn,
-                                   self.steps, self.guidance, condition, rng)
+    """Samples; `rng` is needed by a stochastic sampler only."""
+    row = KINDS[self.kind]
+    if row.sample:
+      return row.sample(network, params, noise, labels, logsnr_fn, self.steps,
+                        self.guidance, condition, rng)
+    return diffusion_sample(network, params, noise, labels, logsnr_fn,
+                            self.steps, self.kind, self.guidance, condition,
+                            rng=rng)
 
   def nfe(self, condition=conditioning.UNCONDITIONAL):
     """Network evaluations per sample."""
-    return nfe(self.steps, self.guidance, condition)
+    return KINDS[self.kind].evaluations * nfe(self.steps, self.guidance,
+                                              condition)
 
   @property
   def name(self):
     return f'{self.kind}{self.steps}'
+
+  @property
+  def stochastic(self):
+    """Whether it draws noise at every step, from keys it is given."""
+    return KINDS[self.kind].stochastic
+
+  @property
+  def label(self):
+    """Its name in the reports' tables."""
+    return f'{KINDS[self.kind].label} {self.steps}'

@@ -112,7 +112,7 @@ def test_noise_is_drawn_as_evaluate_draws_it():
   assert exported.STEP_NOISE == generation.STEP_NOISE
 
 
-def _in_process(config, workdir, sizes, spec=None):
+def in_process(config, workdir, sizes, spec=None):
   """{n: the images of samples 0..n-1 of SEED as --mode=evaluate draws them
   (per-example noise, uint8), in one batch of n on one device}.
 
@@ -136,7 +136,7 @@ def _in_process(config, workdir, sizes, spec=None):
 def test_bit_for_bit_at_any_batch_size(student, loaded):
   config, workdir = student
   sizes = (1, 7, 64)
-  expected = _in_process(config, workdir, sizes)
+  expected = in_process(config, workdir, sizes)
   for n in sizes:
     images = loaded.sample(SEED, _labels(n))
     assert images.dtype == np.uint8 and images.shape == (n, 8, 8, 1)
@@ -488,7 +488,7 @@ def test_a_stochastic_sampler_takes_its_step_keys(student, tmp_path):
   assert directory.name == f'step{STEP}_ddpm2'
   np.testing.assert_array_equal(
       sampler.sample(SEED, _labels(7)),
-      _in_process(config, workdir, [7], stages.evaluation_sampler(config))[7])
+      in_process(config, workdir, [7], stages.evaluation_sampler(config))[7])
   with pytest.raises(exported.InputError) as e:
     sampler.sample(np.zeros((7, 8, 8, 1)), _labels(7))
   assert 'pass a seed, not noise' in _one_line(e)

@@ -1,9 +1,11 @@
 """The extension points, used as a newcomer would: a dataset with a kind of
 conditioning of its own and a scorer of its own, all defined in this file
-and registered, then trained, sampled guided and unguided, and scored,
-without a change to any package file."""
+and registered, then trained, sampled guided and unguided, and scored; and
+a sampler of its own, one row, evaluated and exported; without a change to
+any package file."""
 
 import dataclasses
+import shutil
 
 import flax.linen as nn
 import jax
@@ -14,12 +16,18 @@ import pytest
 from configs import digits
 from multistep_cm import conditioning
 from multistep_cm import datasets
+from multistep_cm import export
+from multistep_cm import exported
+from multistep_cm import samplers
 from multistep_cm import train
+from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 from multistep_cm.datasets import base
 from multistep_cm.datasets import digits as digits_data
 from multistep_cm.evaluation import evaluate
 from multistep_cm.evaluation import scoring
+from tests import test_export
+from tests.test_export import student  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +134,40 @@ def test_the_new_condition_drops_and_guides():
   assert 10 < gone.sum() < 54
   np.testing.assert_array_equal(np.asarray(dropped)[~gone],
                                 np.asarray(cond)[~gone])
+
+
+def _renoise_step(x, z, a_t, s_t, a_s, s_s, *, noise, **_):
+  """z_s drawn afresh from the forward process at s around the x prediction,
+  forgetting z_t: a stochastic sampler that is not the ancestral one."""
+  del z, a_t, s_t
+  return a_s * x + s_s * noise
+
+
+def test_a_new_sampler_is_one_row(monkeypatch, student, tmp_path):
+  monkeypatch.setitem(samplers.KINDS, 'renoise', samplers.Kind(
+      're-noised', _renoise_step, stochastic=True))
+  config, trained = student
+  workdir = tmp_path / 'cd_s4'
+  shutil.copytree(trained, workdir)
+  config = config.copy_and_resolve_references()
+  config.evaluate.sampler, config.evaluate.steps = 'renoise', 2
+
+  spec = stages.evaluation_sampler(config)
+  assert spec.label == 're-noised 2'
+  record = evaluate.protocol(config, test_export.STEP)
+  assert (record['sampler'], record['nfe']) == ('renoise', 2)
+  directory = export.run(config, str(workdir))
+  sampler = exported.load(directory)
+  assert directory.name == f'step{test_export.STEP}_renoise2'
+  assert sampler.manifest['sampler']['kind'] == 'renoise'
+  assert sampler.manifest['nfe'] == 2
+  # Its program takes the per-step keys the row says it draws from.
+  assert sampler.manifest['stochastic']
+  labels = (np.arange(7) % 10).astype(np.int32)
+  ours = sampler.sample(test_export.SEED, labels)
+  np.testing.assert_array_equal(
+      ours, test_export.in_process(config, workdir, [7], spec)[7])
+  # Its own step, not the ancestral one, from the same noise and keys.
+  ddpm = stages.get(config.stage).sampler(config, 'ddpm', 2)
+  assert not np.array_equal(
+      ours, test_export.in_process(config, workdir, [7], ddpm)[7])

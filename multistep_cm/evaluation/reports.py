@@ -21,6 +21,9 @@ from multistep_cm.evaluation import scoring
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Which of the teacher's samplers the comparison shows is this report's
+# choice, not a fact of a sampler; its rows are named by kind, not label,
+# because a rerun finds the rows it stored by their names.
 TEACHER_KINDS = ('addim', 'ddim')
 
 
