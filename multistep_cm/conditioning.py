@@ -49,6 +49,19 @@ class Condition:
                      f'has {sorted(batch)}.')
     return batch[KEY]
 
+  def check(self, cond, batch):
+    """Raises a one-line ValueError unless `cond` can be the condition of
+    `batch` examples of this kind. Only shapes and dtypes are read, so it
+    costs nothing at trace time. Unconditional takes any one array (the
+    placeholder a batch carries) but refuses a dict of arrays, captions
+    that it would ignore; a kind of your own may override it."""
+    del batch
+    if not self.conditional and (isinstance(cond, dict) or
+                                 len(jax.tree.leaves(cond)) > 1):
+      raise ValueError(
+          f'cond is {_describe(cond)}, which condition=UNCONDITIONAL ignores: '
+          'pass the condition it is, e.g. condition=Captions(length, width).')
+
   def drop(self, rng, cond, rate):
     """Replaces the condition of a fraction `rate` of examples by the null
     one, so one network learns the conditional and unconditional model."""
@@ -76,6 +89,32 @@ class Condition:
 UNCONDITIONAL = Condition()
 
 
+def _describe(cond):
+  """`cond`'s structure, shapes and dtypes, for an error message."""
+  if cond is None:
+    return 'None'
+  if isinstance(cond, dict):
+    return 'a dict of ' + ', '.join(
+        f'{k!r}: {_describe(v)}' for k, v in sorted(cond.items()))
+  return f'{jnp.result_type(cond)} {tuple(jnp.shape(cond))}'
+
+
+def _describe_shapes(shapes):
+  return 'a dict of ' + ', '.join(f'{k!r}: {v}' for k, v in shapes.items())
+
+
+def check_guidance(condition, guidance=0., label_dropout=0.):
+  """Raises a one-line ValueError when guidance or label dropout is asked
+  of a condition without a null: either would silently do nothing."""
+  for name, value in (('guidance', guidance),
+                      ('label_dropout', label_dropout)):
+    if value and not condition.conditional:
+      raise ValueError(
+          f'{name}={value} needs a condition with a null, not '
+          'UNCONDITIONAL: pass condition= (ClassLabels(n) or Captions(...)) '
+          f'or {name}=0.')
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassLabels(Condition):
   """Integer class labels in [0, num_classes); label `num_classes` is the
@@ -90,6 +129,14 @@ class ClassLabels(Condition):
   @property
   def conditional(self):
     return True
+
+  def check(self, cond, batch):
+    if (isinstance(cond, dict) or jnp.shape(cond) != (batch,) or
+        not jnp.issubdtype(jnp.result_type(cond), jnp.integer)):
+      raise ValueError(
+          f'cond is {_describe(cond)}, but condition={self} takes integer '
+          f'labels of shape ({batch},): pass those, or the condition that '
+          'cond is (Captions(length, width) for caption arrays).')
 
   def null(self, cond):
     return jnp.full_like(cond, self.num_classes)
@@ -132,6 +179,19 @@ class Captions(Condition):
     if self.pooled_width:
       cond['pooled'] = pooled
     return cond
+
+  def check(self, cond, batch):
+    shapes = {'text': (batch, self.length, self.width),
+              'text_mask': (batch, self.length)}
+    if self.pooled_width:
+      shapes['pooled'] = (batch, self.pooled_width)
+    if not (isinstance(cond, dict) and set(cond) == set(shapes) and all(
+        jnp.shape(cond[k]) == v for k, v in shapes.items())):
+      raise ValueError(
+          f'cond is {_describe(cond)}, but condition={self} takes '
+          f'{_describe_shapes(shapes)} (Captions.make): pad or cut captions '
+          f'to length {self.length}, or pass the condition that cond is '
+          '(ClassLabels(n) for labels).')
 
   def example(self, n):
     return self.make(jnp.zeros((n, self.length, self.width)),

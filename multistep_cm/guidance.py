@@ -14,9 +14,12 @@ def guided_v(network, params, z, t, cond, guidance=0.,
              condition=conditioning.UNCONDITIONAL, rng=None):
   """(guided, conditional) v predictions: classifier-free guidance
   (1 + w) cond - w uncond in one batched call, or the plain prediction twice
-  when unguided or unconditional. Linear in v, so it guides x and eps
-  alike."""
-  if not (guidance and condition.conditional):
+  when unguided. Linear in v, so it guides x and eps alike. Guidance of
+  UNCONDITIONAL, or a `cond` that is not of `condition`'s kind, is a
+  ValueError (`conditioning.check_guidance`, `Condition.check`)."""
+  conditioning.check_guidance(condition, guidance)
+  condition.check(cond, z.shape[0])
+  if not guidance:
     v = network(params, z, t, cond, rng)
     return v, v
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])

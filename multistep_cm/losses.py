@@ -1,6 +1,8 @@
 """Training losses. Networks enter as plain functions
 `(params, z_t, t, cond, rng) -> v_prediction` (see `models.network_fn`);
-what `cond` is, its null and its dropout, a `conditioning.Condition` says."""
+what `cond` is, its null and its dropout, a `conditioning.Condition` says.
+Each loss checks, at trace time, that `cond` is of `condition`'s kind and
+that guidance or label dropout has a null to use: a one-line ValueError."""
 
 import dataclasses
 
@@ -49,6 +51,8 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
 
   Returns the scalar loss averaged over the batch.
   """
+  conditioning.check_guidance(condition, label_dropout=label_dropout)
+  condition.check(labels, x.shape[0])
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   x = x.astype(jnp.float32)
   t, eps, a, s, z_t = _forward_process(k_t, k_eps, x, logsnr_fn)
@@ -197,6 +201,9 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
   their EMA) under stop-gradient, with the same dropout rng as the student
   ("synchronized dropout"). Target construction is float32.
   """
+  # CT never reaches guided_v, which checks CD's guidance and labels.
+  conditioning.check_guidance(condition, guidance)
+  condition.check(labels, x.shape[0])
   x = x.astype(jnp.float32)
   (a_t, s_t), (a_s, s_s), (a_0, s_0) = (_ab(logsnr_fn, u) for u in (t, s,
                                                                     t_step))
@@ -244,7 +251,8 @@ class ConsistencyOptions:
   distance; `guidance` guides the CD teacher (A9) with the null of
   `condition`; `label_dropout` replaces the condition of that fraction of
   examples by its null before any network sees it: the student, its target
-  and the CD teacher alike.
+  and the CD teacher alike. Both need a `condition` with a null: with
+  UNCONDITIONAL either is a ValueError.
   """
   mode: str = 'cd'
   anneal_start: float = 64.
@@ -269,6 +277,8 @@ class ConsistencyOptions:
       raise ValueError('Guidance needs a teacher: CT has none (use CD).')
     if self.huber_delta < 0:
       raise ValueError(f'huber_delta must be >= 0, not {self.huber_delta}.')
+    conditioning.check_guidance(self.condition, self.guidance,
+                                self.label_dropout)
 
 
 def consistency_loss(student, params, x, labels, rng, logsnr_fn,
@@ -282,6 +292,8 @@ def consistency_loss(student, params, x, labels, rng, logsnr_fn,
   paper's stop-gradient target); the teacher is needed for CD only.
   """
   o = options
+  # Before dropout, which would fail less clearly on labels of another kind.
+  o.condition.check(labels, x.shape[0])
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   n_seg, _ = segment_grid(iteration, student_steps, o.anneal_start,
                           o.anneal_end, o.anneal_steps)

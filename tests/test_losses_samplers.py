@@ -189,3 +189,90 @@ def test_huber_delta_zero_is_the_plain_norm_with_finite_gradient():
   with pytest.raises(ValueError, match='huber_delta must be >= 0'):
     losses.pseudo_huber(err, -1.)
 
+
+
+CAPTIONS = conditioning.Captions(4, 6)
+
+
+def _captions(n, length=4):
+  return CAPTIONS.make(jnp.ones((n, length, 6)), jnp.ones((n, length), bool))
+
+
+def test_guidance_without_a_condition_is_an_error_not_an_unguided_target():
+  """The issue's case: captions and w = 3 but no condition= once gave the
+  unguided target (the teacher ran on B rows, not 2B) without a word."""
+  rows = []
+
+  def net(params, z, t, cond, rng=None):
+    rows.append(z.shape[0])
+    return jnp.zeros_like(z)
+  x, rng = jnp.zeros((4, 2, 2, 1)), jax.random.key(0)
+  with pytest.raises(ValueError, match=r'^guidance=3\.0 needs a condition '
+                     r'with a null, not UNCONDITIONAL: pass condition=[^\n]*$'):
+    losses.guidance_distillation_loss(net, None, net, None, x, _captions(4),
+                                      rng, LOGSNR, 3.)
+  losses.guidance_distillation_loss(net, None, net, None, x, _captions(4), rng,
+                                    LOGSNR, 3., CAPTIONS)
+  assert rows == [8, 4]  # The guided teacher's batch, then the student's.
+
+
+def _ignores_cond(params, z, t, cond, rng=None):
+  return jnp.zeros_like(z)
+
+
+_X = jnp.zeros((4, 2, 2, 1))
+_Z = jnp.zeros((4, 3))
+_KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda: losses.ConsistencyOptions(guidance=3., label_dropout=0.5),
+     'guidance=3.0 needs a condition with a null'),
+    (lambda: losses.ConsistencyOptions(label_dropout=0.5),
+     'label_dropout=0.5 needs a condition with a null'),
+    (lambda: losses.diffusion_loss(_ignores_cond, None, _X, jnp.arange(4),
+                                   _KEY, LOGSNR, label_dropout=0.1),
+     'label_dropout=0.1 needs a condition with a null'),
+    (lambda: guidance.guided_v(_ignores_cond, None, _Z, 0.5, jnp.arange(4),
+                               2.),
+     'guidance=2.0 needs a condition with a null'),
+    (lambda: losses.progressive_distillation_loss(
+        _ignores_cond, None, _ignores_cond, None, _X, jnp.arange(4), _KEY,
+        LOGSNR, 2, guidance=1.),
+     'guidance=1.0 needs a condition with a null'),
+    (lambda: losses.consistency_loss_terms(
+        _ignores_cond, None, None, _X, jnp.arange(4), _X, jnp.ones(4),
+        jnp.ones(4) / 2, jnp.zeros(4), LOGSNR, mode='ct', guidance=1.),
+     'guidance=1.0 needs a condition with a null'),
+    # Captions silently ignored by an unconditional loss.
+    (lambda: losses.diffusion_loss(_ignores_cond, None, _X, _captions(4),
+                                   _KEY, LOGSNR),
+     r"cond is a dict of 'text': float32 \(4, 4, 6\), 'text_mask': bool "
+     r'\(4, 4\), which condition=UNCONDITIONAL ignores'),
+    # Labels given to a caption condition, and captions to a class one.
+    (lambda: losses.multistep_consistency_loss(
+        _ignores_cond, None, _X, jnp.arange(4), _KEY, LOGSNR, 2, 0,
+        mode='ct', condition=CAPTIONS, label_dropout=0.1),
+     r'cond is int32 \(4,\), but condition=Captions\(length=4, width=6, '
+     r"pooled_width=0\) takes a dict of 'text': \(4, 4, 6\)"),
+    (lambda: losses.diffusion_loss(_ignores_cond, None, _X, _captions(4),
+                                   _KEY, LOGSNR, 0.1, TEN),
+     r"cond is a dict of .*, but condition=ClassLabels\(num_classes=10\) "
+     r'takes integer labels of shape \(4,\)'),
+    (lambda: guidance.guided_v(_ignores_cond, None, _Z, 0.5, jnp.ones(4), 2.,
+                               TEN),
+     r'cond is float32 \(4,\), but condition=ClassLabels'),
+    # A caption longer than the configured length.
+    (lambda: losses.guidance_distillation_loss(
+        _ignores_cond, None, _ignores_cond, None, _X, _captions(4, length=8),
+        _KEY, LOGSNR, 3., CAPTIONS),
+     r"cond is a dict of 'text': float32 \(4, 8, 6\).* pad or cut captions "
+     'to length 4'),
+], ids=['options-guidance', 'options-dropout', 'diffusion-dropout',
+        'guided_v', 'pd-guidance', 'ct-guidance', 'captions-unconditional',
+        'labels-captions', 'captions-classes', 'float-labels',
+        'caption-length'])
+def test_inconsistent_conditions_are_one_line_errors(call, match):
+  with pytest.raises(ValueError, match=match) as error:
+    call()
+  assert '\n' not in str(error.value)

@@ -153,6 +153,9 @@ def _diffusion_loss(config, network):
   logsnr = schedules.get_logsnr_fn(**config.schedule)
   dataset = datasets.get(config)
   condition = dataset.condition
+  # The default config's dropout trains a null label; unconditional data
+  # has none to train, and diffusion_loss refuses dropout without one.
+  dropout = config.loss.label_dropout if condition.conditional else 0.
   multiscale = int(config.loss.multiscale)
   if multiscale < 0 or (multiscale and not dataset.images) or (
       config.dataset.image_size % 2**multiscale):
@@ -165,7 +168,7 @@ def _diffusion_loss(config, network):
     del train_state, teacher_params
     return losses.diffusion_loss(
         network, params, batch['x'], condition.from_batch(batch), rng, logsnr,
-        config.loss.label_dropout, condition, multiscale), {}
+        dropout, condition, multiscale), {}
   return loss_fn
 
 
