@@ -19,15 +19,15 @@ fails in orbax's background threads and surfaces at the next save, wait or
 close, which raise errors.StorageError in one line: the step, the directory,
 the cause and the newest good step, which is intact and which a rerun resumes
 from. A failure that may pass (as above) is tried again first, at the next
-save, and then ends the run as StorageUnavailableError (exit 75, restart). The background threads' own reports of that failure (a traceback for
-each array, thread and never-retrieved future) are dropped.
+save, and then ends the run as StorageUnavailableError (exit 75, restart).
+The background threads' own reports of that failure (a traceback for each
+array, thread and never-retrieved future) are dropped (core/orbax_noise.py).
 """
 
 import collections
 import contextlib
 import errno
 import functools
-import logging as py_logging
 import os
 import re
 import sys
@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from multistep_cm.core import errors
+from multistep_cm.core import orbax_noise
 
 DAMAGED = 'damaged'
 _DAMAGED_README = ('Checkpoint steps that could not be restored, moved here '
@@ -94,7 +95,7 @@ class Checkpointer:
     self._in_flight = None  # The step of a save not known to be written.
     self._failed = False  # Whether a StorageError was raised.
     self._failed_in_a_row = 0  # Saves that failed and were tried again.
-    _quiet_background_failures()
+    orbax_noise.quiet(_storage_failure)
 
   def _open(self):
     options = ocp.CheckpointManagerOptions(
@@ -387,7 +388,10 @@ def _storage_failure(e):
   """The storage's failure behind `e` in a few words ("No space left on
   device"), or None if `e` is not one. Orbax raises a background save's error
   as it was: an OSError of Python's writes, or a ValueError of tensorstore's
-  carrying a status code (and a local file's OS error code)."""
+  carrying a status code (and a local file's OS error code).
+
+  orbax_noise drops the background threads' reports of exactly these
+  errors: one test, so that nothing is dropped that no StorageError says."""
   while e is not None:
     if isinstance(e, OSError):
       return e.strerror or _reason(e).split(': ', 1)[-1]
@@ -398,53 +402,6 @@ def _storage_failure(e):
       return _reason(e).split(': ', 1)[-1]
     e = e.__cause__
   return None
-
-
-# orbax's warning on a step without its item metadata, which the one line
-# naming the step says better.
-_ORBAX_RESTORE_NOISE = ('call `restore` with an appropriate `CheckpointArgs` '
-                        'subclass.')
-
-
-class _DropBackgroundFailures(py_logging.Filter):
-  """Drops the reports of a failed save's background threads: orbax logs
-  the error with its traceback once for each array, thread and stage it
-  passes (tens of them), and asyncio logs each future orbax left
-  unretrieved. The same error reaches the main thread as one StorageError.
-  Also orbax's warning before a step without metadata is reported as
-  damaged. Records of any other error pass."""
-
-  def filter(self, record):
-    if '/orbax/' in record.pathname and record.getMessage().endswith(
-        _ORBAX_RESTORE_NOISE):
-      return False
-    exc = record.exc_info[1] if record.exc_info else None
-    if exc is None or not ('/orbax/' in record.pathname or
-                           record.name == 'asyncio'):
-      return True
-    return _storage_failure(exc) is None
-
-
-def _drop_closed_loop_callbacks(hook):
-  """`hook` (a sys.unraisablehook) without tensorstore's calls into an event
-  loop that orbax closed after an error: each prints a traceback ending in
-  "Event loop is closed", with nothing to report that the error did not."""
-  def unraisable(u):
-    if not (u.object is None and isinstance(u.exc_value, RuntimeError) and
-            str(u.exc_value) == 'Event loop is closed'):
-      hook(u)
-  unraisable.drops_closed_loop_callbacks = True
-  return unraisable
-
-
-def _quiet_background_failures():
-  """Installs the two above, once."""
-  if not getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False):
-    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-  for logger in (logging.get_absl_logger(), py_logging.getLogger('asyncio')):
-    if not any(isinstance(f, _DropBackgroundFailures)
-               for f in logger.filters):
-      logger.addFilter(_DropBackgroundFailures())
 
 
 def _shapes(tree):
@@ -600,7 +557,7 @@ def load_params(path, abstract_params, key='ema_params'):
   manager = ocp.CheckpointManager(
       directory, item_handlers=ocp.PyTreeCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(create=False))
-  _quiet_background_failures()
+  orbax_noise.quiet(_storage_failure)
   steps = [step] if step is not None else sorted(manager.all_steps(),
                                                  reverse=True)
   if not steps:
