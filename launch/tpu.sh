@@ -88,10 +88,11 @@
 # inside a slice. Not tested with this project.
 
 set -euo pipefail
-if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then
-  echo "error: needs bash 4.4 or newer (macOS: brew install bash), not $BASH_VERSION" >&2
-  exit 1
-fi
+COMMON=$(dirname "${BASH_SOURCE[0]}")/common.sh
+[[ -f $COMMON ]] ||
+  { echo "error: $COMMON is missing: copy launch/common.sh along with ${BASH_SOURCE[0]##*/}" >&2; exit 1; }
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$COMMON"
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -126,45 +127,6 @@ EXIT_PREEMPTED=75
 # What a run reports for a host it lost track of, as ssh does for a host it
 # cannot reach: the babysitter then asks whether the TPU is still there.
 EXIT_LOST=255
-
-usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
-log() { printf '[tpu.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-# Any value but 0 or empty: a mistyped DRY_RUN=true must not launch anything.
-dry() { [[ -n $DRY_RUN && $DRY_RUN != 0 ]]; }
-
-# One word quoted for a shell, plain words left as they are, so that printed
-# commands stay readable and can be pasted.
-q() {
-  if [[ $1 =~ ^[-A-Za-z0-9_./:=@%+,]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() {
-  local words=() w
-  for w in "$@"; do words+=("$(q "$w")"); done
-  printf '%s' "${words[*]}"
-}
-
-# Runs a command, or prints it in a dry run: on fd 3, the script's stdout, which
-# survives inside $(...).
-exec 3>&1
-x() {
-  if dry; then
-    printf '+ %s\n' "$(quote_all "$@")" >&3
-  else
-    log "+ $(quote_all "$@")"
-    "$@"
-  fi
-}
-
-# A setting with no usable default: a dry run shows a placeholder.
-need() {
-  local name=$1 why=$2
-  if [[ -z ${!name} ]]; then
-    dry || die "set $name: $why"
-    printf -v "$name" '<%s>' "$name"
-  fi
-}
 
 scope=(--zone="$ZONE")
 if [[ -n $PROJECT ]]; then scope+=(--project="$PROJECT"); fi

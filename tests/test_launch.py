@@ -16,6 +16,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TPU = ROOT / 'launch' / 'tpu.sh'
+XPK = ROOT / 'launch' / 'xpk.sh'
+COMMON = ROOT / 'launch' / 'common.sh'
 SLURM = ROOT / 'launch' / 'slurm.sbatch'
 
 # Settings the scripts read: a caller's own values must not leak in.
@@ -174,7 +176,7 @@ GS = dict(REPO='https://example.com/multistep_cm.git',
           WORKDIR='gs://bucket/runs/cm64', TFDS_DATA_DIR='gs://bucket/tfds')
 
 
-@pytest.mark.parametrize('script', [TPU, SLURM])
+@pytest.mark.parametrize('script', [TPU, SLURM, COMMON])
 def test_scripts_parse(script):
   result = subprocess.run(['bash', '-n', str(script)], capture_output=True,
                           text=True, check=False)
@@ -183,9 +185,10 @@ def test_scripts_parse(script):
 
 @pytest.mark.skipif(shutil.which('shellcheck') is None,
                     reason='shellcheck is not installed')
-@pytest.mark.parametrize('script', [TPU, SLURM])
+@pytest.mark.parametrize('script', [TPU, SLURM, COMMON])
 def test_shellcheck(script):
-  result = subprocess.run(['shellcheck', '-s', 'bash', str(script)],
+  # -x: checks the launchers with the common.sh they source.
+  result = subprocess.run(['shellcheck', '-x', '-s', 'bash', str(script)],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout
 
@@ -197,6 +200,28 @@ def test_any_dry_run_value_runs_nothing(fake, script):
   assert result.returncode == 0, result.stderr
   assert 'multistep_cm.main' in result.stdout
   assert fake.calls() == []
+
+
+@pytest.mark.parametrize('script', [TPU, XPK])
+def test_a_launcher_runs_where_it_is_copied_with_common_sh(fake, script):
+  """As launch/README.md says: copied elsewhere, a launcher runs as it does
+  here only with common.sh beside it, and without it stops in one line."""
+  copy = fake.dir / 'elsewhere'
+  copy.mkdir()
+  shutil.copy(script, copy)
+  env = dict(DRY_RUN='1', IMAGE='untagged')  # xpk.sh logs a warning on it.
+  alone = fake.run(copy / script.name, 'create', **env)
+  assert alone.returncode == 1
+  assert alone.stderr == (f'error: {copy}/common.sh is missing: copy '
+                          f'launch/common.sh along with {script.name}\n')
+  shutil.copy(COMMON, copy)
+  copied = fake.run(copy / script.name, 'create', **env)
+  assert copied.returncode == 0, copied.stderr
+  assert copied.stdout == fake.run(script, 'create', **env).stdout
+  # Its log lines and usage are the launcher's, not common.sh's.
+  assert f'[{script.name} ' in copied.stderr
+  assert (fake.run(copy / script.name, '--help').stdout ==
+          fake.run(script, '--help').stdout)
 
 
 # ------------------------------------------------------------------ tpu.sh
