@@ -247,10 +247,10 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-exception-caught
-      cause = _transient(e)
-      failure = cause or _storage_failure(e)
+      failure = _storage_failure(e)
       if failure is None:
         raise
+      cause = _transient(e)
       self._in_flight = None
       if (retry and cause and jax.process_count() == 1 and
           self._failed_in_a_row < len(RETRY_DELAYS_S)):
@@ -276,7 +276,7 @@ class Checkpointer:
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-exception-caught
-      if _storage_failure(e) is None and _transient(e) is None:
+      if _storage_failure(e) is None:
         raise
 
   def _newest_good(self):
@@ -388,10 +388,14 @@ def _storage_failure(e):
   """The storage's failure behind `e` in a few words ("No space left on
   device"), or None if `e` is not one. Orbax raises a background save's error
   as it was: an OSError of Python's writes, or a ValueError of tensorstore's
-  carrying a status code (and a local file's OS error code).
+  carrying a status code (and a local file's OS error code); one that may
+  pass (`_transient`) is one too, whatever client raised it.
 
   orbax_noise drops the background threads' reports of exactly these
   errors: one test, so that nothing is dropped that no StorageError says."""
+  transient = _transient(e)
+  if transient:
+    return transient
   while e is not None:
     if isinstance(e, OSError):
       return e.strerror or _reason(e).split(': ', 1)[-1]
