@@ -100,6 +100,11 @@ def sha256(path):
   return digest.hexdigest()
 
 
+def _first_line(e):
+  """An exception's message in one line (its type's name if it has none)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _read_manifest(directory):
   if not os.path.isdir(directory):
     raise ArtifactError(f'{directory} is not a directory: an exported sampler '
@@ -157,7 +162,7 @@ def _deserialize(directory, manifest):
   try:
     return jax.export.deserialize(bytearray(blob))
   except Exception as e:  # pylint: disable=broad-except
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = _first_line(e)
     if isinstance(e, ImportError):
       # A package this Python lacks, not a fault of the artifact.
       raise ImportError(f'{directory}/{PROGRAM} cannot be read by jax '
@@ -187,7 +192,7 @@ def _read_weights(directory, manifest, avals):
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:  # pylint: disable=broad-except
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = _first_line(e)
     raise ArtifactError(f'{path} is not a readable .npz: {line}') from None
   if sorted(names) != sorted(arrays):
     raise ArtifactError(f'{path} does not hold the weights {MANIFEST} '
@@ -246,7 +251,7 @@ def _copy_from(url, local):
     raise ArtifactError(f'{url} has no {MANIFEST}: not an exported '
                         'sampler.') from None
   except Exception as e:  # pylint: disable=broad-except
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = _first_line(e)
     raise ArtifactError(f'{url} cannot be read: {line}') from None
 
 
