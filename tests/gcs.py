@@ -276,6 +276,20 @@ def _live(storage, bucket, name):
 _RANGE = re.compile(r'^\s*bytes=(\d*)-(\d*)\s*$')
 
 
+def _read_target(request, response, storage):
+  """(bucket, name, object) a read asks for; the object is None, and the
+  error written to `response`, if it is missing or a precondition fails."""
+  bucket = request.params['bucket_name']
+  name = request.params['object_id']
+  obj = _live(storage, bucket, name)
+  status = _check_read(request, obj)
+  if status:
+    _error(response, status,
+           f'No such object: {bucket}/{name}' if status == 404 else '')
+    return bucket, name, None
+  return bucket, name, obj
+
+
 def _patch_emulator():
   """Patches gcp_storage_emulator in this process; returns its server
   module."""
@@ -303,13 +317,9 @@ def _patch_emulator():
 
   def download(request, response, storage, *args, **kwargs):
     del args, kwargs
-    bucket = request.params['bucket_name']
-    name = request.params['object_id']
-    obj = _live(storage, bucket, name)
-    status = _check_read(request, obj)
-    if status:
-      return _error(response, status,
-                    f'No such object: {bucket}/{name}' if status == 404 else '')
+    bucket, name, obj = _read_target(request, response, storage)
+    if obj is None:
+      return None
     data = storage.get_file(bucket, name)
     size = len(data)
     header = request.get_header('range', None)
@@ -350,14 +360,9 @@ def _patch_emulator():
       return download(request, response, storage)
     if request.query.get('softDeleted'):
       return original['get'](request, response, storage, *args, **kwargs)
-    bucket = request.params['bucket_name']
-    name = request.params['object_id']
-    obj = _live(storage, bucket, name)
-    status = _check_read(request, obj)
-    if status:
-      return _error(response, status,
-                    f'No such object: {bucket}/{name}' if status == 404 else '')
-    response.json(obj)
+    obj = _read_target(request, response, storage)[2]
+    if obj is not None:
+      response.json(obj)
 
   def ls(request, response, storage, *args, **kwargs):
     """objects.list with prefix, delimiter, matchGlob, startOffset,
