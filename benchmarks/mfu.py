@@ -35,7 +35,7 @@ from multistep_cm import conditioning
 from multistep_cm import models
 from multistep_cm import samplers
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
 from multistep_cm.core import stages

@@ -40,7 +40,7 @@ from multistep_cm import conditioning
 from multistep_cm import datasets
 from multistep_cm import exported
 from multistep_cm import schedules
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import imported
 from multistep_cm.core import stages

@@ -26,7 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',

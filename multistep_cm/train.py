@@ -14,7 +14,7 @@ import optax
 from multistep_cm import datasets
 from multistep_cm import models
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import images
 from multistep_cm.core import preemption
 from multistep_cm.core import progress as progress_lib

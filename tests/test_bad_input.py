@@ -10,7 +10,7 @@ import pytest
 from configs import digits
 from configs import toy2d
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ import orbax.checkpoint
 import pytest
 
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 # A failed tensorstore read leaves orbax's asyncio tasks to fail on a closed
 # loop later: noise, not a failure of the code under test.

@@ -20,7 +20,7 @@ from configs import imagenet64
 from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import imported
 from multistep_cm.core import sharding

@@ -24,7 +24,7 @@ from configs import digits
 from multistep_cm import export
 from multistep_cm import exported
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
 from multistep_cm.core import stages

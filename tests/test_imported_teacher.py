@@ -15,7 +15,7 @@ from multistep_cm import adm
 from multistep_cm import models
 from multistep_cm import schedules
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import imported
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib

@@ -26,7 +26,7 @@ import pytest
 
 from configs import toy2d
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import liveness
 from multistep_cm.core import preemption
 from multistep_cm.core import state as state_lib

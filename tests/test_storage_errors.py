@@ -14,7 +14,7 @@ import pytest
 from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from tests import test_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

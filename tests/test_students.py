@@ -11,7 +11,7 @@ from multistep_cm import datasets
 from multistep_cm import samplers
 from multistep_cm import train
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib

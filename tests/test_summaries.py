@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import images
 from multistep_cm.core import summaries
 

@@ -205,7 +205,7 @@ def test_captioned_digits_batches():
 
 
 def test_missing_text_data_is_one_line():
-  from multistep_cm.core import errors  # pylint: disable=g-import-not-at-top
+  from multistep_cm import errors  # pylint: disable=g-import-not-at-top
   config = text2image.get_config('smoke')
   with pytest.raises(errors.ConfigError, match='config.dataset.text_dir'):
     datasets.check_available(config)

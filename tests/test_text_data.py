@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.datasets import base
 from multistep_cm.datasets import captioned_digits
 from multistep_cm.datasets import digits as digits_data

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import imagenet128
 from multistep_cm import datasets
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.datasets import tfds_images
 from multistep_cm.datasets import tfds_source
 

@@ -11,7 +11,7 @@ from configs import digits
 from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import quick

@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import orbax_noise
 
 DAMAGED = 'damaged'

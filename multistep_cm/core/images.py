@@ -6,7 +6,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 
 @contextlib.contextmanager

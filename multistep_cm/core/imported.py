@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multistep_cm import adm
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 CONFIG_KEY = '__config__'  # The .npz entry that holds the ADMConfig.
 HOW_TO_GET = (

@@ -28,7 +28,7 @@ import time
 import jax
 
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import preemption
 
 EXIT_CODE = preemption.EXIT_CODE  # Restart: the run resumes by itself.

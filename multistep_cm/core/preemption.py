@@ -13,7 +13,7 @@ import signal
 
 import jax
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 EXIT_CODE = errors.RESTART_EXIT_CODE  # The same command resumes.
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

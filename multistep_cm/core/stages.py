@@ -34,7 +34,7 @@ from multistep_cm import datasets
 from multistep_cm import losses
 from multistep_cm import samplers
 from multistep_cm import schedules
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import imported
 
 

@@ -15,7 +15,7 @@ from multistep_cm import models
 from multistep_cm import networks
 from multistep_cm import schedules
 from multistep_cm.core import checkpoint
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import imported
 from multistep_cm.core import sharding
 

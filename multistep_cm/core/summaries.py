@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 
 def _crc32c_table():

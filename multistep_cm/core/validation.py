@@ -8,7 +8,7 @@ import jax
 
 from multistep_cm import datasets
 from multistep_cm import models
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state

@@ -17,7 +17,7 @@ built-in one; a config names it in `config.dataset.name`.
 
 import functools
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.datasets import base
 from multistep_cm.datasets import captioned_digits
 from multistep_cm.datasets import captioned_images

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from multistep_cm import conditioning
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import images
 
 

@@ -7,7 +7,7 @@ the FID Inception and, when configured, the CLIP score."""
 import numpy as np
 
 from multistep_cm import conditioning
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.datasets import base
 from multistep_cm.datasets import text_data
 

@@ -32,7 +32,7 @@ import tempfile
 
 import numpy as np
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.datasets import base
 
 FORMAT = 'multistep_cm.text/1'

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 
 _FORMAT = 'array_record'
 

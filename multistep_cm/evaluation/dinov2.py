@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import imported
 
 HIGHEST = jax.lax.Precision.HIGHEST

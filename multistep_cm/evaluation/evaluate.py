@@ -31,7 +31,7 @@ import numpy as np
 
 from multistep_cm import datasets
 from multistep_cm import samplers
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import images
 from multistep_cm.core import progress

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from multistep_cm import datasets
-from multistep_cm.core import errors
+from multistep_cm import errors
 from multistep_cm.core import generation
 from multistep_cm.core import progress
 from multistep_cm.core import sharding
