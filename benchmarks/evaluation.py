@@ -17,8 +17,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from multistep_cm import models
+from multistep_cm import run as run_lib
 from multistep_cm import samplers
-from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import inception
 import timing
@@ -60,9 +60,9 @@ def main(argv):
   config = config.copy_and_resolve_references()
   if 'scan' in config.model:
     config.model.scan = False
-  model = state_lib.create_model(config)
-  net = models.network_fn(model)
-  shape = (1,) + state_lib.data_shape(config)
+  run = run_lib.resolve(config)
+  model, net = run.model, run.network
+  shape = (1,) + run.shape
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape),
                             jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
   one = _flops(lambda p, z: net(p['params'], z, jnp.full((1,), .5),

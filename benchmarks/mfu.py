@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from multistep_cm import conditioning
-from multistep_cm import models
+from multistep_cm import run as run_lib
 from multistep_cm import samplers
 from multistep_cm import train
 from multistep_cm import errors
@@ -101,24 +101,18 @@ def _model_config(config):
 def _model_network(config):
   """(network, abstract parameters) of `_model_config(config)`."""
   config = _model_config(config)
-  model = state_lib.create_model(config)
-  _, abstract, _ = state_lib.state_layout(
-      config, model, state_lib.make_optimizer(config.optim),
-      state_lib.make_mesh(config))
-  return models.network_fn(model), abstract.params
+  run = run_lib.resolve(config)
+  abstract, _ = state_lib.param_layout(run)
+  return run.network, abstract
 
 
 def _step_flops(config, batch):
   """Model FLOPs of one train step of `config` on `batch`."""
-  config = _model_config(config)
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
-  tx = state_lib.make_optimizer(config.optim)
-  _, abstract, shardings = state_lib.state_layout(config, model, tx, mesh)
-  teacher = (abstract.params if stages.get(config.stage).runs_teacher
-             else None)
-  step_fn = train.make_train_step(config, models.network_fn(model), tx,
-                                  shardings, mesh)
+  run = run_lib.resolve(_model_config(config))
+  tx = state_lib.make_optimizer(run.config.optim)
+  _, abstract, shardings = state_lib.state_layout(run, tx)
+  teacher = abstract.params if run.stage.runs_teacher else None
+  step_fn = train.make_train_step(run, tx, shardings)
   return _flops(step_fn.lower(abstract, batch, teacher))
 
 
@@ -128,18 +122,17 @@ def _train_step(config, stage, batch_size):
   config = config.copy_and_resolve_references()
   config.stage = stage
   config.batch_size = batch_size
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
+  run = run_lib.resolve(config)
+  mesh = run.mesh
   tx = state_lib.make_optimizer(config.optim)
-  state, state_sh = state_lib.init_state(config, model, tx, mesh)
+  state, state_sh = state_lib.init_state(run, tx)
   teacher = (jax.tree.map(jnp.copy, state.params)
-             if stages.get(stage).runs_teacher else None)
-  shape = (batch_size,) + state_lib.data_shape(config)
+             if run.stage.runs_teacher else None)
+  shape = (batch_size,) + run.shape
   batch = {'x': jax.random.normal(jax.random.key(1), shape),
-           conditioning.KEY: state_lib.condition(config).example(batch_size)}
+           conditioning.KEY: run.condition.example(batch_size)}
   batch = sharding.global_batch(jax.device_get(batch), mesh)
-  step_fn = train.make_train_step(config, network, tx, state_sh, mesh)
+  step_fn = train.make_train_step(run, tx, state_sh)
   lowered = step_fn.lower(state, batch, teacher)
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -157,15 +150,13 @@ def _bare_step(config, batch_size):
   """The same for a bare jitted forward and backward pass of the network (a
   squared error, no optimizer, no EMA): what the teacher step adds to it is
   the framework's overhead."""
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
-  mesh = state_lib.make_mesh(config)
-  state, _ = state_lib.init_state(config, model,
-                                  state_lib.make_optimizer(config.optim), mesh)
-  shape = (batch_size,) + state_lib.data_shape(config)
+  run = run_lib.resolve(config)
+  network = run.network
+  state, _ = state_lib.init_state(run, state_lib.make_optimizer(config.optim))
+  shape = (batch_size,) + run.shape
   z = jax.random.normal(jax.random.key(1), shape)
   t = jax.random.uniform(jax.random.key(2), (batch_size,))
-  labels = state_lib.condition(config).example(batch_size)
+  labels = run.condition.example(batch_size)
 
   def grad(network):
     return jax.jit(jax.grad(lambda p: jnp.mean(
@@ -182,10 +173,8 @@ def _bare_step(config, batch_size):
 def _ema_update(config):
   """(0 FLOPs counted, compile seconds, seconds per call) of the EMA update
   of the train step, on its own: its cost is memory traffic."""
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
   state, shardings = state_lib.init_state(
-      config, model, state_lib.make_optimizer(config.optim), mesh)
+      run_lib.resolve(config), state_lib.make_optimizer(config.optim))
   update = jax.jit(
       lambda e, p: jax.tree.map(lambda a, b: 0.999 * a + 0.001 * b, e, p),
       in_shardings=(shardings.ema_params, shardings.params),
@@ -205,25 +194,22 @@ def _ema_update(config):
 def _sampler(config, spec, batch_size):
   """(flops per call, compile seconds, seconds per call) of one sampler call:
   FLOPs as network evaluations times the lowered forward pass's."""
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
+  run = run_lib.resolve(config)
   state, shardings = state_lib.init_state(
-      config, model, state_lib.make_optimizer(config.optim), mesh)
-  shape = (batch_size,) + state_lib.data_shape(config)
-  labels = jax.device_get(state_lib.condition(config).example(batch_size))
+      run, state_lib.make_optimizer(config.optim))
+  shape = (batch_size,) + run.shape
+  labels = jax.device_get(run.condition.example(batch_size))
   counting, abstract = _model_network(config)
   forward = jax.jit(counting).lower(
       abstract, jnp.zeros(shape), jnp.full((batch_size,), 0.5), labels)
-  generator = generation.Generator(config, network, shardings.ema_params, mesh,
-                                   spec)
-  run = lambda: next(generator.batches(state.ema_params, labels, 0,
-                                       batch_size))[0]
+  generator = generation.Generator(run, shardings.ema_params, spec)
+  sample = lambda: next(generator.batches(state.ema_params, labels, 0,
+                                          batch_size))[0]
   t0 = time.perf_counter()
-  jax.block_until_ready(run())  # Compiles.
+  jax.block_until_ready(sample())  # Compiles.
   compile_s = time.perf_counter() - t0
   return (_flops(forward) * spec.nfe(), compile_s,
-          timing.seconds_per_call(run, FLAGS.repeats, warmup=0), None)
+          timing.seconds_per_call(sample, FLAGS.repeats, warmup=0), None)
 
 
 def main(argv):

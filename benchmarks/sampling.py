@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from multistep_cm import models
+from multistep_cm import run as run_lib
 from multistep_cm import samplers
 from multistep_cm.core import generation
 from multistep_cm.core import sharding
@@ -31,20 +32,17 @@ def main(argv):
   del argv
   config = FLAGS.config
   batch = FLAGS.batch or config.train_eval.batch_size
-  mesh = state_lib.make_mesh(config)
-  batch = sharding.mesh_batch_size(batch, mesh)
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
+  run = run_lib.resolve(config)
+  batch = sharding.mesh_batch_size(batch, run.mesh)
   state, shardings = state_lib.init_state(
-      config, model, state_lib.make_optimizer(config.optim), mesh)
-  _, labels = generation.eval_inputs(config, batch)
+      run, state_lib.make_optimizer(config.optim))
+  _, labels = generation.eval_inputs(run.dataset, batch)
   runs = [('teacher aDDIM', samplers.SamplerSpec('addim', FLAGS.teacher_steps))
          ] + [(f'student S={s}', samplers.SamplerSpec('student', s))
               for s in (1, 2, 4, 8, 16)]
   rows = []
   for name, spec in runs:
-    generator = generation.Generator(config, network, shardings.ema_params,
-                                     mesh, spec)
+    generator = generation.Generator(run, shardings.ema_params, spec)
     # One batch: the compiled sampler and nothing but its inputs' transfer.
     sec = timing.seconds_per_call(
         lambda: next(generator.batches(state.ema_params, labels, 0,

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from multistep_cm import datasets
 from multistep_cm import models
+from multistep_cm import run as run_lib
 from multistep_cm import train
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
@@ -28,15 +29,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
+  run = run_lib.resolve(config)
+  mesh, network = run.mesh, run.network
   tx = state_lib.make_optimizer(config.optim)
-  state, state_sh = state_lib.init_state(config, model, tx, mesh)
+  state, state_sh = state_lib.init_state(run, tx)
   batch = sharding.global_batch(next(datasets.train_batches(
       config, config.batch_size, config.seed)), mesh)
 
-  step_fn = train.make_train_step(config, network, tx, state_sh, mesh)
+  step_fn = train.make_train_step(run, tx, state_sh)
   holder = [state]
 
   def framework():

@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.evaluate.batch_size = 360
   c.consistency.anneal_steps = 750  # 64 -> 1280 over half the run (A14).
 
-  if common.set_stage(c, arg).student:
+  if common.set_stage(c, arg).distilled:
     # Fine-tuning from the teacher: a lower, constant rate (spec A5).
     c.total_steps = 1500
     c.optim.lr = 2e-4

@@ -89,7 +89,7 @@ def build(arg):
 
   c.teacher_checkpoint = arg.teacher or None
   c.consistency.guidance = arg.guidance
-  if common.set_stage(c, arg).student:
+  if common.set_stage(c, arg).distilled:
     # Students (spec section 7): 200k steps at batch 2048, N annealed 64 ->
     # 1280 over 100k, eta 0.75, delta 1e-4, initialised from the teacher's EMA.
     c.total_steps = 200_000

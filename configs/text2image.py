@@ -97,7 +97,7 @@ def get_config(arg=None):
   c.consistency.guidance = arg.guidance
   c.consistency.huber_delta = 1.
   c.consistency.anneal_start = c.consistency.anneal_end = 256.
-  if common.set_stage(c, arg).student:
+  if common.set_stage(c, arg).distilled:
     c.total_steps = 30_000
     c.optim.lr = 5e-5  # Not in the paper (spec A5).
   else:

@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.evaluate.batch_size = 1000
   c.consistency.anneal_steps = 1000
 
-  if common.set_stage(c, arg).student:
+  if common.set_stage(c, arg).distilled:
     c.total_steps = 2000
     c.optim.lr = 2e-4
     c.eval_every = 2000

@@ -49,3 +49,64 @@ need() {
     printf -v "$name" '<%s>' "$name"
   fi
 }
+
+# shellcheck disable=SC2034  # for the launchers
+REPO_ROOT=$(cd "$(dirname "$LAUNCHER")/.." && pwd)
+
+# The settings both launchers read alike (their headers document them); each
+# sets its own after sourcing this file.
+NAME=${NAME:-multistep-cm}
+PROJECT=${PROJECT:-}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-64}
+CREATE_ARGS=${CREATE_ARGS:-}
+CONFIG=${CONFIG:-configs/imagenet64.py}
+BUCKET=${BUCKET:-}
+WORKDIR=${WORKDIR:-${BUCKET:+gs://$BUCKET/multistep_cm/$NAME}}
+TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:+gs://$BUCKET/tensorflow_datasets}}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+DRY_RUN=${DRY_RUN:-0}
+
+# The training program's "preempted after saving, rerun to resume".
+# shellcheck disable=SC2034  # for the launchers
+EXIT_PREEMPTED=75
+
+# Checked before anything costs money: every run reads and writes on gs://.
+need_storage() {
+  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
+  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+}
+
+# The training program's command line, quoted, after the words that start
+# python ($@); EXTRA_ARGS is split on spaces.
+program_line() {
+  local extra=()
+  read -r -a extra <<< "$EXTRA_ARGS"
+  quote_all "$@" -m multistep_cm.main --config="$CONFIG" --workdir="$WORKDIR" \
+            "${extra[@]}"
+}
+
+# The launchers' command line: one subcommand, with --dry-run or --help
+# anywhere. The arguments before -- map each subcommand to its function
+# (verb=function), in the order an unknown subcommand's error lists them.
+main() {
+  local table=() verbs=() entry
+  while [[ $1 != -- ]]; do table+=("$1"); verbs+=("${1%%=*}"); shift; done
+  shift
+  local sub='' arg
+  for arg in "$@"; do
+    case $arg in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help|help) usage; return 0 ;;
+      -*) die "unknown option $arg (see launch/${LAUNCHER##*/} --help)" ;;
+      *) [[ -z $sub ]] || die "one subcommand at a time, got '$sub' and '$arg'"
+         sub=$arg ;;
+    esac
+  done
+  [[ -n $sub ]] || { usage >&2; return 2; }
+  for entry in "${table[@]}"; do
+    if [[ ${entry%%=*} == "$sub" ]]; then "${entry#*=}"; return; fi
+  done
+  local list
+  printf -v list '%s, ' "${verbs[@]:0:${#verbs[@]}-1}"
+  die "unknown subcommand '$sub': ${list%, } or ${verbs[-1]}"
+}

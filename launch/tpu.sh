@@ -94,27 +94,15 @@ COMMON=$(dirname "${BASH_SOURCE[0]}")/common.sh
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$COMMON"
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-NAME=${NAME:-multistep-cm}
-PROJECT=${PROJECT:-}
 ZONE=${ZONE:-us-west4-a}
-ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-64}
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
 PROVISIONING=${PROVISIONING:-spot}
-CREATE_ARGS=${CREATE_ARGS:-}
 REPO=${REPO:-$(git -C "$REPO_ROOT" remote get-url origin 2>/dev/null || true)}
 BRANCH=${BRANCH:-main}
-CONFIG=${CONFIG:-configs/imagenet64.py}
-BUCKET=${BUCKET:-}
-WORKDIR=${WORKDIR:-${BUCKET:+gs://$BUCKET/multistep_cm/$NAME}}
-TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:+gs://$BUCKET/tensorflow_datasets}}
-EXTRA_ARGS=${EXTRA_ARGS:-}
 POLL_S=${POLL_S:-60}
 SETTLE_S=${SETTLE_S:-120}
 LOST_S=${LOST_S:-600}
 ATTEMPT=${ATTEMPT:-}
-DRY_RUN=${DRY_RUN:-0}
 
 # Where the hosts keep the checkout and its virtualenv, relative to the home
 # directory that ssh commands start in.
@@ -122,8 +110,6 @@ REMOTE_DIR=multistep_cm
 RUNS_DIR=multistep_cm_run
 # TPU VM images ship an older Python than this project needs; uv brings its own.
 PYTHON_VERSION=3.11
-# The training program's "preempted after saving, rerun to resume".
-EXIT_PREEMPTED=75
 # What a run reports for a host it lost track of, as ssh does for a host it
 # cannot reach: the babysitter then asks whether the TPU is still there.
 EXIT_LOST=255
@@ -266,14 +252,11 @@ job_code() {
 # shellcheck disable=SC2016  # the single-quoted snippets expand on the hosts
 train() {
   local attempt=$1
-  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
-  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  need_storage
   [[ $attempt =~ ^[A-Za-z0-9_.-]+$ ]] || die "ATTEMPT is '$attempt'; letters, digits and ._- only"
-  local extra=()
-  read -r -a extra <<< "$EXTRA_ARGS"
+  # The hosts' wrapper changes into REMOTE_DIR, its first word, first.
   local program
-  program=$(quote_all "$REMOTE_DIR" .venv/bin/python -m multistep_cm.main \
-                      --config="$CONFIG" --workdir="$WORKDIR" "${extra[@]}")
+  program=$(program_line "$REMOTE_DIR" .venv/bin/python)
   # mkdir is the lock that makes a start idempotent: a retried or repeated
   # start finds the directory and does nothing. A host still running another
   # attempt refuses, rather than have two programs fight over its chips.
@@ -382,8 +365,7 @@ babysit() {
   local round=0 installed=0 state rc
   # Before anything costs money.
   need REPO 'the git URL of this project, which the TPU hosts clone'
-  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
-  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  need_storage
   while true; do
     round=$((round + 1))
     state=$(qr_state)
@@ -430,26 +412,6 @@ babysit() {
   done
 }
 
-main() {
-  local sub='' arg
-  for arg in "$@"; do
-    case $arg in
-      --dry-run) DRY_RUN=1 ;;
-      -h|--help|help) usage; return 0 ;;
-      -*) die "unknown option $arg (see launch/tpu.sh --help)" ;;
-      *) [[ -z $sub ]] || die "one subcommand at a time, got '$sub' and '$arg'"
-         sub=$arg ;;
-    esac
-  done
-  case $sub in
-    create) create ;;
-    install) install ;;
-    run) train "${ATTEMPT:-$(new_attempt)}" ;;
-    babysit) babysit ;;
-    delete) delete ;;
-    '') usage >&2; return 2 ;;
-    *) die "unknown subcommand '$sub': create, install, run, babysit or delete" ;;
-  esac
-}
+run() { train "${ATTEMPT:-$(new_attempt)}"; }
 
-main "$@"
+main create=create install=install run=run babysit=babysit delete=delete -- "$@"

@@ -96,35 +96,20 @@ COMMON=$(dirname "${BASH_SOURCE[0]}")/common.sh
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$COMMON"
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
 CLUSTER=${CLUSTER:-}
-NAME=${NAME:-multistep-cm}
-PROJECT=${PROJECT:-}
 ZONE=${ZONE:-}
-ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-64}
 NUM_SLICES=${NUM_SLICES:-1}
 IMAGE=${IMAGE:-}
 PLATFORM=${PLATFORM:-linux/amd64}
 BUILD_ARGS=${BUILD_ARGS:-}
-CONFIG=${CONFIG:-configs/imagenet64.py}
-BUCKET=${BUCKET:-}
-WORKDIR=${WORKDIR:-${BUCKET:+gs://$BUCKET/multistep_cm/$NAME}}
-TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:+gs://$BUCKET/tensorflow_datasets}}
-EXTRA_ARGS=${EXTRA_ARGS:-}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 GRACE_S=${GRACE_S:-300}
 PRIORITY=${PRIORITY:-medium}
-CREATE_ARGS=${CREATE_ARGS:-}
 WAIT_S=${WAIT_S:-}
-DRY_RUN=${DRY_RUN:-0}
 
 # xpk's names for TPUs: v4-8, v5litepod-16, v5p-8, v6e-256, tpu7x-...
 is_tpu() { [[ $ACCELERATOR_TYPE =~ ^(v[0-9]|tpu) ]]; }
 if is_tpu; then IMAGE_KIND=${IMAGE_KIND:-tpu}; else IMAGE_KIND=${IMAGE_KIND:-gpu}; fi
-
-# The training program's "preempted after saving, rerun to resume".
-EXIT_PREEMPTED=75
 
 # Checked here, in one line, rather than by xpk after it has talked to the
 # cluster.
@@ -168,21 +153,18 @@ build() {
 create() {
   need CLUSTER 'the xpk cluster to run on'
   need IMAGE 'the image to run, with its tag (see build)'
-  need WORKDIR 'a gs:// directory for checkpoints and metrics (or set BUCKET)'
-  need TFDS_DATA_DIR 'the gs:// directory of the prepared tfds datasets (or set BUCKET)'
+  need_storage
   check_name
   check_tag
   check_count NUM_SLICES
   check_count MAX_RESTARTS
   check_count GRACE_S
-  local extra=() type_flag=--device-type
-  read -r -a extra <<< "$EXTRA_ARGS"
+  local type_flag=--device-type
   if is_tpu; then type_flag=--tpu-type; fi
   # Runs in the image's working directory, where configs/ is, through xpk's
   # bash wrapper; exec makes python the process that the wrapper signals.
   local program
-  program="exec $(quote_all python -m multistep_cm.main --config="$CONFIG" \
-                              --workdir="$WORKDIR" "${extra[@]}")"
+  program="exec $(program_line python)"
   local more=()
   read -r -a more <<< "$CREATE_ARGS"
   local s=()
@@ -226,26 +208,4 @@ delete() {
   x xpk workload delete --cluster="$CLUSTER" "${s[@]}" --workload="$NAME" --force
 }
 
-main() {
-  local sub='' arg
-  for arg in "$@"; do
-    case $arg in
-      --dry-run) DRY_RUN=1 ;;
-      -h|--help|help) usage; return 0 ;;
-      -*) die "unknown option $arg (see launch/xpk.sh --help)" ;;
-      *) [[ -z $sub ]] || die "one subcommand at a time, got '$sub' and '$arg'"
-         sub=$arg ;;
-    esac
-  done
-  case $sub in
-    build) build ;;
-    create) create ;;
-    status) status ;;
-    wait) wait_done ;;
-    delete) delete ;;
-    '') usage >&2; return 2 ;;
-    *) die "unknown subcommand '$sub': build, create, status, wait or delete" ;;
-  esac
-}
-
-main "$@"
+main build=build create=create status=status wait=wait_done delete=delete -- "$@"

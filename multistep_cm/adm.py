@@ -9,7 +9,7 @@ at chosen resolutions; skip connections concatenated on the way up.
 
 It computes what diffusers' `UNet2DModel` computes for the same weights (and
 OpenAI's `UNetModel`). `tools/convert_adm.py` converts either's weights to
-an .npz (read by `core/imported.py`). Parameters are float32; `dtype` is the
+an .npz of `FORMAT`. Parameters are float32; `dtype` is the
 compute dtype. Inputs and outputs are NHWC.
 
 `Network` is the same U-Net as this framework's `(z_t, t, cond) -> v`
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from multistep_cm import conditioning
 from multistep_cm import karras
 from multistep_cm import models
+from multistep_cm import weights
 
 UNET = 'unet'  # Where `Network` holds the U-Net's parameters.
 GROUPS = 32  # Every GroupNorm's, as in OpenAI's `normalization`.
@@ -290,6 +291,37 @@ def param_shapes(config):
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   return {'/'.join(k.key for k in path): tuple(leaf.shape)
           for path, leaf in flat}
+
+
+FORMAT = weights.Format(
+    what='ADM weights',
+    how_to_get=(
+        'Convert a diffusers UNet2DModel or an OpenAI .pt once, on a machine '
+        'with torch: `python -m multistep_cm.tools.convert_adm '
+        '--diffusers=<dir> --out=adm.npz` or `... --openai=<model.pt> '
+        '--preset=openai_imagenet64 --out=adm.npz`.'),
+    converter='convert_adm', param_shapes=param_shapes, config_type=ADMConfig,
+    where='does not match the ADM config')
+
+
+def load_weights(path, sha256=''):
+  """(ADMConfig, params) of a `convert_adm` .npz (local or gs://), its
+  SHA-256 checked when one is given."""
+  loaded = FORMAT.load(path, sha256)
+  return loaded.config, loaded.params
+
+
+def network_params(path, abstract_params, sha256=''):
+  """The parameters of a `Network` from a `convert_adm` .npz: the U-Net's,
+  under UNET, checked name by name and shape by shape against
+  `abstract_params`, those of the network the config builds."""
+  params = {UNET: load_weights(path, sha256)[1]}
+  mismatch = weights.describe_mismatch(weights.flatten(params),
+                                       weights.shapes(abstract_params))
+  if mismatch:
+    raise weights.WeightsError(
+        f'{path} does not fit config.model: {mismatch}.')
+  return params
 
 
 class Network(nn.Module):

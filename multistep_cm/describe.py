@@ -23,8 +23,8 @@ from ml_collections import config_dict
 
 from multistep_cm import conditioning
 from multistep_cm import models
+from multistep_cm import run as run_lib
 from multistep_cm import train
-from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 
 GIB = 2 ** 30
@@ -78,19 +78,18 @@ def fields(config):
 def train_step_memory(config):
   """(parameter count, involuntary rematerializations, {what: bytes per
   device}) of the config's train step, compiled for the config's mesh on
-  this process's devices from abstract state and batch."""
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
+  this process's devices from abstract state and batch. `config`: or its
+  `run.Run`."""
+  run = run_lib.of(config)
+  config = run.config
   tx = state_lib.make_optimizer(config.optim)
-  _, abstract, shardings = state_lib.state_layout(config, model, tx, mesh)
+  _, abstract, shardings = state_lib.state_layout(run, tx)
   batch = {'x': jax.ShapeDtypeStruct(
-      (config.batch_size,) + state_lib.data_shape(config), jax.numpy.float32),
+      (config.batch_size,) + run.shape, jax.numpy.float32),
            conditioning.KEY: jax.eval_shape(
-               lambda: state_lib.condition(config).example(config.batch_size))}
-  teacher = (abstract.params if stages.get(config.stage).runs_teacher
-             else None)
-  step_fn = train.make_train_step(config, models.network_fn(model), tx,
-                                  shardings, mesh)
+               lambda: run.condition.example(config.batch_size))}
+  teacher = abstract.params if run.stage.runs_teacher else None
+  step_fn = train.make_train_step(run, tx, shardings)
   compiled, remats = compile_counting_remats(
       step_fn.lower(abstract, batch, teacher))
   memory = compiled.memory_analysis()
@@ -104,8 +103,9 @@ def train_step_memory(config):
 
 def run(config, config_file):
   """Prints the description; returns it as text."""
-  params, remats, memory = train_step_memory(config)
-  mesh = dict(state_lib.make_mesh(config).shape)
+  run = run_lib.resolve(config)
+  params, remats, memory = train_step_memory(run)
+  mesh = dict(run.mesh.shape)
   lines = [f'# {config_file}', '', variants(config_file) or '(no docstring)',
            '', '## Resolved fields', '', *fields(config), '',
            '## Train step', '',

@@ -1,6 +1,6 @@
 """An exported sampler, loaded and run with only `jax` and `numpy`.
 
-`--mode=export` (multistep_cm/export.py) writes a directory holding a
+`--mode=export` (multistep_cm/export_writer.py) writes a directory holding a
 sampler as one serialised program (`jax.export`: noise -> S network
 evaluations -> uint8 images, for CPU, CUDA and TPU), its weights and a
 manifest. This file reads it. It imports only jax, numpy and the standard
@@ -42,7 +42,7 @@ WEIGHTS = 'weights.npz'
 # A stochastic sampler's per-step keys are folded with this, apart from the
 # initial noise's keys (the twin of core/generation.py's STEP_NOISE).
 STEP_NOISE = 1 << 30
-# What a reader needs of a manifest (export.py writes more, for people).
+# What a reader needs of a manifest (export_writer.py writes more, for people).
 FIELDS = ('files', 'weights', 'image_shape', 'labels', 'stochastic',
           'prng_impl', 'threefry_partitionable', 'serialization_version',
           'sampler')

@@ -36,7 +36,7 @@ def _forward_process(k_t, k_eps, x, logsnr_fn):
   return t, eps, a, s, a * x + s * eps
 
 
-def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
+def diffusion_loss(network, params, x, cond, rng, logsnr_fn,
                    label_dropout=0., condition=conditioning.UNCONDITIONAL,
                    multiscale=0):
   """Continuous-time diffusion loss with t ~ U(0, 1) and the v-loss weighting.
@@ -52,12 +52,12 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
   Returns the scalar loss averaged over the batch.
   """
   conditioning.check_guidance(condition, label_dropout=label_dropout)
-  condition.check(labels, x.shape[0])
+  condition.check(cond, x.shape[0])
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   x = x.astype(jnp.float32)
   t, eps, a, s, z_t = _forward_process(k_t, k_eps, x, logsnr_fn)
-  labels = condition.drop(k_label, labels, label_dropout)
-  v_err = network(params, z_t, t, labels, k_drop) - (a * eps - s * x)
+  cond = condition.drop(k_label, cond, label_dropout)
+  v_err = network(params, z_t, t, cond, k_drop) - (a * eps - s * x)
   levels = [_mean_per_example(jnp.square(v_err))]
   for _ in range(int(multiscale)):
     v_err = _avg_pool2(v_err)
@@ -66,7 +66,7 @@ def diffusion_loss(network, params, x, labels, rng, logsnr_fn,
 
 
 def guidance_distillation_loss(network, params, teacher, teacher_params, x,
-                               labels, rng, logsnr_fn, guidance,
+                               cond, rng, logsnr_fn, guidance,
                                condition=conditioning.UNCONDITIONAL):
   """The guidance-distilled teacher of the paper's Table 6: one evaluation of
   the network learns the teacher's classifier-free guided prediction
@@ -76,9 +76,9 @@ def guidance_distillation_loss(network, params, teacher, teacher_params, x,
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
   t, _, _, _, z_t = _forward_process(k_t, k_eps, x.astype(jnp.float32),
                                      logsnr_fn)
-  target, _ = guidance_lib.guided_v(teacher, teacher_params, z_t, t, labels,
+  target, _ = guidance_lib.guided_v(teacher, teacher_params, z_t, t, cond,
                                     guidance, condition)
-  v_err = network(params, z_t, t, labels, k_drop) - jax.lax.stop_gradient(
+  v_err = network(params, z_t, t, cond, k_drop) - jax.lax.stop_gradient(
       target)
   return jnp.mean(_mean_per_example(jnp.square(v_err)))
 
@@ -157,36 +157,36 @@ def _ab(logsnr_fn, t):
   return schedules.alpha_sigma(logsnr_fn(t))
 
 
-def _x_pred(network, params, z, t, labels, rng, logsnr_fn):
+def _x_pred(network, params, z, t, cond, rng, logsnr_fn):
   alpha, sigma = _ab(logsnr_fn, t)
-  return ddim.x_from_v(network(params, z, t, labels, rng), z, alpha, sigma)
+  return ddim.x_from_v(network(params, z, t, cond, rng), z, alpha, sigma)
 
 
-def teacher_x(teacher, teacher_params, z, t, labels, logsnr_fn, guidance=0.,
+def teacher_x(teacher, teacher_params, z, t, cond, logsnr_fn, guidance=0.,
               condition=conditioning.UNCONDITIONAL):
   """The teacher's x prediction (guided when `guidance` > 0) and its plain
   conditional prediction, which sets the aDDIM variance (spec A9). Dropout off."""
   alpha, sigma = _ab(logsnr_fn, t)
-  guided, cond = guidance_lib.guided_v(teacher, teacher_params, z, t, labels,
-                                       guidance, condition)
+  guided, plain = guidance_lib.guided_v(teacher, teacher_params, z, t, cond,
+                                        guidance, condition)
   return (ddim.x_from_v(guided, z, alpha, sigma),
-          ddim.x_from_v(cond, z, alpha, sigma))
+          ddim.x_from_v(plain, z, alpha, sigma))
 
 
-def teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
+def teacher_addim_step(teacher, teacher_params, z_t, t, s, x, cond,
                        logsnr_fn, xvar_frac=0.75, guidance=0.,
                        condition=conditioning.UNCONDITIONAL):
   """One aDDIM step z_t -> z_s of the teacher, its x variance xvar_frac times
   the per-example error of the conditional prediction against the data x
   (spec section 3): the step both CD and PD distil."""
-  x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, labels, logsnr_fn,
+  x_tea, x_cond = teacher_x(teacher, teacher_params, z_t, t, cond, logsnr_fn,
                             guidance, condition)
   x_var = xvar_frac * _mean_per_example(jnp.square(x_cond - x))
   return ddim.addim_step(x_tea, z_t, *_ab(logsnr_fn, t), *_ab(logsnr_fn, s),
                          x_var)
 
 
-def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
+def consistency_loss_terms(student, params, target_params, x, cond, eps, t,
                            s, t_step, logsnr_fn, dropout_rng=None, mode='cd',
                            teacher=None, teacher_params=None, xvar_frac=0.75,
                            huber_delta=1e-4, norm='rms',
@@ -201,16 +201,16 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
   their EMA) under stop-gradient, with the same dropout rng as the student
   ("synchronized dropout"). Target construction is float32.
   """
-  # CT never reaches guided_v, which checks CD's guidance and labels.
+  # CT never reaches guided_v, which checks CD's guidance and condition.
   conditioning.check_guidance(condition, guidance)
-  condition.check(labels, x.shape[0])
+  condition.check(cond, x.shape[0])
   x = x.astype(jnp.float32)
   (a_t, s_t), (a_s, s_s), (a_0, s_0) = (_ab(logsnr_fn, u) for u in (t, s,
                                                                     t_step))
   e = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))
   z_t = e(a_t) * x + e(s_t) * eps
   if mode == 'cd':
-    z_s = teacher_addim_step(teacher, teacher_params, z_t, t, s, x, labels,
+    z_s = teacher_addim_step(teacher, teacher_params, z_t, t, s, x, cond,
                              logsnr_fn, xvar_frac, guidance, condition)
   elif mode == 'ct':
     z_s = e(a_s) * x + e(s_s) * eps
@@ -218,12 +218,12 @@ def consistency_loss_terms(student, params, target_params, x, labels, eps, t,
     raise ValueError(f'Unknown mode {mode!r}: expected cd or ct.')
   z_s = jax.lax.stop_gradient(z_s)
 
-  x_ref = _x_pred(student, target_params, z_s, s, labels, dropout_rng,
+  x_ref = _x_pred(student, target_params, z_s, s, cond, dropout_rng,
                   logsnr_fn)
   z_ref = ddim.ddim_step(x_ref, z_s, a_s, s_s, a_0, s_0)
   x_tgt = jax.lax.stop_gradient(
       ddim.inverse_ddim(z_ref, z_t, a_t, s_t, a_0, s_0))
-  x_hat = _x_pred(student, params, z_t, t, labels, dropout_rng, logsnr_fn)
+  x_hat = _x_pred(student, params, z_t, t, cond, dropout_rng, logsnr_fn)
 
   snr_plus_one = jnp.exp(logsnr_fn(t)) + 1.
   if weighting == 'snr_plus_one':  # The algorithm box, literally (spec A2).
@@ -281,7 +281,7 @@ class ConsistencyOptions:
                                 self.label_dropout)
 
 
-def consistency_loss(student, params, x, labels, rng, logsnr_fn,
+def consistency_loss(student, params, x, cond, rng, logsnr_fn,
                      student_steps, iteration, options, target_params=None,
                      teacher=None, teacher_params=None):
   """Algorithm 1: draws segments, grid times and noise, returns the batch
@@ -292,24 +292,24 @@ def consistency_loss(student, params, x, labels, rng, logsnr_fn,
   paper's stop-gradient target); the teacher is needed for CD only.
   """
   o = options
-  # Before dropout, which would fail less clearly on labels of another kind.
-  o.condition.check(labels, x.shape[0])
+  # Before dropout, which would fail less clearly on a cond of another kind.
+  o.condition.check(cond, x.shape[0])
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
   n_seg, _ = segment_grid(iteration, student_steps, o.anneal_start,
                           o.anneal_end, o.anneal_steps)
   t, s, t_step = sample_times(k_t, x.shape[0], student_steps, n_seg)
   eps = jax.random.normal(k_eps, x.shape)
-  labels = o.condition.drop(k_label, labels, o.label_dropout)
+  cond = o.condition.drop(k_label, cond, o.label_dropout)
   target = params if target_params is None else target_params
   terms = consistency_loss_terms(
-      student, params, target, x, labels, eps, t, s, t_step, logsnr_fn,
+      student, params, target, x, cond, eps, t, s, t_step, logsnr_fn,
       k_drop, mode=o.mode, teacher=teacher, teacher_params=teacher_params,
       xvar_frac=o.xvar_frac, huber_delta=o.huber_delta, norm=o.norm,
       weighting=o.weighting, guidance=o.guidance, condition=o.condition)
   return jnp.mean(terms), {'n_seg': n_seg}
 
 
-def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
+def multistep_consistency_loss(student, params, x, cond, rng, logsnr_fn,
                                student_steps, iteration, target_params=None,
                                anneal_start=64., anneal_end=1280.,
                                anneal_steps=100_000, label_dropout=0.,
@@ -321,13 +321,13 @@ def multistep_consistency_loss(student, params, x, labels, rng, logsnr_fn,
                                anneal_end=anneal_end,
                                anneal_steps=anneal_steps,
                                label_dropout=label_dropout, **options)
-  return consistency_loss(student, params, x, labels, rng, logsnr_fn,
+  return consistency_loss(student, params, x, cond, rng, logsnr_fn,
                           student_steps, iteration, options, target_params,
                           teacher, teacher_params)
 
 
 def progressive_distillation_loss(student, params, teacher, teacher_params, x,
-                                  labels, rng, logsnr_fn, student_steps,
+                                  cond, rng, logsnr_fn, student_steps,
                                   xvar_frac=0.75, guidance=0.,
                                   condition=conditioning.UNCONDITIONAL):
   """Progressive distillation (Salimans & Ho 2022) with an aDDIM teacher, the
@@ -345,10 +345,10 @@ def progressive_distillation_loss(student, params, teacher, teacher_params, x,
   z = e(a_t) * x + e(s_t) * eps
   z_t = z
   for u0, u1 in ((t, t - half), (t - half, t - 2 * half)):
-    z = teacher_addim_step(teacher, teacher_params, z, u0, u1, x, labels,
+    z = teacher_addim_step(teacher, teacher_params, z, u0, u1, x, cond,
                            logsnr_fn, xvar_frac, guidance, condition)
   a_s, s_s = _ab(logsnr_fn, t - 2 * half)
   x_tgt = jax.lax.stop_gradient(ddim.inverse_ddim(z, z_t, a_t, s_t, a_s, s_s))
-  x_hat = _x_pred(student, params, z_t, t, labels, k_drop, logsnr_fn)
+  x_hat = _x_pred(student, params, z_t, t, cond, k_drop, logsnr_fn)
   w = jnp.exp(logsnr_fn(t)) + 1.
   return jnp.mean(w * _mean_per_example(jnp.square(x_hat - x_tgt)))

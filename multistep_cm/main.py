@@ -119,11 +119,9 @@ def _initialize_distributed():
         f'{str(e).strip().splitlines()[0]}') from None
 
 
-def _log_start(config):
+def _log_start(mesh):
   """One line per process: who it is, its devices, the mesh."""
-  from multistep_cm.core import state  # pylint: disable=g-import-not-at-top
   local = jax.local_devices()
-  mesh = state.make_mesh(config)
   logging.info(
       'Process %d of %d: %d local %s devices of %d; mesh %s.',
       jax.process_index(), jax.process_count(), len(local),
@@ -182,30 +180,36 @@ def parse_flags(argv):
 
 def _run_mode(config, workdir):
   # pylint: disable=g-import-not-at-top
-  from multistep_cm import export
+  from multistep_cm import export_writer
   from multistep_cm import pipeline
+  from multistep_cm import run as run_lib
   from multistep_cm import train
   from multistep_cm.core import config as config_lib
+  from multistep_cm.core import state
   from multistep_cm.core import validation
   from multistep_cm.evaluation import evaluate
   from multistep_cm.evaluation import fid
   from multistep_cm.evaluation import quick
   # pylint: enable=g-import-not-at-top
-  _log_start(config)
   if FLAGS.mode == 'train' and config.pipeline.stages:
+    _log_start(state.make_mesh(config))
+    # Each stage's config is resolved there, from the same flags.
     pipeline.run(config_lib.StageConfigs.from_flag(FLAGS['config']), workdir)
-  elif FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
+    return
+  run = run_lib.resolve(config)
+  _log_start(run.mesh)
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(run, workdir)
+    return
+  validation.check_run(run, workdir, train=False)
+  if FLAGS.mode == 'evaluate':
+    evaluate.run(run, workdir)
+  elif FLAGS.mode == 'reference':
+    fid.compute_reference(run, workdir)
+  elif FLAGS.mode == 'export':
+    export_writer.run(run, workdir)
   else:
-    validation.check_run(config, workdir, train=False)
-    if FLAGS.mode == 'evaluate':
-      evaluate.run(config, workdir)
-    elif FLAGS.mode == 'reference':
-      fid.compute_reference(config, workdir)
-    elif FLAGS.mode == 'export':
-      export.run(config, workdir)
-    else:
-      quick.write_samples(config, workdir, FLAGS.num_samples)
+    quick.write_samples(run, workdir, FLAGS.num_samples)
 
 
 def main(argv):

@@ -101,7 +101,12 @@ def timestep_embedding(t, dim, max_period=10_000.):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-class Conditioning(nn.Module):
+# Where checkpoints hold TimeEmbedding's parameters: the module's name from
+# before it was named apart from `conditioning.Condition`.
+TIME_EMBEDDING = 'Conditioning_0'
+
+
+class TimeEmbedding(nn.Module):
   """Embedding of time and the condition's vector (a class embedding, a
   pooled caption vector, ...), shared by all blocks."""
   emb_dim: int
@@ -221,7 +226,8 @@ class UViT(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     context = cfg.condition.context(self, cond, cfg.emb_dim, dtype,
                                     cfg.norm_float32)
-    emb = Conditioning(cfg.emb_dim, cfg.condition, dtype)(t, cond)
+    emb = TimeEmbedding(cfg.emb_dim, cfg.condition, dtype,
+                        name=TIME_EMBEDDING)(t, cond)
     h = nn.Conv(cfg.levels[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
 
     skips, names = [], {'res': 0, 'attn': 0}
@@ -362,7 +368,8 @@ class MLP(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    emb = Conditioning(cfg.emb_dim, cfg.condition, dtype)(t, cond)
+    emb = TimeEmbedding(cfg.emb_dim, cfg.condition, dtype,
+                        name=TIME_EMBEDDING)(t, cond)
     h = nn.Dense(cfg.width, dtype=dtype)(z.astype(dtype))
     for _ in range(cfg.num_blocks):
       g = nn.LayerNorm(dtype=dtype)(h) + nn.Dense(cfg.width, dtype=dtype)(emb)

@@ -1,13 +1,57 @@
-"""The network table: what a config's `model.name` builds.
+"""The network table: what a config's `model.name` builds, and everything
+else that is particular to that network.
 
-A row turns the config's `model` fields (with `out_channels` set to the
-data's channels), the dataset's `Condition` and the logSNR schedule into a
-Flax Linen module `(z_t, t, cond, train) -> v`. A new network is one row.
+A row's builder turns the config's `model` fields (with `out_channels` set
+to the data's channels), the dataset's `Condition` and the logSNR schedule
+into a Flax Linen module `(z_t, t, cond, train) -> v`. The rest of the row
+is what the framework asks of a network without naming it: its own config
+checks, a second parameter layout it can load, whether it has a null
+condition, how a smoke test shrinks it, and, for a network imported from
+elsewhere, its converted weights. A new network is one row.
 """
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
 
 from multistep_cm import adm
 from multistep_cm import conditioning
 from multistep_cm import models
+
+
+def _no_check(fields):
+  del fields
+
+
+def _always(module):
+  del module
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """One row of the table."""
+  # (fields, condition, logsnr_fn) -> the Linen module.
+  build: Callable
+  # (fields) -> None, or ValueError for fields this network cannot run with
+  # on these devices (a config check, before anything is built).
+  check: Callable = _no_check
+  # (module) -> the module of the same weights in another parameter layout,
+  # which `relayout(params, module)` turns into `module`'s: a checkpoint
+  # saved in either layout loads into both. None: one layout only.
+  other_layout: Optional[Callable] = None
+  relayout: Optional[Callable] = None
+  # (module) -> whether it has a null condition: guidance and label dropout
+  # need one.
+  has_null: Callable = _always
+  # (config.model) -> None: shrinks it to run in seconds on a CPU.
+  smoke: Callable = _no_check
+  # A network imported from elsewhere: the `weights.Format` of its converted
+  # weights, and (path, sha256, abstract params) -> its parameters, checked
+  # against those of the module the config builds.
+  weights: Any = None
+  load_weights: Optional[Callable] = None
 
 
 def _uvit(fields, condition, logsnr_fn):
@@ -16,9 +60,43 @@ def _uvit(fields, condition, logsnr_fn):
   return models.UViT(models.UViTConfig(condition=condition, **fields))
 
 
+def _check_uvit(fields):
+  attention = fields.get('attention', 'auto')
+  if attention not in models.ATTENTION:
+    raise ValueError(f'attention is {attention!r}: expected one of '
+                     f'{", ".join(models.ATTENTION)}.')
+  remat = fields.get('remat', 'none')
+  if remat not in models.REMAT:
+    raise ValueError(f'remat is {remat!r}: expected one of '
+                     f'{", ".join(models.REMAT)}.')
+  if attention == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(
+        "attention 'cudnn' needs an NVIDIA GPU; this run's devices are "
+        f"{jax.default_backend()}: use 'auto' or 'xla'.")
+
+
+def _uvit_other_layout(module):
+  return module.clone(config=dataclasses.replace(
+      module.config, scan=not module.config.scan))
+
+
+def _smoke_uvit(model):
+  model.levels = (('res', 16, 1, 0.), ('attn', 32, 1, 0.))
+  model.mid_channels = 32
+  model.mid_blocks = 1
+  model.emb_dim = 32
+  model.head_dim = min(model.head_dim, 32)
+
+
 def _mlp(fields, condition, logsnr_fn):
   del logsnr_fn
   return models.MLP(models.MLPConfig(condition=condition, **fields))
+
+
+def _smoke_mlp(model):
+  model.width = 32
+  model.num_blocks = 1
+  model.emb_dim = 16
 
 
 def _adm(fields, condition, logsnr_fn):
@@ -37,7 +115,31 @@ def _adm(fields, condition, logsnr_fn):
                      **wrapper)
 
 
-TABLE = {'uvit': _uvit, 'mlp': _mlp, 'adm': _adm}
+TABLE = {
+    'uvit': Network(_uvit, check=_check_uvit,
+                    other_layout=_uvit_other_layout,
+                    relayout=lambda params, module: models.relayout(
+                        params, module.config),
+                    smoke=_smoke_uvit),
+    'mlp': Network(_mlp, smoke=_smoke_mlp),
+    'adm': Network(_adm, has_null=lambda module: module.has_null_condition,
+                   weights=adm.FORMAT, load_weights=adm.network_params),
+}
+
+DEFAULT = 'uvit'  # The base config's network.
+
+
+def register(name, row):
+  """Adds (or replaces) the row `name`, a `Network`."""
+  TABLE[name] = row
+
+
+def get(name):
+  """The row of `name` (ValueError if the table has none)."""
+  if name not in TABLE:
+    raise ValueError(f'Unknown model {name!r}: expected one of '
+                     f'{", ".join(TABLE)}.')
+  return TABLE[name]
 
 
 def create_model(model_config, condition=conditioning.UNCONDITIONAL,
@@ -46,8 +148,6 @@ def create_model(model_config, condition=conditioning.UNCONDITIONAL,
   `out_channels`), conditioned on `condition`; `logsnr_fn` (t -> logSNR) for
   networks that see the noise level rather than t."""
   fields = dict(model_config)
-  name = fields.pop('name')
-  if name not in TABLE:
-    raise ValueError(f'Unknown model {name!r}: expected one of '
-                     f'{", ".join(TABLE)}.')
-  return TABLE[name](fields, condition, logsnr_fn)
+  row = get(fields.pop('name'))
+  row.check(fields)
+  return row.build(fields, condition, logsnr_fn)

@@ -10,7 +10,7 @@ computed, so a restarted comparison only computes what is missing.
 from absl import logging
 from etils import epath
 
-from multistep_cm import datasets
+from multistep_cm import run as run_lib
 from multistep_cm import train
 from multistep_cm.core import stages
 from multistep_cm.core import validation
@@ -28,25 +28,28 @@ def run(configs, workdir):
   runs, teacher_dir = [], None
   for name in configs.base.pipeline.stages:
     stage = stages.get(name)
-    changes = ({'teacher_checkpoint': str(teacher_dir)} if stage.student
+    changes = ({'teacher_checkpoint': str(teacher_dir)} if stage.distilled
                else {})
     config = configs(name, changes=changes)
     directory = workdir / stage.run_key(config)
-    if not stage.student:
+    if not stage.distilled:
       teacher_dir = directory
     runs.append((stage, config, directory))
-  # Every stage's config is checked before the first one starts.
-  for _, config, _ in runs:
-    validation.check_config(config)
+  # Every stage's config is resolved and checked before the first one
+  # starts.
+  runs = [(stage, run_lib.resolve(config), directory)
+          for stage, config, directory in runs]
+  for _, run, _ in runs:
+    validation.check_config(run)
   validation.check_workdir(workdir)
   teacher = student = None
-  for stage, config, directory in runs:
+  for stage, run, directory in runs:
     logging.info('=== Stage %s in %s ===', stage.name, directory)
-    train.train_and_evaluate(config, directory)
-    if stage.student:
-      student = (config, directory)
+    train.train_and_evaluate(run, directory)
+    if stage.distilled:
+      student = (run, directory)
     else:
-      teacher = (config, directory)
+      teacher = (run, directory)
   if student is None:
     return None
   return reports.compare(*teacher, *student, workdir)
@@ -77,25 +80,29 @@ def run_guided(configs, workdir):
         config = configs(name, steps, changes)
         runs.append((stage, config,
                      workdir / f'w{w:g}' / stage.run_key(config)))
-  for _, config, _ in runs:
-    validation.check_config(config)
+  runs = [(stage, run_lib.resolve(config), directory)
+          for stage, config, directory in runs]
+  for _, run, _ in runs:
+    validation.check_config(run)
   validation.check_workdir(workdir)
-  for stage, config, directory in runs:
+  for stage, run, directory in runs:
     logging.info('=== Stage %s in %s ===', stage.name, directory)
-    train.train_and_evaluate(config, directory)
+    train.train_and_evaluate(run, directory)
 
   rows = []
   teacher_steps = base.teacher_steps[-1]
+  teacher_run = runs[0][1]
   for w in base.guidance:
     for kind in ('addim', 'ddpm'):
       spec = teacher_stage.sampler(teacher, kind, teacher_steps, float(w))
-      rows.append((f'w={w:g}: teacher {spec.label}', teacher, teacher_dir,
+      rows.append((f'w={w:g}: teacher {spec.label}', teacher_run, teacher_dir,
                    spec))
-    for stage, config, directory in runs[1:]:
+    for stage, run, directory in runs[1:]:
+      config = run.config
       if config.consistency.guidance == float(w):
-        rows.append((f'w={w:g}: {stage.label(config)}', config, directory,
+        rows.append((f'w={w:g}: {stage.label(config)}', run, directory,
                      stage.sampler(config)))
   return reports.table(rows, workdir, 'guided',
                        per_row=len(rows) // len(base.guidance),
-                       notes=datasets.get(teacher).notes(
+                       notes=teacher_run.dataset.notes(
                            teacher.train_eval.grid_size))

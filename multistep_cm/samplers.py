@@ -27,7 +27,7 @@ def analytic_x_var(logsnr):
   return 0.1 / (2. + jnp.exp(logsnr))
 
 
-def estimate_x_var(network, params, x, labels, logsnr_fn, num_steps, rng,
+def estimate_x_var(network, params, x, cond, logsnr_fn, num_steps, rng,
                    xvar_frac=0.75):
   """Empirical aDDIM variances on data (Alg. 3): for every sampling time
   t_k = k / num_steps, xvar_frac * E||x_hat(z_t) - x||^2 / d over the batch.
@@ -42,13 +42,13 @@ def estimate_x_var(network, params, x, labels, logsnr_fn, num_steps, rng,
     a, s = schedules.alpha_sigma(logsnr_fn(t))
     eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
     z = a * x + s * eps
-    x_hat = ddim.x_from_v(network(params, z, t, labels), z, a, s)
+    x_hat = ddim.x_from_v(network(params, z, t, cond), z, a, s)
     return xvar_frac * jnp.mean(jnp.square(x_hat - x))
 
   return jax.lax.map(one, jnp.arange(num_steps))
 
 
-def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
+def diffusion_sample(network, params, noise, cond, logsnr_fn, num_steps,
                      kind='ddim', guidance=0.,
                      condition=conditioning.UNCONDITIONAL, x_var=None,
                      rng=None):
@@ -60,7 +60,7 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
   `estimate_x_var`, is given) or 'ddpm' (ancestral: each step draws the
   posterior, its noise from `rng`, one key for the batch or one key per
   example). `noise` is z_1 and fixes the batch shape; `condition` says what
-  `labels` are (guidance needs its null). Returns the final x prediction
+  `cond` is (guidance needs its null). Returns the final x prediction
   (z_0 without its tiny sigma_0 noise term). Network evaluations:
   `nfe(num_steps, guidance, condition)`.
   """
@@ -79,7 +79,7 @@ def diffusion_sample(network, params, noise, labels, logsnr_fn, num_steps,
     s = t - 1. / num_steps
     lt, ls = logsnr_fn(t), logsnr_fn(s)
     (a_t, s_t), (a_s, s_s) = schedules.alpha_sigma(lt), schedules.alpha_sigma(ls)
-    x = ddim.x_from_v(net(params, z, t, labels), z, a_t, s_t)
+    x = ddim.x_from_v(net(params, z, t, cond), z, a_t, s_t)
     z = row.step(x, z, a_t, s_t, a_s, s_s, i=i, logsnr=lt, x_var=x_var,
                  noise=_step_noise(rng, i, z) if row.stochastic else None)
     return z, x
@@ -112,14 +112,14 @@ def _step_noise(rng, i, z):
                                               z.shape[1:]))(rng)
 
 
-def consistency_sample(network, params, noise, labels, logsnr_fn,
+def consistency_sample(network, params, noise, cond, logsnr_fn,
                        student_steps):
   """The multistep consistency sampler (Alg. 2): S deterministic DDIM steps
   t = k/S -> (k-1)/S on the student's x prediction, no noise injected, one
   network evaluation each. Never guided: a student distilled from a guided
   teacher has its guidance built in (one student per scale, spec A9).
   Returns the last x prediction."""
-  return diffusion_sample(network, params, noise, labels, logsnr_fn,
+  return diffusion_sample(network, params, noise, cond, logsnr_fn,
                           student_steps, 'ddim')
 
 
@@ -136,7 +136,7 @@ class Kind:
   A diffusion sampler gives its `step`, `(x, z_t, alpha_t, sigma_t, alpha_s,
   sigma_s, *, i, logsnr, x_var, noise) -> z_s` (step i, from t to s = t -
   1 / steps, given the x prediction at t), which `diffusion_sample` runs;
-  any other gives its whole `sample(network, params, noise, labels,
+  any other gives its whole `sample(network, params, noise, cond,
   logsnr_fn, steps, guidance, condition, rng) -> x`. `label`: its name in
   the reports' tables. `guidable`: it takes classifier-free guidance.
   `stochastic`: it draws noise at every step (standard normal, as `noise`,
@@ -151,10 +151,10 @@ class Kind:
   evaluations: int = 1
 
 
-def _student(network, params, noise, labels, logsnr_fn, steps, guidance,
+def _student(network, params, noise, cond, logsnr_fn, steps, guidance,
              condition, rng):
   del guidance, condition, rng  # A student is never guided.
-  return consistency_sample(network, params, noise, labels, logsnr_fn, steps)
+  return consistency_sample(network, params, noise, cond, logsnr_fn, steps)
 
 
 KINDS = {
@@ -185,14 +185,14 @@ class SamplerSpec:
       raise ValueError('A student is sampled unguided: its guidance was fixed '
                        'at distillation.')
 
-  def __call__(self, network, params, noise, labels, logsnr_fn,
+  def __call__(self, network, params, noise, cond, logsnr_fn,
                condition=conditioning.UNCONDITIONAL, rng=None):
     """Samples; `rng` is needed by a stochastic sampler only."""
     row = KINDS[self.kind]
     if row.sample:
-      return row.sample(network, params, noise, labels, logsnr_fn, self.steps,
+      return row.sample(network, params, noise, cond, logsnr_fn, self.steps,
                         self.guidance, condition, rng)
-    return diffusion_sample(network, params, noise, labels, logsnr_fn,
+    return diffusion_sample(network, params, noise, cond, logsnr_fn,
                             self.steps, self.kind, self.guidance, condition,
                             rng=rng)
 

@@ -21,6 +21,7 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
+from multistep_cm import run as run_lib
 from multistep_cm import train
 from multistep_cm.core import config as config_lib
 from multistep_cm.core import stages
@@ -80,8 +81,9 @@ def sweep(configs, workdir, steps, stage_names, train_steps=None):
     directory = root / key
     logging.info('=== %s, S = %d, in %s ===', stage.name.upper(), s,
                  directory)
-    train.train_and_evaluate(c, directory)
-    scores = quick.from_checkpoint(c, directory, quick.SEED_TABLES)[2]
+    run = run_lib.resolve(c)
+    train.train_and_evaluate(run, directory)
+    scores = quick.from_checkpoint(run, directory, quick.SEED_TABLES)[2]
     results[key] = {'stage': stage.name, 'steps': s, **scores}
     if jax.process_index() == 0:
       results_path.write_text(json.dumps(results, indent=1))
@@ -94,7 +96,7 @@ def main(argv):
   steps = [int(s) for s in FLAGS.steps]
   results = sweep(configs, FLAGS.workdir, steps, FLAGS.stages,
                   FLAGS.train_steps)
-  scorer = scoring.get(configs.base, quick=True)
+  scorer = scoring.get(run_lib.resolve(configs.base), quick=True)
   if jax.process_index() == 0:
     reports.sweep_report(results, FLAGS.workdir, steps, FLAGS.stages, scorer,
                          scorer.floor())

@@ -35,7 +35,7 @@ def log_density(x):
 
 def exact_network(logsnr_fn):
   """The optimal denoiser of the (unconditional) mixture, in closed form, as a
-  network `(params, z_t, t, labels, rng) -> v`: an exact teacher.
+  network `(params, z_t, t, cond, rng) -> v`: an exact teacher.
 
   z_t | k ~ N(alpha mu_k, (alpha^2 s^2 + sigma^2) I), so E[x | z_t] is the
   posterior-weighted sum of mu_k + alpha s^2 (z_t - alpha mu_k) /
@@ -46,8 +46,8 @@ def exact_network(logsnr_fn):
   from multistep_cm import schedules  # pylint: disable=g-import-not-at-top
   mu = jnp.asarray(means(), jnp.float32)
 
-  def fn(params, z, t, labels=None, rng=None):
-    del params, labels, rng
+  def fn(params, z, t, cond=None, rng=None):
+    del params, cond, rng
     alpha, sigma = schedules.alpha_sigma(logsnr_fn(t))
     alpha = jnp.broadcast_to(alpha, z.shape[:1])[:, None, None]
     sigma = jnp.broadcast_to(sigma, z.shape[:1])[:, None, None]

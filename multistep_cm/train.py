@@ -11,15 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multistep_cm import datasets
-from multistep_cm import models
-from multistep_cm.core import checkpoint
 from multistep_cm import errors
+from multistep_cm import models
+from multistep_cm import run as run_lib
+from multistep_cm.core import checkpoint
 from multistep_cm.core import images
 from multistep_cm.core import preemption
 from multistep_cm.core import progress as progress_lib
 from multistep_cm.core import sharding
-from multistep_cm.core import stages
 from multistep_cm.core import summaries
 from multistep_cm.core import state as state_lib
 from multistep_cm.core import validation
@@ -34,13 +33,14 @@ def ema_decay(step, decay):
   return jnp.minimum(decay, (1. + n) / (10. + n))
 
 
-def make_train_step(config, network, tx, state_shardings, mesh):
-  """The jitted `(state, batch, teacher_params) -> (state, metrics)`: compiled
-  once with explicit shardings, the state donated, randomness from
-  (seed, step) so a resumed run repeats itself. `teacher_params` is None for
-  stages that do not run the teacher (teacher, ct)."""
-  stage = stages.get(config.stage)
-  loss_fn = stage.make_loss(config, network)
+def make_train_step(run, tx, state_shardings):
+  """The jitted `(state, batch, teacher_params) -> (state, metrics)` of the
+  run's stage and network: compiled once with explicit shardings, the state
+  donated, randomness from (seed, step) so a resumed run repeats itself.
+  `teacher_params` is None for stages that do not run the teacher (teacher,
+  ct)."""
+  config, stage, mesh = run.config, run.stage, run.mesh
+  loss_fn = stage.make_loss(run, run.network)
   lr_fn = state_lib.learning_rate_fn(config.optim)
   batch_sh = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -75,7 +75,7 @@ def _fmt(d):
   return ', '.join(f'{k} {v:.4g}' for k, v in d.items())
 
 
-def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
+def evaluate(run, quick_eval, training_fid, params, step, workdir, writer):
   """The quick evaluation of the EMA parameters (plus FID where configured):
   logged, written to TensorBoard, and a PNG grid of the first samples."""
   t0 = time.time()
@@ -83,10 +83,10 @@ def evaluate(config, quick_eval, training_fid, params, step, workdir, writer):
   if training_fid is not None:
     scores.update(training_fid(params))  # On evaluate.train_samples.
   if jax.process_index() == 0:
-    n = config.train_eval.grid_size
+    n = run.config.train_eval.grid_size
     path = epath.Path(workdir) / 'samples' / f'step_{step:07d}.png'
     images.save_samples_png(path, samples[:n], quick_eval.labels[:n],
-                            datasets.get(config).grid_columns,
+                            run.dataset.grid_columns,
                             title=f'step {step}')
     logging.info('Step %d: wrote %s; %s (%.1fs, %d samples, %s)', step, path,
                  _fmt(scores), time.time() - t0, len(samples),
@@ -121,18 +121,16 @@ def train_and_evaluate(config, workdir):
 
   Returns the final train state and the last evaluation's metrics. Raises
   preemption.Preempted after saving the step a preemption notice stopped at.
+  `config`: or its `run.Run`.
   """
-  validation.check_run(config, workdir)  # Before anything is written.
-  stage = stages.get(config.stage)
-  mesh = state_lib.make_mesh(config)
-  model = state_lib.create_model(config)
-  network = models.network_fn(model)
+  run = run_lib.of(config)
+  config, stage, mesh = run.config, run.stage, run.mesh
+  validation.check_run(run, workdir)  # Before anything is written.
   tx = state_lib.make_optimizer(config.optim)
-  teacher = state_lib.load_teacher(config, mesh) if stage.student else None
+  teacher = state_lib.load_teacher(run) if stage.distilled else None
   ckpt = checkpoint.Checkpointer(epath.Path(workdir) / 'checkpoints',
                                  config.ckpt_every, config.keep_checkpoints)
-  state, state_sh = state_lib.restore_or_init(config, model, tx, mesh, ckpt,
-                                              teacher)
+  state, state_sh = state_lib.restore_or_init(run, tx, ckpt, teacher)
   if not stage.runs_teacher:
     teacher = None  # CT starts from the teacher but never evaluates it.
   start = int(jax.device_get(state.step))
@@ -148,14 +146,13 @@ def train_and_evaluate(config, workdir):
                dict(mesh.shape), models.count_params(state.params), start,
                config.total_steps)
 
-  train_step = make_train_step(config, network, tx, state_sh, mesh)
-  batches = datasets.train_batches(
-      config, config.batch_size, config.seed, start,
-      rows=sharding.process_rows(config.batch_size, mesh))
-  quick_eval = quick.QuickEval(config, network, state_sh.ema_params, mesh,
-                               quick.SEED_TRAINING)
-  training_fid = scoring.training_fid(config, network, state_sh.ema_params,
-                                      mesh, quick_eval.spec)
+  train_step = make_train_step(run, tx, state_sh)
+  batches = run.dataset.train_batches(
+      config.batch_size, config.seed, start,
+      sharding.process_rows(config.batch_size, mesh))
+  quick_eval = quick.QuickEval(run, state_sh.ema_params, quick.SEED_TRAINING)
+  training_fid = scoring.training_fid(run, state_sh.ema_params,
+                                      quick_eval.spec)
   floor = quick_eval.scorer.floor()
   if floor:
     logging.info('The floor, %s, scores %s.', quick_eval.scorer.floor_label,
@@ -223,14 +220,14 @@ def train_and_evaluate(config, workdir):
         writer.close()
         raise preemption.Preempted(step)
       if evaluate_now:
-        scores = evaluate(config, quick_eval, training_fid, state.ema_params,
+        scores = evaluate(run, quick_eval, training_fid, state.ema_params,
                           step, workdir, writer)
   ckpt.wait()
   ckpt.close()
   if start == config.total_steps and not scores:
     logging.info('The checkpoint already has all %d steps; evaluating it.',
                  config.total_steps)
-    scores = evaluate(config, quick_eval, training_fid, state.ema_params,
+    scores = evaluate(run, quick_eval, training_fid, state.ema_params,
                       start, workdir, writer)
   writer.close()
   return state, {**scores, **{f'floor_{k}': v for k, v in floor.items()}}

@@ -71,17 +71,15 @@ def count_compiles():
 def fresh_train_step():
   """`config -> (mesh, initial state, jitted train step)`, built as the train
   loop builds them."""
-  from multistep_cm import models  # pylint: disable=g-import-not-at-top
+  from multistep_cm import run as run_lib  # pylint: disable=g-import-not-at-top
   from multistep_cm import train  # pylint: disable=g-import-not-at-top
   from multistep_cm.core import state as state_lib  # pylint: disable=g-import-not-at-top
 
   def build(config):
-    mesh = state_lib.make_mesh(config)
-    model = state_lib.create_model(config)
+    run = run_lib.resolve(config)
     tx = state_lib.make_optimizer(config.optim)
-    state, shardings = state_lib.init_state(config, model, tx, mesh)
-    return mesh, state, train.make_train_step(
-        config, models.network_fn(model), tx, shardings, mesh)
+    state, shardings = state_lib.init_state(run, tx)
+    return run.mesh, state, train.make_train_step(run, tx, shardings)
   return build
 
 
@@ -105,8 +103,8 @@ def eigen_frechet(monkeypatch):
   eigenvalues 4 s. `metrics.frechet_distance` itself is checked against this
   formula in test_fid.py."""
   from multistep_cm.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  from tests import test_fid  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(metrics, 'frechet_distance', test_fid.independent_fd)
+  from tests import frechet  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(metrics, 'frechet_distance', frechet.independent_fd)
 
 
 # Modules with tests of a minute or more (on the 2-core CI machine). They

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from multistep_cm import adm
-from multistep_cm.core import imported
+from multistep_cm import weights
 from multistep_cm.tools import convert_adm
 from multistep_cm.tools import convert_clip
+from multistep_cm.tools import converting
 
 torch = pytest.importorskip('torch')
 
@@ -114,7 +115,7 @@ def _convert(model, directory, capsys):
 
 
 def _check_parity(model, cfg, npz):
-  config, params = imported.load_adm(npz)
+  config, params = adm.load_weights(npz)
   assert config == cfg
   x, t, y = _inputs(cfg)
   with torch.no_grad():
@@ -255,7 +256,7 @@ def test_openai_checkpoint_converts_as_diffusers(small, tmp_path, capsys,
 
 
 def _error(fn, *args):
-  with pytest.raises(imported.ADMWeightsError) as e:
+  with pytest.raises(weights.WeightsError) as e:
     fn(*args)
   assert '\n' not in str(e.value)
   return str(e.value)
@@ -289,17 +290,17 @@ def test_one_line_errors(small, tmp_path):
 
   (tmp_path / 'text.pt').write_text('not a checkpoint')
   assert 'not a torch state dict' in _error(
-      convert_adm.read_state_dict, tmp_path / 'text.pt')
+      converting.read_state_dict, tmp_path / 'text.pt')
   torch.save([torch.zeros(2)], tmp_path / 'list.pt')
   assert 'not a state dict' in _error(
-      convert_adm.read_state_dict, tmp_path / 'list.pt')
+      converting.read_state_dict, tmp_path / 'list.pt')
 
   with np.load(npz) as f:
-    arrays = {k: f[k] for k in f.files if k != imported.CONFIG_KEY}
+    arrays = {k: f[k] for k in f.files}
   arrays['mid_attn_0/query/kernel'] = arrays['mid_attn_0/query/kernel'].T[:1]
-  convert_adm.write(arrays, SMALL, tmp_path / 'bad.npz')
+  weights.write_npz(tmp_path / 'bad.npz', arrays)
   assert 'mid_attn_0/query/kernel: (1, 128) instead of (128, 128)' in _error(
-      imported.load_adm, tmp_path / 'bad.npz')
+      adm.load_weights, tmp_path / 'bad.npz')
 
 
 def _random_params(cfg):
@@ -310,8 +311,8 @@ def _random_params(cfg):
     if name.endswith(('kernel', 'embedding')):
       return rng.randn(*shape) / math.sqrt(math.prod(shape[:-1]))
     return (name.endswith('scale') + 0.2 * rng.randn(*shape))
-  return imported.unflatten({k: jnp.asarray(init(k, s), jnp.float32)
-                        for k, s in adm.param_shapes(cfg).items()})
+  return weights.unflatten({k: jnp.asarray(init(k, s), jnp.float32)
+                            for k, s in adm.param_shapes(cfg).items()})
 
 
 def _training_output(cfg, x, t, y):

@@ -26,8 +26,10 @@ STANDALONE = {'exported'}
 BASE = {'errors', 'weights'}
 PAPER = {'schedules', 'ddim', 'conditioning', 'guidance', 'losses',
          'samplers', 'models', 'toy2d', 'karras', 'adm', 'networks'}
-LAYERS = ('standalone', 'base', 'paper', 'core', 'evaluation', 'train', 'workflows',
-          'main')
+# 'datasets' is the dataset table, above what every mode shares ('core');
+# 'run' resolves a config into all of them once, at the top of a mode.
+LAYERS = ('standalone', 'base', 'paper', 'core', 'datasets', 'run',
+          'evaluation', 'train', 'workflows', 'main')
 
 
 def _layer(module):
@@ -41,11 +43,9 @@ def _layer(module):
     return 'base'
   if parts[0] in PAPER:
     return 'paper'
-  if parts[0] in ('core', 'evaluation', 'train', 'main'):
+  if parts[0] in ('core', 'datasets', 'run', 'evaluation', 'train', 'main'):
     return parts[0]
-  if parts[0] == 'datasets':
-    return 'core'  # The dataset table: what training and evaluation share.
-  if parts[0] in ('pipeline', 'sweep', 'export', 'describe', 'tools'):
+  if parts[0] in ('pipeline', 'sweep', 'export_writer', 'describe', 'tools'):
     return 'workflows'
   raise AssertionError(f'{module}: not placed in a layer')
 
@@ -78,16 +78,93 @@ def _is_module(name):
   return path.with_suffix('.py').exists() or (path / '__init__.py').exists()
 
 
-def test_dependencies_point_one_way():
+def upward_imports(modules):
+  """'a imports b' for each import of `modules` ((name, tree) pairs) that
+  runs up a layer: a module or a folder (`from multistep_cm import
+  datasets`) above the importer's."""
   wrong = []
-  for module, tree in _modules():
+  for module, tree in modules:
     mine = LAYERS.index(_layer(module))
     for imported, _ in _imports(module, tree):
       if imported.split('.')[0] != 'multistep_cm' or imported == 'multistep_cm':
         continue
       if LAYERS.index(_layer(imported)) > mine:
         wrong.append(f'{module} imports {imported}')
+  return wrong
+
+
+def test_dependencies_point_one_way():
+  wrong = upward_imports(_modules())
   assert not wrong, wrong
+
+
+@pytest.mark.parametrize('mutation', [
+    'from multistep_cm import datasets\n',
+    'from multistep_cm.datasets import base\n',
+    'import multistep_cm.run\n',
+    'def f():\n  from multistep_cm.evaluation import quick\n',
+])
+def test_the_layer_rule_catches_an_import_running_up(mutation):
+  """core/ importing the dataset table (a folder, or a module in it), the
+  run, or evaluation, even inside a function, is caught."""
+  source = (PACKAGE / 'core' / 'generation.py').read_text() + '\n' + mutation
+  assert upward_imports([('multistep_cm.core.generation',
+                          ast.parse(source))])
+
+
+# What resolving a config means: looking its dataset, schedule and network
+# up. Only `run.resolve` does it; everything below a mode is given the Run.
+RESOLVERS = {('datasets', 'get'), ('schedules', 'get_logsnr_fn'),
+             ('networks', 'create_model')}
+
+
+def resolutions(module, tree):
+  return [f'{module}:{node.lineno} {node.func.value.id}.{node.func.attr}'
+          for node in ast.walk(tree)
+          if isinstance(node, ast.Call) and isinstance(node.func,
+                                                       ast.Attribute)
+          and isinstance(node.func.value, ast.Name)
+          and (node.func.value.id, node.func.attr) in RESOLVERS]
+
+
+def test_a_config_is_resolved_in_one_place():
+  wrong = [hit for module, tree in _modules() if module != 'multistep_cm.run'
+           for hit in resolutions(module, tree)]
+  assert not wrong, wrong
+  source = (PACKAGE / 'evaluation' / 'quick.py').read_text()
+  mutated = source + '\nlogsnr = schedules.get_logsnr_fn(**config.schedule)\n'
+  assert not resolutions('quick', ast.parse(source))
+  assert resolutions('quick', ast.parse(mutated))
+
+
+def _network_names():
+  from multistep_cm import networks  # pylint: disable=g-import-not-at-top
+  return set(networks.TABLE)
+
+
+def network_mentions(module, tree, names):
+  """Where `tree` names a network: a string constant that is a network's
+  name, or an import of a module that defines one."""
+  found = [f'{module}:{node.lineno} {node.value!r}' for node in ast.walk(tree)
+           if isinstance(node, ast.Constant) and node.value in names]
+  found += [f'{module} imports {imported}'
+            for imported, _ in _imports(module, tree)
+            if imported.split('.')[1:2] in (['models'], ['adm'])]
+  return found
+
+
+def test_core_names_no_network():
+  """What is particular to a network is in its row of the network table:
+  core/ neither names one nor imports the modules that define them."""
+  names = _network_names()
+  wrong = [hit for module, tree in _modules()
+           if module.startswith('multistep_cm.core.')
+           for hit in network_mentions(module, tree, names)]
+  assert not wrong, wrong
+  source = (PACKAGE / 'core' / 'state.py').read_text()
+  for mutation in ("if config.model.name != 'uvit':\n  pass\n",
+                   'from multistep_cm import adm\n'):
+    assert network_mentions('state', ast.parse(source + mutation), names)
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -258,3 +335,79 @@ print('RESULT', int(state.step), scores['swd'] > 0,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split('RESULT')[-1].split() == ['4', 'True', '1', '[]']
+
+
+def _importers(target):
+  """Package files that import the module `target` (dotted), and its own."""
+  files = {target}
+  for module, tree in _modules():
+    if any(imported == target for imported, _ in _imports(module, tree)):
+      files.add(module)
+  return files
+
+
+def _users(*names):
+  """Package files that define or use one of the identifiers `names`."""
+  files = set()
+  for module, tree in _modules():
+    for node in ast.walk(tree):
+      if ((isinstance(node, ast.Name) and node.id in names) or
+          (isinstance(node, ast.Attribute) and node.attr in names) or
+          (isinstance(node, (ast.FunctionDef, ast.ClassDef))
+           and node.name in names)):
+        files.add(module)
+  return files
+
+
+def _path(module):
+  return module.removeprefix('multistep_cm.').replace('.', '/') + (
+      '/__init__.py' if module.endswith('.datasets') else '.py')
+
+
+# Each kind of extension's built-in example, and how to find the files it
+# touches: the files that import its module, or that use its names.
+FOOTPRINTS = {
+    'dataset': lambda: _importers('multistep_cm.datasets.captioned_images'),
+    'stage': lambda: _users('guidance_distillation_loss',
+                            '_guidance_distillation_loss'),
+    'native network': lambda: _users('MLP', 'MLPConfig'),
+    'imported network': lambda: _importers('multistep_cm.adm'),
+    'metric on a feature network': lambda: _importers(
+        'multistep_cm.evaluation.clip'),
+}
+
+
+def _documented_extensions():
+  """{extension: (count, text of its files)} of docs/architecture.md's
+  table of files touched per kind of extension."""
+  text = (ROOT / 'docs' / 'architecture.md').read_text()
+  table = text.split('## Files touched per kind of extension')[1].split(
+      '\n## ')[0]
+  rows = {}
+  for line in table.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 4 and cells[1].isdigit():
+      rows[cells[0]] = (int(cells[1]), cells[3])
+  return rows
+
+
+@pytest.mark.parametrize('kind', sorted(FOOTPRINTS))
+def test_the_documented_files_per_extension_are_the_files_touched(kind):
+  """The count docs/architecture.md gives, and the files it names, are the
+  package files the built-in example of that kind touches."""
+  count, files = _documented_extensions()[kind]
+  touched = {_path(m) for m in FOOTPRINTS[kind]()}
+  assert len(touched) == count, (kind, sorted(touched))
+  for path in touched:
+    assert f'`{path}`' in files or f'`{path.split("/")[-1]}`' in files, (
+        kind, path, files)
+
+
+def test_every_documented_extension_is_checked():
+  """A row of the table is checked here, or (the sampler, one row) by the
+  extension test that adds one from outside the package."""
+  documented = _documented_extensions()
+  assert set(documented) == set(FOOTPRINTS) | {'sampler'}
+  assert documented['sampler'][0] == 1
+  assert 'def test_a_new_sampler_is_one_row' in (
+      ROOT / 'tests' / 'test_extension.py').read_text()

@@ -139,7 +139,8 @@ def test_command_line_partial_multi_host_settings(tmp_path):
 
 @pytest.mark.parametrize('attention,phrase', [
     ('cudnn', "'cudnn' needs an NVIDIA GPU; this run's devices are cpu"),
-    ('flash', "config.model.attention is 'flash'"),
+    ('flash', "config.model: attention is 'flash': expected one of auto, xla, "
+              'cudnn.'),
 ])
 def test_attention_the_devices_cannot_run(attention, phrase, used_workdir):
   config = digits.get_config('smoke,stage=teacher')
@@ -154,5 +155,5 @@ def test_unknown_remat_policy(used_workdir):
   config.model.remat = 'dots'
   _assert_one_line_and_untouched(
       lambda: train.train_and_evaluate(config, str(used_workdir)),
-      used_workdir, "config.model.remat is 'dots': expected one of none, "
+      used_workdir, "config.model: remat is 'dots': expected one of none, "
       'full, dots_saveable.')

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from multistep_cm import weights as weights_lib
 from multistep_cm.evaluation import clip
 from multistep_cm.tools import convert_clip
-from multistep_cm.tools import convert_inception
 
 # Small enough for CPU, with every size distinct so that a swapped axis or
 # hyperparameter cannot line up by chance.
@@ -25,7 +25,7 @@ EOT = TINY['text_cfg']['vocab_size'] - 1
 def open_clip():
   try:
     return convert_clip.import_open_clip()
-  except clip.ClipWeightsError:
+  except weights_lib.WeightsError:
     return pytest.importorskip('open_clip')  # The test extra installs it.
 
 
@@ -58,7 +58,7 @@ def _convert(tmp_path, open_clip, quick_gelu, capsys):
     convert_clip.main([f'--weights={tmp_path / name}', f'--out={out}',
                        f'--config={tmp_path / "config.json"}'])
     digests.append(capsys.readouterr().out.split('SHA-256 ')[1].strip())
-    assert digests[-1] == convert_inception.sha256_of(out)
+    assert digests[-1] == weights_lib.sha256_of(out)
   # Reproducible, byte for byte, from either file format.
   assert len(set(digests)) == 1
   return model, clip.load_weights(str(tmp_path / '0.npz'), digests[0])
@@ -97,7 +97,7 @@ def test_features_match_open_clip(tmp_path, open_clip, quick_gelu, capsys):
   np.testing.assert_allclose(
       clip.text_features(weights.params, tokens[kept, :8], weights.config),
       got[kept], rtol=0, atol=1e-6)
-  with pytest.raises(clip.ClipWeightsError, match='context'):
+  with pytest.raises(weights_lib.WeightsError, match='context'):
     clip.text_features(weights.params, np.zeros((1, 17), int), weights.config)
 
 
@@ -131,20 +131,20 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, open_clip):
                       np.ones(64)}), 'ls_1.gamma'),
   ]
   for bad, needle in cases:
-    with pytest.raises(clip.ClipWeightsError, match=re.escape(needle)) as e:
+    with pytest.raises(weights_lib.WeightsError, match=re.escape(needle)) as e:
       convert_clip.convert_state_dict(bad, config)
     assert '\n' not in str(e.value)
 
   # A converted file: wrong digest, tampered shape, missing file.
   arrays = convert_clip.convert_state_dict(state, config)
-  arrays[clip.CONFIG_KEY] = np.array([config.to_json()])
-  convert_inception.write_npz(tmp_path / 'ok.npz', arrays)
+  arrays[weights_lib.CONFIG_KEY] = np.array([config.to_json()])
+  weights_lib.write_npz(tmp_path / 'ok.npz', arrays)
   arrays['visual/proj'] = arrays['visual/proj'][:, :-1]
-  convert_inception.write_npz(tmp_path / 'bad.npz', arrays)
+  weights_lib.write_npz(tmp_path / 'bad.npz', arrays)
   for path, sha, needle in [(tmp_path / 'ok.npz', '0' * 64, 'SHA-256'),
                             (tmp_path / 'bad.npz', '', 'visual/proj'),
                             (tmp_path / 'none.npz', '', 'Cannot read')]:
-    with pytest.raises(clip.ClipWeightsError, match=needle) as e:
+    with pytest.raises(weights_lib.WeightsError, match=needle) as e:
       clip.load_weights(str(path), sha)
     assert '\n' not in str(e.value)
 
@@ -153,7 +153,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, open_clip):
                        ('text_cfg', {'pool_type': 'eos'}),
                        ('vision_cfg', {'layers': [3, 4, 6, 3]})]:
     cfg = dict(TINY, **{part: dict(TINY[part], **option)})
-    with pytest.raises(clip.ClipWeightsError, match='unsupported'):
+    with pytest.raises(weights_lib.WeightsError, match='unsupported'):
       convert_clip.config_from_open_clip(cfg, 'cfg')
   with pytest.raises(SystemExit) as e:
     convert_clip.main([f'--weights={tmp_path}/none.bin', '--model=ViT-B-32',
@@ -172,8 +172,8 @@ def test_model_names_and_prompt_tokens(tmp_path, open_clip):
   for out in ('a.npz', 'b.npz'):
     convert_clip.main([f'--prompts={tmp_path}/prompts.txt', '--model=ViT-B-32',
                        f'--out={tmp_path}/{out}'])
-  digests = {convert_inception.sha256_of(tmp_path / f) for f in ('a.npz',
-                                                                  'b.npz')}
+  digests = {weights_lib.sha256_of(tmp_path / f) for f in ('a.npz',
+                                                            'b.npz')}
   assert len(digests) == 1
   got_prompts, tokens = clip.load_tokens(str(tmp_path / 'a.npz'))
   assert got_prompts == prompts and tokens.shape == (2, 77)

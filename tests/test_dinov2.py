@@ -13,11 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from multistep_cm.core import imported
+from multistep_cm import weights as weights_lib
 from multistep_cm.evaluation import dinov2
 from multistep_cm.tools import convert_clip
 from multistep_cm.tools import convert_dinov2
-from multistep_cm.tools import convert_inception
 
 torch = pytest.importorskip('torch')
 
@@ -147,7 +146,7 @@ def test_features_match_timm_and_layouts_convert_alike(tmp_path, timm,
     out = tmp_path / f'{name}.npz'
     convert_dinov2.main([f'--weights={tmp_path / name}', f'--out={out}'])
     digests.append(capsys.readouterr().out.split('SHA-256 ')[1].split()[0])
-    assert digests[-1] == convert_inception.sha256_of(out)
+    assert digests[-1] == weights_lib.sha256_of(out)
   # Byte for byte the same from every layout and format.
   assert len(set(digests)) == 1
   weights = dinov2.load_weights(str(tmp_path / 'original.pth.npz'),
@@ -201,7 +200,7 @@ def test_full_vit_l14_matches_timm_shapes(timm):
   assert config == dinov2.DINOv2Config()
   arrays = convert_dinov2.convert_state_dict(fake, config)  # Checks shapes.
   shapes = dinov2.param_shapes(config)
-  assert imported.shapes(arrays) == shapes
+  assert weights_lib.shapes(arrays) == shapes
   assert sum(math.prod(s) for s in shapes.values()) == sum(
       p.numel() for p in model.parameters())
 
@@ -250,14 +249,14 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, timm):
        'SwiGLU'),
   ]
   for bad, needle in cases:
-    with pytest.raises(dinov2.DINOv2WeightsError, match=re.escape(needle)
+    with pytest.raises(weights_lib.WeightsError, match=re.escape(needle)
                        ) as e:
       convert_dinov2.convert_state_dict(bad, config)
     assert '\n' not in str(e.value)
   for bad, needle in [
       (dict(state, pos_embed=state['pos_embed'][:, :-1]), 'square'),
       ({k: v for k, v in state.items() if k != 'cls_token'}, 'cls_token')]:
-    with pytest.raises(dinov2.DINOv2WeightsError, match=needle):
+    with pytest.raises(weights_lib.WeightsError, match=needle):
       convert_dinov2.config_from_state_dict(bad)
 
   # Damaged inputs, through the command line: one `error:` line each.
@@ -276,21 +275,21 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, timm):
 
   # A converted file: wrong digest, tampered shape, no config, missing file.
   arrays = convert_dinov2.convert_state_dict(state, config)
-  convert_inception.write_npz(tmp_path / 'noconfig.npz', arrays)
-  arrays[dinov2.CONFIG_KEY] = np.array([config.to_json()])
-  convert_inception.write_npz(tmp_path / 'ok.npz', arrays)
+  weights_lib.write_npz(tmp_path / 'noconfig.npz', arrays)
+  arrays[weights_lib.CONFIG_KEY] = np.array([config.to_json()])
+  weights_lib.write_npz(tmp_path / 'ok.npz', arrays)
   arrays['blocks_0/mlp/fc1/kernel'] = arrays['blocks_0/mlp/fc1/kernel'][:, 1:]
-  convert_inception.write_npz(tmp_path / 'bad.npz', arrays)
+  weights_lib.write_npz(tmp_path / 'bad.npz', arrays)
   for path, sha, needle in [
       (tmp_path / 'ok.npz', '0' * 64, 'SHA-256'),
       (tmp_path / 'bad.npz', '', 'blocks_0/mlp/fc1/kernel'),
       (tmp_path / 'noconfig.npz', '', '__config__'),
       (tmp_path / 'none.npz', '', 'Cannot read')]:
-    with pytest.raises(dinov2.DINOv2WeightsError, match=needle) as e:
+    with pytest.raises(weights_lib.WeightsError, match=needle) as e:
       dinov2.load_weights(str(path), sha)
     assert '\n' not in str(e.value)
 
   assert dinov2.DINOv2Config.from_json(config.to_json()) == config
   for bad in [dict(image_size=225), dict(num_heads=3), dict(depth=0)]:
-    with pytest.raises(dinov2.DINOv2WeightsError):
+    with pytest.raises(weights_lib.WeightsError):
       dinov2.DINOv2Config(**bad)

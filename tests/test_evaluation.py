@@ -21,8 +21,9 @@ from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
 from multistep_cm import errors
+from multistep_cm import run as run_lib
+from multistep_cm import weights as weights_lib
 from multistep_cm.core import generation
-from multistep_cm.core import imported
 from multistep_cm.core import sharding
 from multistep_cm.datasets import tfds_images
 from multistep_cm.evaluation import dinov2
@@ -132,8 +133,8 @@ def test_evaluate_digits_fd_and_toy2d(tmp_path):
 def random_inception_npz(path):
   arrays = convert_inception.convert_state_dict(
       inception_golden.random_state_dict())
-  convert_inception.write_npz(path, arrays)
-  return convert_inception.sha256_of(path)
+  weights_lib.write_npz(path, arrays)
+  return weights_lib.sha256_of(path)
 
 
 def random_dinov2_npz(path):
@@ -142,10 +143,10 @@ def random_dinov2_npz(path):
   config = dinov2.DINOv2Config(embed_dim=32, depth=1, num_heads=2)
   params = dinov2.DINOv2(config).init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
-  arrays = {k: np.asarray(v) for k, v in imported.flatten(params).items()}
-  arrays[dinov2.CONFIG_KEY] = np.array([config.to_json()])
-  convert_inception.write_npz(path, arrays)
-  return convert_inception.sha256_of(path)
+  arrays = {k: np.asarray(v) for k, v in weights_lib.flatten(params).items()}
+  arrays[weights_lib.CONFIG_KEY] = np.array([config.to_json()])
+  weights_lib.write_npz(path, arrays)
+  return weights_lib.sha256_of(path)
 
 
 @pytest.mark.usefixtures('eigen_frechet')
@@ -245,18 +246,20 @@ def test_imagenet_fid_end_to_end_on_a_fake_source(tmp_path, monkeypatch,
 def test_protocol_of_a_guided_student():
   config = digits.get_config('stage=cd,steps=4')
   config.consistency.guidance = 1.5
-  p = evaluation.protocol(config, step=7)
+  p = evaluation.protocol(run_lib.resolve(config), step=7)
   assert (p['sampler'], p['steps'], p['nfe']) == ('student', 4, 4)
   assert p['guidance'] == 1.5 and p['sampling_guidance'] == 0.
   assert evaluation.protocol_name(p) == 'step7_student4_w1.5_ema_n1080_seed0'
   config.evaluate.guidance = 2.
+  run = run_lib.resolve(config)
   with pytest.raises(errors.ConfigError, match='cannot be guided'):
-    evaluation.protocol(config, step=7)
+    evaluation.protocol(run, step=7)
   config.evaluate.sampler = 'addim'  # The teacher's sampler on its weights:
+  run = run_lib.resolve(config)
   with pytest.raises(errors.ConfigError, match='cannot be guided'):
-    evaluation.protocol(config, step=7)  # still never guided.
+    evaluation.protocol(run, step=7)  # still never guided.
   config.evaluate.guidance = -1.
-  p = evaluation.protocol(config, step=7)
+  p = evaluation.protocol(run_lib.resolve(config), step=7)
   assert p['nfe'] == p['steps'] and p['sampling_guidance'] == 0.
   assert p['guidance'] == 1.5  # The distillation's, on record.
 

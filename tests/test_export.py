@@ -3,6 +3,7 @@ sampler's images bit for bit, from one artifact at any batch size, in a
 process without the package; a damaged or foreign artifact, or bad input,
 is one line."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,8 +22,9 @@ import pytest
 
 from configs import captioned_digits
 from configs import digits
-from multistep_cm import export
+from multistep_cm import export_writer
 from multistep_cm import exported
+from multistep_cm import run as run_lib
 from multistep_cm.core import checkpoint
 from multistep_cm import errors
 from multistep_cm.core import generation
@@ -70,8 +72,7 @@ def student(tmp_path_factory):
   config = _config()
   workdir = tmp_path_factory.mktemp('cd_s4')
   _, abstract, _ = state_lib.state_layout(
-      config, state_lib.create_model(config),
-      state_lib.make_optimizer(config.optim), state_lib.make_mesh(config))
+      run_lib.resolve(config), state_lib.make_optimizer(config.optim))
   rng = np.random.default_rng(1)
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   ema = jax.tree_util.tree_map_with_path(
@@ -85,7 +86,7 @@ def student(tmp_path_factory):
 @pytest.fixture(scope='module')
 def artifact(student):
   config, workdir = student
-  return export.run(config, str(workdir))
+  return export_writer.run(config, str(workdir))
 
 
 @pytest.fixture(scope='module')
@@ -124,11 +125,10 @@ def in_process(config, workdir, sizes, spec=None):
   program runs its whole batch on one device: compared with the same batch
   on one device, it is bit for bit the same."""
   mesh = sharding.make_mesh(('data', 'fsdp'), (1, 1), jax.devices()[:1])
-  params, shardings, _ = state_lib.load_for_sampling(config, str(workdir),
-                                                     mesh)
+  run = dataclasses.replace(run_lib.resolve(config), mesh=mesh)
+  params, shardings, _ = state_lib.load_for_sampling(run, str(workdir))
   spec = spec or stages.evaluation_sampler(config)
-  generator = generation.Generator(config, state_lib.network(config),
-                                   shardings, mesh, spec,
+  generator = generation.Generator(run, shardings, spec,
                                    per_example_noise=True, uint8=True)
   return {n: generator(params, _labels(n), SEED, n)['samples'] for n in sizes}
 
@@ -180,7 +180,7 @@ def test_attention_is_portable():
   exported on a GPU, which the CPU and the TPU cannot run."""
   config = _config()
   config.model.attention = 'cudnn'
-  assert export.portable(config).model.attention == 'xla'
+  assert export_writer.portable(config).model.attention == 'xla'
   assert config.model.attention == 'cudnn'  # The caller's config is kept.
 
 
@@ -468,7 +468,7 @@ def test_the_command_replaces_the_artifact(student, artifact, tmp_path):
 def test_captions_are_refused_in_one_line(tmp_path):
   config = captioned_digits.get_config('smoke,stage=cd')
   with pytest.raises(errors.ConfigError) as e:
-    export.run(config, str(tmp_path))
+    export_writer.run(config, str(tmp_path))
   assert ('supports class-labelled and unconditional models'
           in _one_line(e))
   assert not os.listdir(tmp_path)
@@ -482,7 +482,7 @@ def test_a_stochastic_sampler_takes_its_step_keys(student, tmp_path):
   shutil.copytree(trained, workdir)
   config = config.copy_and_resolve_references()
   config.evaluate.sampler, config.evaluate.steps = 'ddpm', 2
-  directory = export.run(config, str(workdir))
+  directory = export_writer.run(config, str(workdir))
   sampler = exported.load(directory)
   assert sampler.manifest['stochastic']
   assert directory.name == f'step{STEP}_ddpm2'
@@ -530,7 +530,7 @@ def test_export_to_gs_and_load_from_it(student, artifact, loaded, gcs_bucket):
   moved = sorted(set(files) - {exported.MANIFEST})
   for again in (False, True):
     proxy.reset()
-    directory = export.run(config, remote)
+    directory = export_writer.run(config, remote)
     assert os.fspath(directory) == f'{remote}/export/{name}'
     assert gcs_bucket.names('cd/export/') == [
         f'cd/export/{name}/{f}' for f in files]

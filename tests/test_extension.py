@@ -1,8 +1,9 @@
 """The extension points, used as a newcomer would: a dataset with a kind of
 conditioning of its own and a scorer of its own, all defined in this file
-and registered, then trained, sampled guided and unguided, and scored; and
-a sampler of its own, one row, evaluated and exported; without a change to
-any package file."""
+and registered, then trained, sampled guided and unguided, and scored; a
+sampler of its own, one row, evaluated and exported; and a network imported
+from elsewhere (its module, its converter, its row), its weights converted,
+sampled and distilled; without a change to any package file."""
 
 import dataclasses
 import shutil
@@ -10,21 +11,28 @@ import shutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import digits
+from configs import toy2d
 from multistep_cm import conditioning
 from multistep_cm import datasets
-from multistep_cm import export
+from multistep_cm import export_writer
 from multistep_cm import exported
+from multistep_cm import networks
+from multistep_cm import run as run_lib
 from multistep_cm import samplers
+from multistep_cm import schedules
 from multistep_cm import train
+from multistep_cm import weights
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 from multistep_cm.datasets import base
 from multistep_cm.datasets import digits as digits_data
 from multistep_cm.evaluation import evaluate
+from multistep_cm.evaluation import quick
 from multistep_cm.evaluation import scoring
 from tests import test_export
 from tests.test_export import student  # pylint: disable=unused-import
@@ -70,7 +78,7 @@ class DigitBits(base.Dataset):
   def eval_labels(self, n):
     return (np.arange(n) % 10).astype(np.int32)
 
-  def eval_conditioning(self, labels):
+  def eval_cond(self, labels):
     return _bits(labels)
 
 
@@ -110,7 +118,7 @@ def test_a_new_dataset_with_its_own_conditioning(registered, tmp_path):
   assert 0 < scores['mean_ink'] < 1
   # The condition built the network's input: a parameter of the model.
   assert state.params['Conditioning_0']['bits']['kernel'].shape == (4, 32)
-  assert state_lib.condition(config) == Bits()
+  assert run_lib.resolve(config).condition == Bits()
 
   records = {}
   for w in (0., 2.):
@@ -154,9 +162,9 @@ def test_a_new_sampler_is_one_row(monkeypatch, student, tmp_path):
 
   spec = stages.evaluation_sampler(config)
   assert spec.label == 're-noised 2'
-  record = evaluate.protocol(config, test_export.STEP)
+  record = evaluate.protocol(run_lib.resolve(config), test_export.STEP)
   assert (record['sampler'], record['nfe']) == ('renoise', 2)
-  directory = export.run(config, str(workdir))
+  directory = export_writer.run(config, str(workdir))
   sampler = exported.load(directory)
   assert directory.name == f'step{test_export.STEP}_renoise2'
   assert sampler.manifest['sampler']['kind'] == 'renoise'
@@ -171,3 +179,146 @@ def test_a_new_sampler_is_one_row(monkeypatch, student, tmp_path):
   ddpm = stages.get(config.stage).sampler(config, 'ddpm', 2)
   assert not np.array_equal(
       ours, test_export.in_process(config, workdir, [7], ddpm)[7])
+
+
+# A network imported from elsewhere, in three parts as in the package: its
+# module (the network, wrapped as a v-prediction, and its weight format),
+# its converter (the source's names to the module's), its row.
+
+
+class ForeignDenoiser(nn.Module):
+  """An x-prediction MLP of (z, t), as trained elsewhere; unconditional."""
+  hidden: int
+
+  @nn.compact
+  def __call__(self, z, t):
+    h = jnp.concatenate([z, jnp.broadcast_to(t, z.shape[:1])[:, None]], -1)
+    h = nn.tanh(nn.Dense(self.hidden)(h))
+    return nn.Dense(z.shape[-1])(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForeignConfig:
+  hidden: int = 16
+
+  def to_json(self):
+    return f'{{"hidden": {self.hidden}}}'
+
+  @classmethod
+  def from_json(cls, text):
+    return cls(int(text.split(':')[1].strip(' }')))
+
+
+class Imported(nn.Module):
+  """The foreign denoiser as this framework's network: v = (alpha z - x) /
+  sigma of its x prediction (alpha^2 + sigma^2 = 1)."""
+  config: ForeignConfig
+  logsnr_fn: object
+
+  @nn.compact
+  def __call__(self, z, t, cond, train=False):
+    del cond, train  # Unconditional: its null condition is any condition.
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    x = ForeignDenoiser(self.config.hidden, name='net')(z, t)
+    alpha, sigma = schedules.alpha_sigma(self.logsnr_fn(t))
+    return (alpha[:, None] * z - x) / sigma[:, None]
+
+
+def _foreign_shapes(config):
+  abstract = jax.eval_shape(ForeignDenoiser(config.hidden).init,
+                            jax.random.key(0), jnp.zeros((1, 2)),
+                            jnp.zeros((1,)))['params']
+  return weights.shapes(abstract)
+
+
+FOREIGN = weights.Format(
+    what='foreign denoiser weights', converter='convert_foreign',
+    how_to_get='Convert its state dict with convert_foreign.',
+    param_shapes=_foreign_shapes, config_type=ForeignConfig)
+
+
+def convert_foreign(state_dict, path):
+  """The converter: torch-style names and (out, in) matrices to the
+  module's; returns the written file's SHA-256."""
+  arrays = {}
+  for i, layer in enumerate(('fc1', 'fc2')):
+    arrays[f'Dense_{i}/kernel'] = state_dict[f'{layer}.weight'].T
+    arrays[f'Dense_{i}/bias'] = state_dict[f'{layer}.bias']
+  return FOREIGN.write(path, arrays, ForeignConfig(
+      hidden=state_dict['fc1.weight'].shape[0]))
+
+
+def _foreign_params(path, abstract_params, sha256=''):
+  params = {'net': FOREIGN.load(path, sha256).params}
+  mismatch = weights.describe_mismatch(weights.flatten(params),
+                                       weights.shapes(abstract_params))
+  if mismatch:
+    raise weights.WeightsError(f'{path} does not fit config.model: '
+                               f'{mismatch}.')
+  return params
+
+
+FOREIGN_ROW = networks.Network(
+    lambda fields, condition, logsnr_fn: Imported(
+        ForeignConfig(fields['hidden']), logsnr_fn),
+    weights=FOREIGN, load_weights=_foreign_params)
+
+
+@pytest.fixture
+def foreign_weights(tmp_path):
+  networks.register('foreign', FOREIGN_ROW)
+  rng = np.random.default_rng(0)
+  state_dict = {'fc1.weight': rng.normal(size=(16, 3)).astype(np.float32),
+                'fc1.bias': rng.normal(size=16).astype(np.float32),
+                'fc2.weight': rng.normal(size=(2, 16)).astype(np.float32),
+                'fc2.bias': rng.normal(size=2).astype(np.float32)}
+  path = tmp_path / 'foreign.npz'
+  digest = convert_foreign(state_dict, path)
+  yield state_dict, str(path), digest
+  del networks.TABLE['foreign']
+
+
+def _foreign_config(arg, path, digest):
+  config = toy2d.get_config(arg)
+  config.model = ml_collections.ConfigDict({'name': 'foreign', 'hidden': 16})
+  config.imported_weights = path
+  config.teacher_sha256 = digest
+  return config
+
+
+def test_a_new_imported_network(foreign_weights, tmp_path):
+  state_dict, path, digest = foreign_weights
+  # Converted once, byte for byte: the same input gives the same file.
+  assert convert_foreign(state_dict, tmp_path / 'again.npz') == digest
+  config = _foreign_config('smoke,stage=teacher', path, digest)
+  run = run_lib.resolve(config)
+  params, _ = state_lib.load_imported(run, path, digest)
+  np.testing.assert_array_equal(params['net']['Dense_1']['kernel'],
+                                state_dict['fc2.weight'].T)
+  # Its network is the foreign x prediction, as a v prediction.
+  z, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
+  x = state_dict['fc2.weight'] @ np.tanh(
+      state_dict['fc1.weight'] @ np.array([1., 1., .5]) +
+      state_dict['fc1.bias']) + state_dict['fc2.bias']
+  alpha, sigma = schedules.alpha_sigma(run.logsnr_fn(t))
+  np.testing.assert_allclose(run.network(params, z, t, None)[0],
+                             (alpha[0] * z[0] - x) / sigma[0], rtol=1e-5)
+
+  # Sampled from its converted weights, with no checkpoint.
+  png, npz = quick.write_samples(config, str(tmp_path / 'sampled'), 16)
+  assert png.exists() and npz.exists()
+
+  # A wrong file is one error line naming how to get the right one.
+  bad = tmp_path / 'bad.npz'
+  weights.write_npz(bad, {'Dense_0/kernel': np.zeros((3, 4), np.float32),
+                          weights.CONFIG_KEY: np.array(['{"hidden": 16}'])})
+  with pytest.raises(weights.WeightsError,
+                     match='does not match the network.*convert_foreign'):
+    state_lib.load_imported(run, str(bad))
+
+  # A student distilled from it: its teacher read from the converted file.
+  cd_config = _foreign_config('smoke,stage=cd', path, digest)
+  cd_config.teacher_checkpoint = path
+  state, scores = train.train_and_evaluate(cd_config, str(tmp_path / 'cd'))
+  assert int(state.step) == cd_config.total_steps
+  assert np.isfinite(scores['swd'])

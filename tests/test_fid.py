@@ -8,22 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from multistep_cm import weights
 from multistep_cm.core import sharding
 from multistep_cm.evaluation import fid
 from multistep_cm.evaluation import inception
 from multistep_cm.evaluation import metrics
 from multistep_cm.tools import convert_inception
+from multistep_cm.tools import converting
+from tests import frechet
 from tests import inception_golden
-
-
-def independent_fd(mu1, s1, mu2, s2):
-  """tr((S1 S2)^1/2) as the sum of square roots of the eigenvalues of the
-  symmetric S1^1/2 S2 S1^1/2 (same spectrum), without any matrix sqrtm."""
-  w, v = np.linalg.eigh(s1)
-  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  e = np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-               - 2. * np.sum(np.sqrt(e)))
 
 
 @pytest.mark.parametrize('n', [2000, 48])  # 48 < d: singular covariances.
@@ -35,7 +28,7 @@ def test_frechet_distance_against_independent_formula(n):
   b = rng.standard_normal((n, d)) @ (mix + 0.3 * np.eye(d)) + 0.2
   stats_a, stats_b = metrics.gaussian_stats(a), metrics.gaussian_stats(b)
   got = metrics.frechet_distance(*stats_a, *stats_b)
-  want = independent_fd(*stats_a, *stats_b)
+  want = frechet.independent_fd(*stats_a, *stats_b)
   assert got == pytest.approx(want, rel=1e-6)
   assert metrics.frechet_distance(*stats_a, *stats_a) == pytest.approx(
       0., abs=1e-6 * np.trace(stats_a[1]))
@@ -110,10 +103,10 @@ def test_converter_and_features_match_pytorch_fid(tmp_path, capsys):
   _write_random_pth(pth)
   convert_inception.main([f'--pth={pth}', f'--out={out}'])
   digest = capsys.readouterr().out.split('SHA-256 ')[1].split()[0]
-  assert digest == convert_inception.sha256_of(out)
+  assert digest == weights.sha256_of(out)
   # Reproducible: converting again writes the same bytes.
   convert_inception.main([f'--pth={pth}', f'--out={out}.2'])
-  assert convert_inception.sha256_of(f'{out}.2') == digest
+  assert weights.sha256_of(f'{out}.2') == digest
 
   params = inception.load_params(str(out), digest)
   model = inception.InceptionV3()
@@ -126,26 +119,26 @@ def test_converter_and_features_match_pytorch_fid(tmp_path, capsys):
 
 
 def test_weight_errors_are_one_clear_message(tmp_path):
-  with pytest.raises(inception.InceptionWeightsError, match='convert_inception'):
+  with pytest.raises(weights.WeightsError, match='convert_inception'):
     inception.load_params(str(tmp_path / 'nowhere.npz'))
   good = {k: np.zeros(s, np.float32) for k, s in inception.param_shapes().items()}
   path = str(tmp_path / 'w.npz')
-  convert_inception.write_npz(path, good)
-  with pytest.raises(inception.InceptionWeightsError, match='SHA-256'):
+  weights.write_npz(path, good)
+  with pytest.raises(weights.WeightsError, match='SHA-256'):
     inception.load_params(path, '0' * 64)
   del good['Mixed_7c/branch_pool/conv/kernel']
   good['fc'] = np.zeros((2048, 1000), np.float32)
-  convert_inception.write_npz(path + '2.npz', good)
-  with pytest.raises(inception.InceptionWeightsError,
+  weights.write_npz(path + '2.npz', good)
+  with pytest.raises(weights.WeightsError,
                      match='1 missing .* wrong shape'):
     inception.load_params(path + '2.npz')
-  with pytest.raises(inception.InceptionWeightsError, match='Unexpected'):
+  with pytest.raises(weights.WeightsError, match='Unexpected'):
     convert_inception.convert_state_dict({'features.0.weight': np.zeros(3)})
   # A download whose content does not match the hash in its name.
   bad = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
   bad.write_bytes(b'truncated')
-  with pytest.raises(inception.InceptionWeightsError, match='6726825d'):
-    convert_inception.check_name_hash(str(bad))
+  with pytest.raises(weights.WeightsError, match='6726825d'):
+    converting.check_name_hash(str(bad))
   # Bytes torch cannot read end the command in one line, as the other
   # converters' do, not in torch's traceback.
   for name, content in (('notes.pth', b'not a checkpoint\n'),

@@ -16,7 +16,8 @@ from multistep_cm import models
 from multistep_cm import schedules
 from multistep_cm import train
 from multistep_cm import errors
-from multistep_cm.core import imported
+from multistep_cm import run as run_lib
+from multistep_cm import weights
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 from multistep_cm.datasets import tfds_images
@@ -36,7 +37,7 @@ def converted(tmp_path_factory):
   config, converted from its directory and from OpenAI's layout of the same
   weights, which give the same file."""
   root = tmp_path_factory.mktemp('imported')
-  cfg = state_lib.create_model(edm_imagenet64.get_config('smoke')).config
+  cfg = run_lib.resolve(edm_imagenet64.get_config('smoke')).model.config
   model = test_adm.random_model(cfg, seed=5)
   model.save_pretrained(root / 'unet', safe_serialization=True)
   from_diffusers = root / 'diffusers.npz'
@@ -87,7 +88,7 @@ def test_a_converted_teacher_distils_evaluates_and_resumes(
   assert int(resumed.step) == 2
   # The student started as the teacher (step 0's learning rate is 0), and
   # its step from the checkpoint moved it from there.
-  teacher = imported.load_adm(npz)[1]
+  teacher = adm.load_weights(npz)[1]
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
                        jax.device_get(resumed.params[adm.UNET]), teacher)
   assert 0 < max(jax.tree.leaves(moved)) < 1e-2
@@ -97,36 +98,39 @@ def test_a_converted_teacher_distils_evaluates_and_resumes(
 
 def test_the_teacher_loader_refuses_what_does_not_fit(converted, tmp_path):
   npz, _ = converted
-  mesh = state_lib.make_mesh(edm_imagenet64.get_config('smoke'))
   wider = edm_imagenet64.get_config(f'cd,smoke,teacher={npz}')
   wider.model.model_channels = 64
-  with pytest.raises(imported.ADMWeightsError) as e:
-    state_lib.load_teacher(wider, mesh)
+  wider_run = run_lib.resolve(wider)
+  with pytest.raises(weights.WeightsError) as e:
+    state_lib.load_teacher(wider_run)
   assert 'does not fit config.model' in str(e.value)
   assert '\n' not in str(e.value)
   other = tmp_path / 'other.npz'
   np.savez(other, x=np.zeros(3))
   config = edm_imagenet64.get_config(f'cd,smoke,teacher={other}')
-  with pytest.raises(imported.ADMWeightsError, match='not written by'):
-    state_lib.load_teacher(config, mesh)
+  run = run_lib.resolve(config)
+  with pytest.raises(weights.WeightsError, match='not written by'):
+    state_lib.load_teacher(run)
   config.teacher_checkpoint = str(tmp_path / 'missing.npz')
+  run = run_lib.resolve(config)
   with pytest.raises(errors.UserError, match='Cannot read'):
-    state_lib.load_teacher(config, mesh)
+    state_lib.load_teacher(run)
   # Found missing before anything is written or compiled.
   with pytest.raises(errors.ConfigError, match='missing.npz: no such file'):
-    stages.get('cd').check(config)
+    stages.get('cd').check(run)
 
 
 def test_openai_networks_have_no_null_class_to_guide():
   config = edm_imagenet64.get_config('cd,smoke,teacher=t.npz')
   config.consistency.guidance = 1.
   from multistep_cm.core import validation  # pylint: disable=g-import-not-at-top
+  run = run_lib.resolve(config)
   with pytest.raises(errors.ConfigError, match='no null class'):
-    validation.check_config(config, train=False)
+    validation.check_config(run, train=False)
   config.consistency.guidance = 0.
   config.model.num_head_channels = 128  # Wider than the 64 channels at 32x32.
   with pytest.raises(errors.ConfigError, match='^config.model: ADM attention'):
-    validation.check_config(config, train=False)
+    validation.check_config(run_lib.resolve(config), train=False)
 
 
 def test_a_published_student_samples_from_its_weights_alone(converted,
@@ -140,10 +144,10 @@ def test_a_published_student_samples_from_its_weights_alone(converted,
   with np.load(samples) as f:
     assert f['arr_0'].shape == (4, 64, 64, 3) and f['arr_0'].dtype == np.uint8
   assert png.exists()
-  model = state_lib.create_model(config)
+  run = run_lib.resolve(config)
+  model = run.model
   assert model.preconditioning == 'consistency'
-  mesh = state_lib.make_mesh(config)
-  params, _ = state_lib.load_imported(config, str(npz), mesh)
+  params, _ = state_lib.load_imported(run, str(npz))
   z = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   labels = np.array([1, 2])
   network = models.network_fn(model)

@@ -8,13 +8,15 @@ from configs import imagenet64
 from configs import toy2d
 from multistep_cm import models
 from multistep_cm import networks
+from multistep_cm import run as run_lib
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 
 
 def _abstract_params(config):
-  model = state_lib.create_model(config)
-  shape = (2,) + state_lib.data_shape(config)
+  run = run_lib.resolve(config)
+  model = run.model
+  shape = (2,) + run.shape
   return model, jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(2),
                          jnp.zeros(2, jnp.int32)))['params']
@@ -35,7 +37,7 @@ def test_paper_sizes(module, size, millions):
     imagenet64.get_config('smoke')])
 def test_output_shape_and_dtype(config):
   model, _ = _abstract_params(config)
-  shape = (3,) + state_lib.data_shape(config)
+  shape = (3,) + run_lib.resolve(config).shape
   z = jnp.ones(shape)
   labels = jnp.array([0, 1, config.dataset.num_classes])  # Incl. the null label.
   params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(3),
@@ -56,7 +58,7 @@ def test_bf16_compute_float32_params():
 
 def test_labels_change_the_prediction():
   config = digits.get_config('smoke')
-  model = state_lib.create_model(config)
+  model = run_lib.resolve(config).model
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   params = jax.jit(model.init)(jax.random.key(0), z, jnp.zeros(2),
                                jnp.zeros(2, jnp.int32))['params']
@@ -89,7 +91,7 @@ def test_attention_auto_is_xla_on_the_cpu():
   for attention in ('auto', 'xla'):
     config = digits.get_config('smoke')
     config.model.attention = attention
-    model = state_lib.create_model(config)
+    model = run_lib.resolve(config).model
     z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t, labels = jnp.full((4,), 0.3), jnp.arange(4)
     params = jax.jit(model.init)(jax.random.key(0), z, t, labels)
@@ -120,7 +122,7 @@ def _uvit(scan, remat):
   config.model.levels = (('res', 16, 1, 0.), ('attn', 32, 2, 0.1))
   config.model.mid_blocks, config.model.mid_dropout = 3, 0.1
   config.model.scan, config.model.remat = scan, remat
-  return state_lib.create_model(config)
+  return run_lib.resolve(config).model
 
 
 def _close(a, b, rtol):
@@ -192,23 +194,23 @@ def test_unscanned_checkpoint_loads_into_a_scanned_model(digits_teacher,
   """A teacher saved with the old (unscanned) layout serves a scanned student,
   with the same predictions; and the reverse."""
   config, workdir = digits_teacher
-  mesh = state_lib.make_mesh(config)
-  flat, _, step = state_lib.load_params(config, workdir, mesh)
+  run = run_lib.resolve(config)
+  flat, _, step = state_lib.load_params(run, workdir)
   scanned_config = config.copy_and_resolve_references()
   scanned_config.model.scan = True
-  scanned, _, scanned_step = state_lib.load_params(scanned_config, workdir,
-                                                   mesh)
+  scanned_run = run_lib.resolve(scanned_config)
+  scanned, _, scanned_step = state_lib.load_params(scanned_run, workdir)
   assert step == scanned_step and models.SCANNED in scanned
   z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
   t, labels = jnp.array([0.2, 0.5, 0.8]), jnp.array([1, 2, 10])
-  out = state_lib.network(config)(flat, z, t, labels)
-  assert _close(state_lib.network(scanned_config)(scanned, z, t, labels), out,
-                1e-5)
+  out = run.network(flat, z, t, labels)
+  assert _close(scanned_run.network(scanned, z, t, labels), out, 1e-5)
   # A config that fits neither layout still stops with the mismatch.
   wider = config.copy_and_resolve_references()
   wider.model.mid_channels = 64
+  wider_run = run_lib.resolve(wider)
   with pytest.raises(Exception, match='does not match config.model'):
-    state_lib.load_params(wider, workdir, mesh)
+    state_lib.load_params(wider_run, workdir)
 
 
 def test_fsdp_keeps_the_scanned_blocks_to_their_own_rows():
@@ -221,7 +223,7 @@ def test_fsdp_keeps_the_scanned_blocks_to_their_own_rows():
   config.model.scan, config.model.mid_channels = True, 128  # Sharded weights.
   model, abstract = _abstract_params(config)
   network = models.network_fn(model)
-  x = jax.ShapeDtypeStruct((16,) + state_lib.data_shape(config), jnp.float32)
+  x = jax.ShapeDtypeStruct((16,) + run_lib.resolve(config).shape, jnp.float32)
   labels = jax.ShapeDtypeStruct((16,), jnp.int32)
 
   def temporaries(shape):

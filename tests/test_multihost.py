@@ -27,6 +27,7 @@ import pytest
 from configs import toy2d
 from multistep_cm import train
 from multistep_cm import errors
+from multistep_cm import run as run_lib
 from multistep_cm.core import liveness
 from multistep_cm.core import preemption
 from multistep_cm.core import state as state_lib
@@ -55,9 +56,8 @@ def _launch(processes, devices, *args, timeout=300):
 
 
 def _params(workdir, key='params'):
-  config = _config(1)
-  mesh = state_lib.make_mesh(config)
-  params, _, step = state_lib.load_params(config, workdir, mesh, key)
+  run = run_lib.resolve(_config(1))
+  params, _, step = state_lib.load_params(run, workdir, key)
   return params, step
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from configs import digits
 from configs import toy2d
 from multistep_cm import pipeline
+from multistep_cm import run as run_lib
 from multistep_cm import sweep
 from multistep_cm.core import config as common
 from multistep_cm.evaluation import reports
@@ -60,6 +61,7 @@ def test_sweep(tmp_path, digits_teacher):
   with open(tmp_path / 'sweep' / 'pd_s2' / 'config.json') as f:
     assert json.load(f)['teacher_checkpoint'].endswith('/teacher')
   reports.sweep_report(results, str(tmp_path), steps, stages,
-                       scoring.get(config.base, quick=True), {'fd_digits': 4.5})
+                       scoring.get(run_lib.resolve(config.base), quick=True),
+                       {'fd_digits': 4.5})
   assert (tmp_path / 'sweep.png').exists()
   assert '| CD |' in (tmp_path / 'sweep.md').read_text()

@@ -20,6 +20,7 @@ from etils import epath
 import pytest
 
 from configs import digits
+from multistep_cm import run as run_lib
 from multistep_cm.core import checkpoint
 from multistep_cm.core import state as state_lib
 
@@ -99,9 +100,8 @@ def test_the_readme_keeps_the_quickstart_and_the_ci_test_command():
 def _checkpoint(config, workdir):
   """A freshly initialised train state of `config`, saved as its last step
   in WORKDIR/checkpoints, where training would have left it."""
-  mesh = state_lib.make_mesh(config)
-  state, _ = state_lib.init_state(config, state_lib.create_model(config),
-                                  state_lib.make_optimizer(config.optim), mesh)
+  state, _ = state_lib.init_state(run_lib.resolve(config),
+                                  state_lib.make_optimizer(config.optim))
   ckpt = checkpoint.Checkpointer(epath.Path(workdir) / 'checkpoints', 1, 1)
   ckpt.save(config.total_steps, state, force=True)
   ckpt.wait()

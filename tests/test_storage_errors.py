@@ -91,16 +91,17 @@ def test_a_failed_save_on_a_preemption_notice_is_an_error(tmp_path,
   config = toy2d.get_config('smoke,stage=teacher')
   config.total_steps, config.eval_every = 100, 1000
   checkpoints = tmp_path / 'checkpoints'
-  real = datasets.train_batches
+  cls = type(datasets.get(config))
+  real = cls.train_batches
 
-  def batches(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
+  def batches(self, *args, **kwargs):
+    for i, batch in enumerate(real(self, *args, **kwargs)):
       if i == 2:  # Step 3's batch: the notice comes during that step.
         test_checkpoint.no_space_left(monkeypatch,
                                       checkpoints / '3.orbax-checkpoint-tmp')
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
-  monkeypatch.setattr(datasets, 'train_batches', batches)
+  monkeypatch.setattr(cls, 'train_batches', batches)
   with pytest.raises(errors.StorageError) as e:
     train.train_and_evaluate(config, str(tmp_path))
   assert str(e.value) == (

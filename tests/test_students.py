@@ -1,5 +1,6 @@
 """Student stages (CD, CT, PD) started from a teacher checkpoint."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from configs import digits
 from multistep_cm import conditioning
 from multistep_cm import datasets
+from multistep_cm import run as run_lib
 from multistep_cm import samplers
 from multistep_cm import train
 from multistep_cm.core import checkpoint
@@ -38,12 +40,11 @@ def _teacher_ema(teacher_dir, like):
 
 def test_student_starts_as_the_teacher(teacher_dir, tmp_path):
   config = _student('cd', teacher_dir)
-  mesh = state_lib.make_mesh(config)
+  run = run_lib.resolve(config)
   ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', 1, 1)
   state, _ = state_lib.restore_or_init(
-      config, state_lib.create_model(config),
-      state_lib.make_optimizer(config.optim), mesh, ckpt,
-      state_lib.load_teacher(config, mesh))
+      run, state_lib.make_optimizer(config.optim), ckpt,
+      state_lib.load_teacher(run))
   ema = _teacher_ema(teacher_dir, state.params)
   for a, b, c in zip(*(jax.tree.leaves(t) for t in (state.params,
                                                     state.ema_params, ema))):
@@ -110,17 +111,19 @@ def test_students_sample_unguided_whatever_the_teacher_sampler_says():
   config.train_eval.num_samples = config.train_eval.batch_size = 8
   seen = []
 
-  def network(params, z, t, labels, rng=None):
-    del params, t, rng
-    seen.append(np.asarray(labels).tolist())
-    return jnp.zeros_like(z)
+  class Network(nn.Module):
+    """No parameters: records the labels it is given, predicts zeros."""
 
-  mesh = state_lib.make_mesh(config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  evaluation = quick.QuickEval(config, network, replicated, mesh,
-                               quick.SEED_TRAINING)
+    def __call__(self, z, t, labels, train=False):
+      del t, train
+      seen.append(np.asarray(labels).tolist())
+      return jnp.zeros_like(z)
+
+  run = run_lib.resolve(config).with_model(Network())
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.P())
+  evaluation = quick.QuickEval(run, replicated, quick.SEED_TRAINING)
   with jax.disable_jit():  # The sampler's loop runs step by step.
-    samples, _ = evaluation(None)
+    samples, _ = evaluation({})
   assert samples.shape == (8, 8, 8, 1)
   assert seen == [list(range(8))] * 3  # Never the null label 10, never 2S.
   spec = stages.get('cd').sampler(config)

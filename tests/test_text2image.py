@@ -19,9 +19,9 @@ from multistep_cm import datasets
 from multistep_cm import losses
 from multistep_cm import models
 from multistep_cm import pipeline
+from multistep_cm import run as run_lib
 from multistep_cm import schedules
 from multistep_cm.core import config as common
-from multistep_cm.core import state as state_lib
 
 
 def _perturbed(params, scale=0.1):
@@ -34,7 +34,7 @@ def _perturbed(params, scale=0.1):
 def _text_model(scan=False):
   config = captioned_config.get_config('smoke,stage=teacher')
   config.model.scan = scan
-  return config, state_lib.create_model(config)
+  return config, run_lib.resolve(config).model
 
 
 CAPTIONS = conditioning.Captions(8, 32, 32)  # Captioned digits' sizes.
@@ -73,13 +73,15 @@ def test_class_conditional_models_have_no_text_parameters():
   from configs import digits  # pylint: disable=g-import-not-at-top
   config = captioned_config.get_config('smoke,stage=teacher')
   plain = digits.get_config('smoke,stage=teacher')
-  names = str(jax.eval_shape(lambda: state_lib.create_model(plain).init(
+  plain_model = run_lib.resolve(plain).model
+  names = str(jax.eval_shape(lambda: plain_model.init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
       jnp.zeros(1, jnp.int32))))
   assert 'cross_q' not in names and 'text_null' not in names
-  text = str(jax.eval_shape(lambda: state_lib.create_model(config).init(
+  run = run_lib.resolve(config)
+  text = str(jax.eval_shape(lambda: run.model.init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
-      state_lib.condition(config).example(1))))
+      run.condition.example(1))))
   assert 'cross_q' in text and 'text_null' in text and 'pooled' in text
 
 
@@ -217,10 +219,14 @@ def test_missing_text_data_is_one_line():
 
 def test_paper_text_to_image_size():
   config = text2image.get_config('')
-  model = state_lib.create_model(config)
+  # The paper's mesh needs more devices than the test's 8; the network's
+  # parameters do not depend on it.
+  config.mesh.shape = (-1, 1)
+  run = run_lib.resolve(config)
+  model = run.model
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 512, 512, 3)), jnp.zeros(1),
-      state_lib.condition(config).example(1)))['params']
+      run.condition.example(1)))['params']
   count = models.count_params(params)
   assert 5e9 < count < 8e9, count
   assert params[models.SCANNED]['block']['cross_q']['kernel'].shape[0] == 16
@@ -297,15 +303,15 @@ def _tiny_encoder(captions):
 
 def _tiny_clip_npz(path, config):
   from multistep_cm.evaluation import clip  # pylint: disable=g-import-not-at-top
-  from multistep_cm.tools import convert_inception  # pylint: disable=g-import-not-at-top
+  from multistep_cm import weights  # pylint: disable=g-import-not-at-top
   params = clip.CLIP(config).init(
       jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size,
                                     3)),
       jnp.ones((1, config.context_length), jnp.int32))['params']
   flat = {'/'.join(k.key for k in path_): np.asarray(v) for path_, v in
           jax.tree_util.tree_flatten_with_path(params)[0]}
-  flat[clip.CONFIG_KEY] = np.array(config.to_json())
-  convert_inception.write_npz(path, flat)
+  flat[weights.CONFIG_KEY] = np.array(config.to_json())
+  weights.write_npz(path, flat)
 
 
 @pytest.mark.usefixtures('eigen_frechet')
@@ -339,10 +345,10 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
   _tiny_clip_npz(ev.clip_weights, clip_config)
   tokens = rng.integers(1, 90, (12, 6)).astype(np.int32)
   tokens[:, 3] = 99  # End of text: the largest id.
-  from multistep_cm.tools import convert_inception  # pylint: disable=g-import-not-at-top
+  from multistep_cm import weights  # pylint: disable=g-import-not-at-top
   ev.clip_tokens = str(tmp_path / 'tokens.npz')
-  convert_inception.write_npz(ev.clip_tokens, {'prompts': np.array(captions),
-                                                'tokens': tokens})
+  weights.write_npz(ev.clip_tokens, {'prompts': np.array(captions),
+                                      'tokens': tokens})
   ev.batch_size = 8
   ev.reference = fid.compute_reference(config, str(tmp_path / 'refs'),
                                        keep_images=8)
@@ -361,9 +367,9 @@ def test_text_to_image_fid_and_clip_score_end_to_end(tmp_path):
     np.testing.assert_array_equal(f['arr_1'], np.arange(12))  # Caption index.
 
   # Tokens of other captions: one line, before anything is sampled.
-  convert_inception.write_npz(ev.clip_tokens, {
+  weights.write_npz(ev.clip_tokens, {
       'prompts': np.array(captions[::-1]), 'tokens': tokens})
-  with pytest.raises(clip.ClipWeightsError, match='differ first at caption 0'):
+  with pytest.raises(weights.WeightsError, match='differ first at caption 0'):
     evaluation.run(config, workdir)
 
 

@@ -12,6 +12,7 @@ from configs import toy2d
 from multistep_cm import datasets
 from multistep_cm import train
 from multistep_cm import errors
+from multistep_cm import run as run_lib
 from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 from multistep_cm.evaluation import quick
@@ -62,9 +63,14 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   train.train_and_evaluate(config, str(tmp_path / 'b'))
 
   starts = []
-  real = datasets.train_batches
-  monkeypatch.setattr(datasets, 'train_batches',
-                      lambda *a, **k: starts.append(a[3]) or real(*a, **k))
+  cls = type(datasets.get(config))
+  real = cls.train_batches
+
+  def recording(self, global_batch, seed, start_step, rows):
+    starts.append(start_step)
+    return real(self, global_batch, seed, start_step, rows)
+
+  monkeypatch.setattr(cls, 'train_batches', recording)
   config.total_steps = 4
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert starts == [2]  # It did continue from the checkpoint.
@@ -91,11 +97,10 @@ def test_train_step_never_recompiles(count_compiles, fresh_train_step):
 def test_shardings_on_a_2x4_mesh():
   config = digits.get_config()
   config.mesh.shape = (2, 4)
-  mesh = state_lib.make_mesh(config)
+  run = run_lib.resolve(config)
+  mesh = run.mesh
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
-  model = state_lib.create_model(config)
-  state, _ = state_lib.init_state(config, model,
-                                  state_lib.make_optimizer(config.optim), mesh)
+  state, _ = state_lib.init_state(run, state_lib.make_optimizer(config.optim))
   sharded = 0
   for path, p in jax.tree_util.tree_leaves_with_path(state.params):
     spec = p.sharding.spec
@@ -147,8 +152,8 @@ def test_divergence_stops_before_anything_non_finite_is_saved(tmp_path):
   assert 4 < bad and good < bad
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints'))
   assert steps[-1] == good >= 4  # The good steps were not rotated away.
-  mesh = state_lib.make_mesh(config)
+  run = run_lib.resolve(config)
   for step in steps:
     params, _, _ = state_lib.load_params(
-        config, str(tmp_path / 'checkpoints' / str(step)), mesh, 'params')
+        run, str(tmp_path / 'checkpoints' / str(step)), 'params')
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

@@ -16,6 +16,7 @@ import importlib.util
 import ml_collections
 from ml_collections import config_flags
 
+from multistep_cm import networks
 from multistep_cm.core import stages
 
 # The `stage=` argument. The embedded datasets add `pipeline`, their default:
@@ -72,20 +73,11 @@ def set_stage(c, arg):
 def smoke(c, *, batch_size, eval_samples, grid_size, steps=4):
   """Shrinks a config to run in seconds on a CPU: a tiny model, `steps`
   training steps (a student half as many), a few samples."""
-  if c.model.name == 'uvit':
-    c.model.levels = (('res', 16, 1, 0.), ('attn', 32, 1, 0.))
-    c.model.mid_channels = 32
-    c.model.mid_blocks = 1
-    c.model.emb_dim = 32
-    c.model.head_dim = min(c.model.head_dim, 32)
-  else:
-    c.model.width = 32
-    c.model.num_blocks = 1
-    c.model.emb_dim = 16
+  networks.get(c.model.name).smoke(c.model)
   c.model.dtype = 'float32'
   c.mesh.shape = (-1, 1)
   c.batch_size = batch_size
-  c.total_steps = max(1, steps // 2) if stages.get(c.stage).student else steps
+  c.total_steps = max(1, steps // 2) if stages.get(c.stage).distilled else steps
   c.log_every = c.ckpt_every = 2
   c.eval_every = c.total_steps
   c.sampler.steps = 4
@@ -115,8 +107,9 @@ def base():
   c.dataset.pooled_dim = 0
   c.dataset.text_dir = ml_collections.config_dict.placeholder(str)
 
-  c.model = ml_collections.ConfigDict()  # See models.UViTConfig / MLPConfig.
-  c.model.name = 'uvit'
+  # A row of the network table (multistep_cm/networks.py), and its fields.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = networks.DEFAULT
 
   c.schedule = ml_collections.ConfigDict()  # See schedules.get_logsnr_fn.
   c.schedule.kind = 'cosine'

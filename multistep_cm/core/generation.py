@@ -12,18 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import datasets
-from multistep_cm import schedules
 from multistep_cm.core import sharding
 
 
-def eval_inputs(config, n):
-  """(labels, condition) of `n` evaluation samples: what sample i is drawn
-  for and scored against, and what the network is given for it; both from
-  the config's dataset (`datasets.base.Dataset`)."""
-  dataset = datasets.get(config)
+def eval_inputs(dataset, n):
+  """(labels, cond) of `n` evaluation samples: what sample i is drawn for
+  and scored against, and the condition value the network is given for it;
+  both from the run's dataset (`datasets.base.Dataset`)."""
   labels = dataset.eval_labels(n)
-  return labels, dataset.eval_conditioning(labels)
+  return labels, dataset.eval_cond(labels)
 
 
 # Stochastic samplers draw their per-step noise from keys folded with this,
@@ -58,8 +55,8 @@ def to_uint8(x):
 
 
 class Generator:
-  """Samples of `network` (its parameters sharded as `param_shardings`) with
-  the sampler `spec`.
+  """Samples of the run's network (its parameters sharded as
+  `param_shardings` on `run.mesh`) with the sampler `spec`.
 
   Noise is drawn per batch, from fold_in(key(seed), first index of the
   batch), as training-time evaluation and the tables do; or, with
@@ -71,17 +68,16 @@ class Generator:
   `features(feature_params, uint8 images) -> dict` adds its outputs.
   """
 
-  def __init__(self, config, network, param_shardings, mesh, spec, *,
-               per_example_noise=False, uint8=False, features=None):
-    self.mesh = mesh
+  def __init__(self, run, param_shardings, spec, *, per_example_noise=False,
+               uint8=False, features=None):
+    self.mesh = mesh = run.mesh
     self.per_example_noise = per_example_noise
-    logsnr = schedules.get_logsnr_fn(**config.schedule)
-    dataset = datasets.get(config)
-    shape, images, condition = dataset.shape, dataset.images, dataset.condition
+    network, logsnr, condition = run.network, run.logsnr_fn, run.condition
+    shape, images = run.shape, run.dataset.images
     batch = sharding.batch_sharding(mesh)
 
-    def fn(params, feature_params, rng, labels):
-      n = jax.tree.leaves(labels)[0].shape[0]
+    def fn(params, feature_params, rng, cond):
+      n = jax.tree.leaves(cond)[0].shape[0]
       if per_example_noise:
         noise = example_noise(rng, n, shape)
         step_keys = example_keys(rng, n)
@@ -91,7 +87,7 @@ class Generator:
       noise = jax.lax.with_sharding_constraint(noise, batch)
       # The mesh in context, for the network's own sharding constraints.
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        x = spec(network, params, noise, labels, logsnr, condition, step_keys)
+        x = spec(network, params, noise, cond, logsnr, condition, step_keys)
       if not images or not (uint8 or features):
         return {'samples': x}
       x = to_uint8(x)
@@ -103,23 +99,23 @@ class Generator:
                                          replicated, batch),
                        out_shardings=batch)
 
-  def batches(self, params, labels, seed, batch_size, start=0,
+  def batches(self, params, cond, seed, batch_size, start=0,
               feature_params=None):
-    """Yields (outputs as batch-sharded arrays, real rows) for `labels`, the
-    labels of samples start, start + 1, ..., in batches of `batch_size`
-    rounded up to the mesh, the last one padded."""
+    """Yields (outputs as batch-sharded arrays, real rows) for `cond`, the
+    condition values of samples start, start + 1, ..., in batches of
+    `batch_size` rounded up to the mesh, the last one padded."""
     bs = sharding.mesh_batch_size(batch_size, self.mesh)
-    for i, batch, rows in sharding.padded_batches(labels, bs, self.mesh):
+    for i, batch, rows in sharding.padded_batches(cond, bs, self.mesh):
       if self.per_example_noise:
         rng = np.array([seed, start + i], np.int32)
       else:
         rng = jax.random.fold_in(jax.random.key(seed), i)
       yield self._fn(params, feature_params, rng, batch), rows
 
-  def __call__(self, params, labels, seed, batch_size, start=0,
+  def __call__(self, params, cond, seed, batch_size, start=0,
                feature_params=None):
-    """Every output for `labels`, as numpy arrays on every host."""
+    """Every output for `cond`, as numpy arrays on every host."""
     out = [{k: sharding.to_host(v, rows) for k, v in o.items()}
-           for o, rows in self.batches(params, labels, seed, batch_size, start,
+           for o, rows in self.batches(params, cond, seed, batch_size, start,
                                        feature_params)]
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}

@@ -30,23 +30,22 @@ from typing import Callable
 
 from etils import epath
 
-from multistep_cm import datasets
+from multistep_cm import errors
 from multistep_cm import losses
 from multistep_cm import samplers
-from multistep_cm import schedules
-from multistep_cm import errors
-from multistep_cm.core import imported
+from multistep_cm import weights
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One row of the table. `make_loss(config, network)` builds the loss a
-  train step differentiates, `(params, train state, teacher params or None,
-  batch, rng) -> (loss, aux)`; `runs_teacher`: the step evaluates the
+  """One row of the table. `make_loss(run, network)` (`run`: the resolved
+  config, a `multistep_cm.run.Run`) builds the loss a train step
+  differentiates, `(params, train state, teacher params or None, batch,
+  rng) -> (loss, aux)`; `runs_teacher`: the step evaluates the
   teacher network, so its parameters are kept on the devices."""
   name: str
   make_loss: Callable
-  student: bool = True  # Distilled from a teacher; never guided at sampling.
+  distilled: bool = True  # From a teacher; never guided at sampling.
   runs_teacher: bool = False
   # How it samples: 'student' (S consistency steps, config.student_steps),
   # 'diffusion' (DDIM at config.sampler.steps, unguided) or 'config'
@@ -58,19 +57,26 @@ class Stage:
   # The label of its rows in the reports: (config) -> str.
   label: Callable = lambda config: ''
 
-  def check(self, config, train=True):
+  def check(self, run, train=True):
     """Raises ConfigError, before anything is written or compiled, for a
-    config this stage cannot train (`train`), or sample."""
-    if train and self.student and not config.teacher_checkpoint:
+    run this stage cannot train (`train`), or sample."""
+    config = run.config
+    if train and self.distilled and not config.teacher_checkpoint:
       raise errors.ConfigError(
           f'Stage {self.name!r} starts from a teacher: set '
           'config.teacher_checkpoint to its workdir.')
     teacher = config.teacher_checkpoint
-    if (train and self.student and imported.is_npz(teacher)
-        and not epath.Path(teacher).exists()):
-      raise errors.ConfigError(f'config.teacher_checkpoint {teacher}: no '
-                               f'such file. {imported.HOW_TO_GET}')
-    self.make_loss(config, network=None)  # Builders check their options.
+    if train and self.distilled and weights.is_npz(teacher):
+      fmt = run.network_row.weights
+      if fmt is None:
+        raise errors.ConfigError(
+            f'config.teacher_checkpoint {teacher}: converted weights, but '
+            f'config.model {config.model.name!r} is not a network imported '
+            'from elsewhere.')
+      if not epath.Path(teacher).exists():
+        raise errors.ConfigError(f'config.teacher_checkpoint {teacher}: no '
+                                 f'such file. {fmt.how_to_get}')
+    self.make_loss(run, network=None)  # Builders check their options.
     self.sampler(config)
 
   def sampler(self, config, kind='', steps=0, guidance=-1., field=None):
@@ -89,7 +95,7 @@ class Stage:
           f'{", ".join(k for k in samplers.KINDS if k != "student")}).')
     steps = steps or (config.student_steps if kind == 'student'
                       else config.sampler.steps)
-    if self.student:
+    if self.distilled:
       if guidance > 0:
         raise errors.ConfigError(
             f'Stage {self.name!r} cannot be guided at sampling: its guidance '
@@ -104,7 +110,7 @@ class Stage:
   def guidance(self, config, spec):
     """The guidance its samples carry: sampled with it (a teacher), or
     distilled with it."""
-    return config.consistency.guidance if self.student else spec.guidance
+    return config.consistency.guidance if self.distilled else spec.guidance
 
   def run_key(self, config):
     """The stage's name in a pipeline's or sweep's workdir and results."""
@@ -114,7 +120,7 @@ class Stage:
     """`run_key` of a config with these student steps and guidance."""
     if self.sampling == 'diffusion':
       return f'{self.name}_w{guidance:g}'
-    return f'{self.name}_s{steps}' if self.student else self.name
+    return f'{self.name}_s{steps}' if self.distilled else self.name
 
 
 def evaluation_sampler(config):
@@ -133,9 +139,9 @@ def sampler_spec(kind, steps, guidance=0., field=None):
     raise errors.ConfigError(f'{field}: {e}' if field else str(e)) from None
 
 
-def consistency_options(config, mode):
+def consistency_options(run, mode):
   """The typed options of Algorithm 1, from config.consistency."""
-  cc = config.consistency
+  cc = run.config.consistency
   if cc.target not in ('online', 'ema'):
     raise errors.ConfigError(f'Unknown config.consistency.target {cc.target!r}:'
                              ' expected online or ema.')
@@ -144,20 +150,18 @@ def consistency_options(config, mode):
         mode=mode, anneal_start=cc.anneal_start, anneal_end=cc.anneal_end,
         anneal_steps=cc.anneal_steps, xvar_frac=cc.xvar_frac,
         huber_delta=cc.huber_delta, norm=cc.norm, weighting=cc.weighting,
-        guidance=cc.guidance, condition=datasets.get(config).condition)
+        guidance=cc.guidance, condition=run.condition)
   except ValueError as e:
     raise errors.ConfigError(f'config.consistency: {e}') from None
 
 
-def _diffusion_loss(config, network):
-  logsnr = schedules.get_logsnr_fn(**config.schedule)
-  dataset = datasets.get(config)
-  condition = dataset.condition
+def _diffusion_loss(run, network):
+  config, logsnr, condition = run.config, run.logsnr_fn, run.condition
   # The default config's dropout trains a null label; unconditional data
   # has none to train, and diffusion_loss refuses dropout without one.
   dropout = config.loss.label_dropout if condition.conditional else 0.
   multiscale = int(config.loss.multiscale)
-  if multiscale < 0 or (multiscale and not dataset.images) or (
+  if multiscale < 0 or (multiscale and not run.dataset.images) or (
       config.dataset.image_size % 2**multiscale):
     raise errors.ConfigError(
         f'config.loss.multiscale is {multiscale}: the number of 2x2-pooled '
@@ -173,9 +177,9 @@ def _diffusion_loss(config, network):
 
 
 def _consistency_loss(mode):
-  def make(config, network):
-    logsnr = schedules.get_logsnr_fn(**config.schedule)
-    options = consistency_options(config, mode)
+  def make(run, network):
+    config, logsnr = run.config, run.logsnr_fn
+    options = consistency_options(run, mode)
     ema_target = config.consistency.target == 'ema'
 
     def loss_fn(params, train_state, teacher_params, batch, rng):
@@ -189,10 +193,9 @@ def _consistency_loss(mode):
   return make
 
 
-def _progressive_loss(config, network):
-  logsnr = schedules.get_logsnr_fn(**config.schedule)
+def _progressive_loss(run, network):
+  config, logsnr, condition = run.config, run.logsnr_fn, run.condition
   cc = config.consistency
-  condition = datasets.get(config).condition
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state
@@ -203,14 +206,13 @@ def _progressive_loss(config, network):
   return loss_fn
 
 
-def _guidance_distillation_loss(config, network):
-  logsnr = schedules.get_logsnr_fn(**config.schedule)
-  guidance = config.consistency.guidance
+def _guidance_distillation_loss(run, network):
+  logsnr, condition = run.logsnr_fn, run.condition
+  guidance = run.config.consistency.guidance
   if not guidance > 0:
     raise errors.ConfigError(
         "Stage 'gd' distils classifier-free guidance: set "
         'config.consistency.guidance above 0 (the paper: 0.5 and 3).')
-  condition = datasets.get(config).condition
 
   def loss_fn(params, train_state, teacher_params, batch, rng):
     del train_state
@@ -225,7 +227,7 @@ def _steps_label(method):
 
 
 STAGES = {s.name: s for s in (
-    Stage('teacher', _diffusion_loss, student=False, sampling='config',
+    Stage('teacher', _diffusion_loss, distilled=False, sampling='config',
           label=lambda config: 'teacher'),
     Stage('cd', _consistency_loss('cd'), runs_teacher=True,
           label=_steps_label('multistep CD')),

@@ -4,14 +4,8 @@ file is written, so a failing start never changes an existing workdir."""
 
 import os
 
-import jax
-
-from multistep_cm import datasets
-from multistep_cm import models
 from multistep_cm import errors
 from multistep_cm.core import sharding
-from multistep_cm.core import stages
-from multistep_cm.core import state
 
 # Counts and intervals a training run divides by or loops over.
 POSITIVE = ('batch_size', 'total_steps', 'log_every', 'ckpt_every',
@@ -25,10 +19,11 @@ def _get(config, dotted):
   return config
 
 
-def check_config(config, train=True):
-  """Raises ConfigError for a config that cannot run on these devices with
-  this data. `train`: also the fields only training uses."""
-  stage = stages.get(config.stage)
+def check_config(run, train=True):
+  """Raises ConfigError for a resolved config (`run.Run`) that cannot run on
+  these devices with this data. `train`: also the fields only training
+  uses."""
+  config, mesh = run.config, run.mesh
   if train:
     for name in POSITIVE:
       value = _get(config, name)
@@ -43,19 +38,6 @@ def check_config(config, train=True):
         f'config.profile_steps is {window!r}: expected (first, last) training '
         f'steps, 1 <= first <= last <= total_steps ({config.total_steps}), '
         'or () for no trace.')
-  attention = config.model.get('attention')
-  if attention is not None and attention not in models.ATTENTION:
-    raise errors.ConfigError(f'config.model.attention is {attention!r}: '
-                             f'expected one of {", ".join(models.ATTENTION)}.')
-  remat = config.model.get('remat')
-  if remat is not None and remat not in models.REMAT:
-    raise errors.ConfigError(f'config.model.remat is {remat!r}: expected one '
-                             f'of {", ".join(models.REMAT)}.')
-  if attention == 'cudnn' and jax.default_backend() != 'gpu':
-    raise errors.ConfigError(
-        "config.model.attention 'cudnn' needs an NVIDIA GPU; this run's "
-        f"devices are {jax.default_backend()}: use 'auto' or 'xla'.")
-  mesh = state.make_mesh(config)
   if train and config.batch_size % mesh.size:
     raise errors.ConfigError(
         f'config.batch_size {config.batch_size} does not split over the '
@@ -65,23 +47,18 @@ def check_config(config, train=True):
       sharding.process_rows(config.batch_size, mesh)
     except ValueError as e:
       raise errors.ConfigError(f'config.mesh: {e}') from None
-  try:
-    model = state.create_model(config)
-  except ValueError as e:
-    raise errors.ConfigError(f'config.model: {e}') from None
   guides = max(config.sampler.guidance, config.consistency.guidance,
                config.loss.label_dropout if train else 0.) > 0
-  if guides and not getattr(model, 'has_null_condition', True):
+  if guides and not run.network_row.has_null(run.model):
     raise errors.ConfigError(
         'config.model has no null class (as OpenAI\'s networks): it can be '
         'neither guided nor trained with label dropout; set '
         'config.model.null_class = True for a network trained here.')
   # Sampling and scoring a checkpoint need no training data, nor a
   # distilled stage's teacher.
-  dataset = datasets.get(config)
   if train:
-    dataset.check()
-  stage.check(config, train)
+    run.dataset.check()
+  run.stage.check(run, train)
 
 
 def check_workdir(workdir):
@@ -101,6 +78,6 @@ def check_workdir(workdir):
     raise errors.ConfigError(f'workdir {workdir}: {existing} is not writable.')
 
 
-def check_run(config, workdir, train=True):
-  check_config(config, train)
+def check_run(run, workdir, train=True):
+  check_config(run, train)
   check_workdir(workdir)

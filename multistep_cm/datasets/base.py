@@ -31,7 +31,7 @@ class Dataset:
   Subclasses set `scorer` (a row of `evaluation.scoring.SCORERS`) and
   override what differs: `train_batches`, `split_batches` and
   `num_examples` for the data, `condition`, `eval_labels` and
-  `eval_conditioning` for what samples are drawn for.
+  `eval_cond` for what samples are drawn for.
   """
   scorer = 'inception'
   images = True  # uint8 images (grids, FID); False: points (toy2d).
@@ -88,9 +88,9 @@ class Dataset:
     k = self.cfg.num_classes
     return (np.arange(n) % k if k else np.zeros(n)).astype(np.int32)
 
-  def eval_conditioning(self, labels):
-    """The condition the network is given for samples of `labels` (from
-    `eval_labels`), numpy arrays."""
+  def eval_cond(self, labels):
+    """The condition value (`cond`) the network is given for samples of
+    `labels` (from `eval_labels`), numpy arrays."""
     return labels
 
   @property

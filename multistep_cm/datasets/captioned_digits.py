@@ -220,7 +220,7 @@ class CaptionedDigits(base.Dataset):
     """The class each evaluation prompt names: i mod 10."""
     return (np.arange(n) % NUM_CLASSES).astype(np.int32)
 
-  def eval_conditioning(self, labels):
+  def eval_cond(self, labels):
     """The encoded evaluation prompts that name the classes `labels`."""
     texts, named = prompts(-(-len(labels) // NUM_CLASSES))
     if not (named[:len(labels)] == labels).all():

@@ -71,7 +71,7 @@ class CaptionedImages(base.Dataset):
     """The index of each sample's caption: i mod the number of captions."""
     return (np.arange(n) % len(self.eval_captions())).astype(np.int32)
 
-  def eval_conditioning(self, labels):
+  def eval_cond(self, labels):
     r = self.eval_captions().conditioning(labels)
     return self.condition.make(r['text'], r['text_mask'], r.get('pooled'))
 

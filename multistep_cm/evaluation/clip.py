@@ -23,30 +23,18 @@ reads the result.
 import dataclasses
 import functools
 import json
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import errors
-from multistep_cm.core import imported
+from multistep_cm import weights
 
 HIGHEST = jax.lax.Precision.HIGHEST
-CONFIG_KEY = '__config__'
 # OpenAI's preprocessing constants, also open_clip's default for its own ViTs.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-HOW_TO_GET = (
-    'Convert an open_clip ViT checkpoint once, on a machine with torch: '
-    '`python -m multistep_cm.tools.convert_clip --weights=<state dict '
-    '.safetensors/.bin/.pt> --model=<open_clip name, e.g. ViT-B-32> '
-    '--out=clip.npz` (OpenAI\'s weights need a -quickgelu name).')
-
-
-class ClipWeightsError(errors.UserError):
-  """Missing, unreadable or wrong CLIP weights or prompt tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +57,10 @@ class CLIPConfig:
 
   def to_json(self):
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text):
+    return cls(**json.loads(text))
 
 
 # ----------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def text_features(params, tokens, config):
   """L2-normalised text embeddings of (N, T) open_clip token ids."""
   shape = np.shape(tokens)
   if len(shape) != 2 or shape[1] > config.context_length:
-    raise ClipWeightsError(
+    raise weights.WeightsError(
         f'Token ids of shape {shape} do not fit the CLIP model\'s '
         f'context of {config.context_length}: tokenized for another model?')
   return _text_features(params, tokens, config)
@@ -293,59 +285,32 @@ def param_shapes(config):
       CLIP(config).init, jax.random.key(0),
       jnp.zeros((1, config.image_size, config.image_size, 3)),
       jnp.zeros((1, config.context_length), jnp.int32))['params']
-  return imported.shapes(abstract)
+  return weights.shapes(abstract)
 
 
-def check_arrays(arrays, config, source):
-  """Raises ClipWeightsError unless `arrays` has exactly the names and shapes
-  of the network for `config`."""
-  mismatch = imported.describe_mismatch(arrays, param_shapes(config))
-  if mismatch:
-    raise ClipWeightsError(
-        f'{source} does not match the CLIP config {config}: {mismatch}.')
+FORMAT = weights.Format(
+    what='CLIP weights',
+    how_to_get=(
+        'Convert an open_clip ViT checkpoint once, on a machine with torch: '
+        '`python -m multistep_cm.tools.convert_clip --weights=<state dict '
+        '.safetensors/.bin/.pt> --model=<open_clip name, e.g. ViT-B-32> '
+        '--out=clip.npz` (OpenAI\'s weights need a -quickgelu name).'),
+    converter='convert_clip', param_shapes=param_shapes,
+    config_type=CLIPConfig, where='does not match the CLIP config {config}')
 
 
-def config_from_json(text, source):
-  """CLIPConfig of a JSON string, or of the (1,)-array convert_clip stores."""
-  try:
-    return CLIPConfig(**json.loads(str(np.asarray(text).item())))
-  except (TypeError, ValueError) as e:
-    raise ClipWeightsError(
-        f'{source}: unreadable CLIP config ({e}).') from None
-
-
-class ClipWeights(NamedTuple):
-  params: dict
-  config: CLIPConfig
-  sha256: str
-
-
-@functools.lru_cache(maxsize=2)
 def load_weights(path, sha256=''):
-  """ClipWeights(params, config, sha256) from a `convert_clip` .npz (local or
+  """Weights(params, config, sha256) from a `convert_clip` .npz (local or
   gs://). Never downloads anything."""
-  if not path:
-    raise ClipWeightsError(f'No CLIP weights configured. {HOW_TO_GET}')
-  arrays, digest = imported.read_npz(path, sha256, ClipWeightsError,
-                                     'CLIP weights')
-  if CONFIG_KEY not in arrays:
-    raise ClipWeightsError(
-        f'{path} has no {CONFIG_KEY!r} entry: not written by convert_clip. '
-        f'{HOW_TO_GET}')
-  config = config_from_json(arrays.pop(CONFIG_KEY), path)
-  check_arrays(arrays, config, path)
-  params = imported.unflatten(
-      {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
-  return ClipWeights(params, config, digest)
+  return FORMAT.load(path, sha256)
 
 
 def load_tokens(path, sha256=''):
   """(prompts, (N, context_length) int32 token ids) written by
   `convert_clip --prompts`."""
-  arrays, _ = imported.read_npz(path, sha256, ClipWeightsError,
-                                'prompt tokens')
+  arrays, _ = weights.read_npz(path, sha256, 'prompt tokens')
   if set(arrays) != {'prompts', 'tokens'} or arrays['tokens'].ndim != 2 or (
       len(arrays['prompts']) != len(arrays['tokens'])):
-    raise ClipWeightsError(
+    raise weights.WeightsError(
         f'{path} is not a prompt-token file of convert_clip --prompts.')
   return [str(p) for p in arrays['prompts']], arrays['tokens'].astype(np.int32)

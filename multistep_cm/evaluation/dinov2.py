@@ -33,19 +33,15 @@ import dataclasses
 import functools
 import json
 import math
-import os
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import errors
-from multistep_cm.core import imported
+from multistep_cm import weights
 
 HIGHEST = jax.lax.Precision.HIGHEST
-CONFIG_KEY = '__config__'
 # ImageNet's statistics, EDM2's constants (and timm's IMAGENET_DEFAULT_*).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -58,21 +54,6 @@ PREPROCESSING = (
     'uint8 -> float32 -> torch\'s bicubic antialiased resize to 224 (EDM2\'s '
     'DINOv2 detector) -> / 255 -> ImageNet mean/std; 37x37 position '
     'embedding resampled as the original DINOv2 (scale (16 + 0.1) / 37)')
-# Where `load_weights('')` looks, as the Inception's loader does.
-WEIGHTS_ENV = 'MULTISTEP_CM_DINOV2'
-HOW_TO_GET = (
-    'Download the original release\'s dinov2_vitl14_pretrain.pth '
-    '(dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/, linked from '
-    'github.com/facebookresearch/dinov2) or the model.safetensors of timm\'s '
-    'timm/vit_large_patch14_dinov2.lvd142m on the Hugging Face hub, on a '
-    'machine with internet, and convert it once with `python -m '
-    'multistep_cm.tools.convert_dinov2 --weights=dinov2_vitl14_pretrain.pth '
-    '--out=dinov2_vitl14.npz` (needs torch, or safetensors).')
-
-
-class DINOv2WeightsError(errors.UserError):
-  """Missing, unreadable or wrong DINOv2 weights, or a configuration of the
-  source model that this network does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +72,13 @@ class DINOv2Config:
     ints = (self.image_size, self.patch_size, self.embed_dim, self.depth,
             self.num_heads, self.pos_grid)
     if min(ints) < 1 or self.mlp_ratio <= 0:
-      raise DINOv2WeightsError(f'Non-positive size in {self}.')
+      raise weights.WeightsError(f'Non-positive size in {self}.')
     if self.image_size % self.patch_size:
-      raise DINOv2WeightsError(
+      raise weights.WeightsError(
           f'image_size {self.image_size} is not a multiple of patch_size '
           f'{self.patch_size}, as the original network requires.')
     if self.embed_dim % self.num_heads:
-      raise DINOv2WeightsError(
+      raise weights.WeightsError(
           f'embed_dim {self.embed_dim} does not split into {self.num_heads} '
           'heads.')
 
@@ -384,54 +365,27 @@ def param_shapes(config):
   abstract = jax.eval_shape(
       DINOv2(config).init, jax.random.key(0),
       jnp.zeros((1, config.image_size, config.image_size, 3)))['params']
-  return imported.shapes(abstract)
+  return weights.shapes(abstract)
 
 
-def check_arrays(arrays, config, source):
-  """Raises DINOv2WeightsError unless `arrays` has exactly the names and
-  shapes of the network for `config`."""
-  mismatch = imported.describe_mismatch(arrays, param_shapes(config))
-  if mismatch:
-    raise DINOv2WeightsError(
-        f'{source} does not match the DINOv2 config {config}: {mismatch}.')
+FORMAT = weights.Format(
+    what='DINOv2 weights',
+    how_to_get=(
+        'Download the original release\'s dinov2_vitl14_pretrain.pth '
+        '(dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/, linked from '
+        'github.com/facebookresearch/dinov2) or the model.safetensors of '
+        'timm\'s timm/vit_large_patch14_dinov2.lvd142m on the Hugging Face '
+        'hub, on a machine with internet, and convert it once with `python '
+        '-m multistep_cm.tools.convert_dinov2 '
+        '--weights=dinov2_vitl14_pretrain.pth --out=dinov2_vitl14.npz` '
+        '(needs torch, or safetensors).'),
+    converter='convert_dinov2', param_shapes=param_shapes,
+    config_type=DINOv2Config, env='MULTISTEP_CM_DINOV2',
+    where='does not match the DINOv2 config {config}')
 
 
-def config_from_json(text, source):
-  """DINOv2Config of a JSON string, or of the (1,)-array convert_dinov2
-  stores."""
-  try:
-    return DINOv2Config.from_json(str(np.asarray(text).item()))
-  except (TypeError, ValueError) as e:
-    raise DINOv2WeightsError(
-        f'{source}: unreadable DINOv2 config ({e}).') from None
-
-
-class DINOv2Weights(NamedTuple):
-  params: dict
-  config: DINOv2Config
-  sha256: str
-
-
-def resolve_path(path):
-  return path or os.environ.get(WEIGHTS_ENV, '')
-
-
-@functools.lru_cache(maxsize=2)
 def load_weights(path='', sha256=''):
-  """DINOv2Weights(params, config, sha256) from a `convert_dinov2` .npz
-  (local or gs://; ${MULTISTEP_CM_DINOV2} when `path` is empty), its SHA-256
-  checked when one is given. Never downloads anything."""
-  path = resolve_path(path)
-  if not path:
-    raise DINOv2WeightsError(f'No DINOv2 weights configured. {HOW_TO_GET}')
-  arrays, digest = imported.read_npz(path, sha256, DINOv2WeightsError,
-                                     'DINOv2 weights', HOW_TO_GET)
-  if CONFIG_KEY not in arrays:
-    raise DINOv2WeightsError(
-        f'{path} has no {CONFIG_KEY!r} entry: not written by convert_dinov2. '
-        f'{HOW_TO_GET}')
-  config = config_from_json(arrays.pop(CONFIG_KEY), path)
-  check_arrays(arrays, config, path)
-  params = imported.unflatten(
-      {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
-  return DINOv2Weights(params, config, digest)
+  """Weights(params, config, sha256) from a `convert_dinov2` .npz (local or
+  gs://; ${MULTISTEP_CM_DINOV2} when `path` is empty), its SHA-256 checked
+  when one is given. Never downloads anything."""
+  return FORMAT.load(path, sha256)

@@ -29,9 +29,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from multistep_cm import datasets
-from multistep_cm import samplers
 from multistep_cm import errors
+from multistep_cm import run as run_lib
+from multistep_cm import samplers
 from multistep_cm.core import generation
 from multistep_cm.core import images
 from multistep_cm.core import progress
@@ -40,13 +40,12 @@ from multistep_cm.core import state
 from multistep_cm.evaluation import scoring
 
 
-def protocol(config, step):
+def protocol(run, step):
   """What is evaluated: the stage's sampler with config.evaluate's overrides
   (`stages.Stage.sampler`), and the rest of the protocol."""
+  config, stage, dataset = run.config, run.stage, run.dataset
   ev = config.evaluate
-  stage = stages.get(config.stage)
   spec = stages.evaluation_sampler(config)
-  dataset = datasets.get(config)
   return {
       'stage': config.stage, 'checkpoint_step': step, 'dataset':
           config.dataset.name, 'sampler': spec.kind, 'steps': spec.steps,
@@ -125,32 +124,32 @@ def write_adm_npz(path, chunk_paths, n):
 
 def run(config, workdir):
   """Evaluates the newest checkpoint of `workdir`; returns the protocol
-  record (also written as protocol.json)."""
+  record (also written as protocol.json). `config`: or its `run.Run`."""
+  resolved = run_lib.of(config)
+  config = resolved.config
   ev = config.evaluate
-  stages.get(config.stage)  # A known stage; its teacher is not needed.
   if ev.num_samples < 1 or ev.chunk_size < 1:
     raise errors.ConfigError('config.evaluate.num_samples and chunk_size must '
                              'be positive.')
-  if ev.reference and not scoring.scorer_class(config).reads_reference:
+  if ev.reference and not scoring.scorer_class(resolved).reads_reference:
     raise errors.ConfigError(
         f'config.evaluate.reference is {ev.reference!r}, but the '
         f'{config.dataset.name} dataset is scored against no reference file: '
         'leave it unset.')
-  mesh = state.make_mesh(config)
   # Everything that can be missing (weights, reference, checkpoint) is
   # checked before any sampling.
-  scorer = scoring.get(config, mesh)
-  params, param_sh, step = state.load_for_sampling(config, workdir, mesh,
-                                                   ev.ema)
-  p = {**protocol(config, step), **scorer.record()}
+  scorer = scoring.get(resolved)
+  params, param_sh, step = state.load_for_sampling(resolved, workdir, ev.ema)
+  p = {**protocol(resolved, step), **scorer.record()}
   directory = epath.Path(workdir) / 'eval' / protocol_name(p)
   _check_spec(directory, p)
 
   spec = samplers.SamplerSpec(p['sampler'], p['steps'], p['sampling_guidance'])
-  generator = generation.Generator(config, state.network(config), param_sh,
-                                   mesh, spec, per_example_noise=True,
-                                   uint8=True, features=scorer.features)
-  labels, conditioning = generation.eval_inputs(config, ev.num_samples)
+  generator = generation.Generator(resolved, param_sh, spec,
+                                   per_example_noise=True, uint8=True,
+                                   features=scorer.features)
+  labels, cond = generation.eval_inputs(resolved.dataset,
+                                                ev.num_samples)
   n_chunks = -(-ev.num_samples // ev.chunk_size)
   paths = [_chunk_path(directory, c) for c in range(n_chunks)]
   # Process 0's view of the finished chunks decides, so all hosts run the
@@ -165,7 +164,7 @@ def run(config, workdir):
   for c in todo:
     lo, hi = c * ev.chunk_size, min((c + 1) * ev.chunk_size, ev.num_samples)
     out = generator(params, jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi],
-                                         conditioning),
+                                         cond),
                     ev.seed, ev.batch_size, start=lo,
                     feature_params=scorer.feature_params)
     if jax.process_index() == 0:
@@ -195,7 +194,7 @@ def run(config, workdir):
   if grid.dtype == np.uint8:
     grid = grid.astype(np.float32) / 127.5 - 1.
   images.save_samples_png(directory / 'grid.png', grid, first['labels'][:n],
-                          datasets.get(config).grid_columns,
+                          resolved.dataset.grid_columns,
                           title=protocol_name(p))
   (directory / 'protocol.json').write_text(json.dumps(p, indent=2))
   names = {m.key: m.label for m in scorer.metrics}

@@ -18,12 +18,12 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from multistep_cm import datasets
 from multistep_cm import errors
+from multistep_cm import run as run_lib
 from multistep_cm.core import generation
 from multistep_cm.core import progress
 from multistep_cm.core import sharding
-from multistep_cm.core import state
+from multistep_cm.datasets import base
 from multistep_cm.evaluation import dinov2
 from multistep_cm.evaluation import inception
 from multistep_cm.evaluation import metrics
@@ -140,7 +140,7 @@ class Detectors:
 
   def __init__(self, config, dinov2_on=None):
     ev = config.evaluate
-    self.inception_weights = inception.resolve_path(ev.inception_weights)
+    self.inception_weights = inception.FORMAT.resolve(ev.inception_weights)
     inception_params, self.inception_sha256 = inception.load_weights(
         ev.inception_weights, ev.inception_sha256)
     self.params = {'inception': inception_params}
@@ -244,20 +244,21 @@ def compute_reference(config, workdir, split='train', keep_images=10_000):
   `sigma` (float64, over the whole split), `dinov2_mu` and `dinov2_sigma`
   when config.evaluate.dinov2_weights is set (the same pass), and `arr_0`,
   the first `keep_images` images (uint8) for precision/recall. Returns its
-  path."""
+  path. `config`: or its `run.Run`."""
+  run = run_lib.of(config)
+  config, mesh, dataset = run.config, run.mesh, run.dataset
   cfg = config.dataset
-  if not datasets.get(config).images:
+  if not dataset.images:
     raise ReferenceError(f'{cfg.name} has points, not images: no FID '
                          'statistics.')
   detectors = Detectors(config)
-  mesh = state.make_mesh(config)
   bs = sharding.mesh_batch_size(config.evaluate.batch_size, mesh)
   fn = make_feature_fn(mesh, detectors.outputs)
   stats = {m: None for m in detectors.metrics}
   kept, n, t0 = [], 0, time.time()
-  total = datasets.num_examples(config, split)
+  total = dataset.num_examples(split)
   local_keep = keep_images // jax.process_count()
-  for i, (x, _, mask) in enumerate(datasets.one_pass(config, split, bs)):
+  for i, (x, _, mask) in enumerate(base.one_pass(dataset, split, bs)):
     out = fn(detectors.params, sharding.global_batch(x, mesh))
     global_mask = np.asarray(multihost_utils.process_allgather(mask,
                                                                tiled=True))
@@ -313,22 +314,22 @@ class TrainingFID:
   feature networks run in the sampler's jitted call, on the devices that
   hold the samples, so only the features reach the host."""
 
-  def __init__(self, config, network, param_shardings, mesh, spec):
+  def __init__(self, run, param_shardings, spec):
+    config, mesh = run.config, run.mesh
     ev = config.evaluate
     self.detectors = Detectors(config, dinov2_on=ev.get('train_dinov2'))
     ref = load_reference(ev.reference)
     self.ref_stats = reference_stats(ref, self.detectors, mesh, ev.batch_size)
-    _, self.labels = generation.eval_inputs(config, ev.train_samples)
+    _, self.labels = generation.eval_inputs(run.dataset, ev.train_samples)
     self.seed, self.batch_size = config.seed + 3, ev.batch_size
-    self.generator = generation.Generator(config, network, param_shardings,
-                                          mesh, spec,
+    self.generator = generation.Generator(run, param_shardings, spec,
                                           features=self.detectors.outputs)
 
   @staticmethod
   def enabled(config):
     ev = config.evaluate
     return (ev.train_samples > 0 and bool(ev.reference)
-            and bool(inception.resolve_path(ev.inception_weights)))
+            and bool(inception.FORMAT.resolve(ev.inception_weights)))
 
   def __call__(self, params):
     """{'fid': ..., and 'fd_dinov2' where on}."""

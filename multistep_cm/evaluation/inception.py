@@ -20,33 +20,18 @@ Weights are a `.npz` of float32 arrays named like the parameters here
 """
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multistep_cm import errors
-from multistep_cm.core import imported
+from multistep_cm import weights
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SIZE = 299
 FEATURES = 2048
 CLASSES = 1008
-# config.evaluate.inception_weights, when empty, falls back to this variable.
-WEIGHTS_ENV = 'MULTISTEP_CM_INCEPTION'
-HOW_TO_GET = (
-    'Download pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth (release '
-    '"fid_weights" of github.com/mseitzer/pytorch-fid) on a machine with '
-    'internet, convert it once with `python -m multistep_cm.tools.convert_inception '
-    '--pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz` '
-    '(needs `pip install torch`), and set config.evaluate.inception_weights '
-    f'(or ${WEIGHTS_ENV}) to the .npz.')
-
-
-class InceptionWeightsError(errors.UserError):
-  """Missing, unreadable or wrong Inception weights."""
 
 
 class ConvBN(nn.Module):
@@ -251,40 +236,34 @@ def param_shapes():
   """{'Mixed_5b/branch1x1/conv/kernel': shape, ...} of the network."""
   abstract = jax.eval_shape(InceptionV3().init, jax.random.key(0),
                             jnp.zeros((1, SIZE, SIZE, 3)))['params']
-  return imported.shapes(abstract)
+  return weights.shapes(abstract)
 
 
-def check_arrays(arrays, source):
-  """Raises InceptionWeightsError unless `arrays` has exactly the network's
-  names and shapes."""
-  mismatch = imported.describe_mismatch(arrays, param_shapes())
-  if mismatch:
-    raise InceptionWeightsError(
-        f'{source} is not the FID Inception\'s weights: {mismatch}. '
-        f'{HOW_TO_GET}')
-
-
-def resolve_path(path):
-  return path or os.environ.get(WEIGHTS_ENV, '')
+FORMAT = weights.Format(
+    what='Inception weights',
+    how_to_get=(
+        'Download pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth '
+        '(release "fid_weights" of github.com/mseitzer/pytorch-fid) on a '
+        'machine with internet, convert it once with `python -m '
+        'multistep_cm.tools.convert_inception '
+        '--pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz` '
+        '(needs `pip install torch`), and set '
+        'config.evaluate.inception_weights (or $MULTISTEP_CM_INCEPTION) to '
+        'the .npz.'),
+    converter='convert_inception', param_shapes=param_shapes,
+    # config.evaluate.inception_weights, when empty, falls back to it.
+    env='MULTISTEP_CM_INCEPTION',
+    where='is not the FID Inception\'s weights')
 
 
 def load_params(path='', sha256=''):
   """The network's parameters from a converted `.npz` (local or gs://),
   its SHA-256 checked when one is given. Never downloads anything."""
-  return load_weights(path, sha256)[0]
+  return FORMAT.load(path, sha256).params
 
 
-@functools.lru_cache(maxsize=2)
 def load_weights(path='', sha256=''):
   """(parameters, SHA-256 of the file): `load_params` with the digest it
   computed, for the record, without reading the file again."""
-  path = resolve_path(path)
-  if not path:
-    raise InceptionWeightsError(
-        f'No Inception weights configured. {HOW_TO_GET}')
-  arrays, digest = imported.read_npz(path, sha256, InceptionWeightsError,
-                                     'Inception weights', HOW_TO_GET)
-  arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
-  check_arrays(arrays, path)
-  return imported.unflatten(
-      {k: jnp.asarray(v) for k, v in arrays.items()}), digest
+  loaded = FORMAT.load(path, sha256)
+  return loaded.params, loaded.sha256

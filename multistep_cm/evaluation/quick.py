@@ -11,7 +11,7 @@ from absl import logging
 from etils import epath
 import jax
 
-from multistep_cm import datasets
+from multistep_cm import run as run_lib
 from multistep_cm.core import generation
 from multistep_cm.core import images
 from multistep_cm.core import stages
@@ -26,32 +26,29 @@ class QuickEval:
   config.train_eval.num_samples) samples of `spec` (default the stage's own
   sampler), drawn for the dataset's evaluation labels."""
 
-  def __init__(self, config, network, param_shardings, mesh, seed_offset,
-               spec=None, num_samples=None):
-    self.spec = spec or stages.get(config.stage).sampler(config)
-    self.generator = generation.Generator(config, network, param_shardings,
-                                          mesh, self.spec)
-    self.labels, self.conditioning = generation.eval_inputs(
-        config, num_samples or config.train_eval.num_samples)
+  def __init__(self, run, param_shardings, seed_offset, spec=None,
+               num_samples=None):
+    config = run.config
+    self.spec = spec or run.stage.sampler(config)
+    self.generator = generation.Generator(run, param_shardings, self.spec)
+    self.labels, self.cond = generation.eval_inputs(
+        run.dataset, num_samples or config.train_eval.num_samples)
     self.seed = config.seed + seed_offset
     self.batch_size = config.train_eval.batch_size
-    self.scorer = scoring.get(config, quick=True)
+    self.scorer = scoring.get(run, quick=True)
 
   def __call__(self, params):
-    samples = self.generator(params, self.conditioning, self.seed,
+    samples = self.generator(params, self.cond, self.seed,
                              self.batch_size)['samples']
     return samples, self.scorer.score({'samples': samples}, self.labels)
 
 
-def from_checkpoint(config, workdir, seed_offset, spec=None, num_samples=None,
+def from_checkpoint(run, workdir, seed_offset, spec=None, num_samples=None,
                     use_ema=True):
   """The quick evaluation of the newest checkpoint in `workdir`: (quick
   evaluation, its samples, their scores, the checkpoint's step)."""
-  mesh = state.make_mesh(config)
-  params, shardings, step = state.load_for_sampling(config, workdir, mesh,
-                                                    use_ema)
-  quick = QuickEval(config, state.network(config), shardings, mesh,
-                    seed_offset, spec, num_samples)
+  params, shardings, step = state.load_for_sampling(run, workdir, use_ema)
+  quick = QuickEval(run, shardings, seed_offset, spec, num_samples)
   samples, scores = quick(params)
   return quick, samples, scores, step
 
@@ -60,9 +57,11 @@ def write_samples(config, workdir, num_samples):
   """--mode=sample: `num_samples` samples of the newest checkpoint, drawn
   with the stage's sampler and config.evaluate's overrides, as a PNG grid
   and an ADM-layout .npz (uint8 NHWC `arr_0`, labels `arr_1`). Returns
-  their paths."""
+  their paths. `config`: or its `run.Run`."""
+  run = run_lib.of(config)
+  config = run.config
   quick, samples, scores, step = from_checkpoint(
-      config, workdir, SEED_SAMPLE_MODE, stages.evaluation_sampler(config),
+      run, workdir, SEED_SAMPLE_MODE, stages.evaluation_sampler(config),
       num_samples=num_samples)
   base = epath.Path(workdir) / (f'samples_step{step}_{quick.spec.name}'
                                 f'_n{num_samples}')
@@ -70,7 +69,7 @@ def write_samples(config, workdir, num_samples):
   if jax.process_index() == 0:
     n = config.train_eval.grid_size
     images.save_samples_png(png, samples[:n], quick.labels[:n],
-                            datasets.get(config).grid_columns)
+                            run.dataset.grid_columns)
     images.save_npz(npz, samples, quick.labels)
   logging.info('Wrote %s and .npz (%d samples, %s)%s', png, num_samples,
                quick.spec.name, '; ' + ', '.join(

@@ -12,7 +12,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from multistep_cm import datasets
+from multistep_cm import run as run_lib
 from multistep_cm.core import images
 from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
@@ -32,42 +32,51 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
   against the teacher's aDDIM and DDIM at `pipeline.teacher_steps`, plus the
   floor; WORKDIR/comparison.{md,png}.
   Each row is stored once computed (comparison.json and its grid), so a
-  rerun computes only the missing ones. Returns the rows."""
-  runs = [(f'student ({student.stage.upper()}, S={student.student_steps})',
-           student, student_dir,
-           stages.get(student.stage).sampler(student))]
-  teacher = stages.get(teacher_config.stage)
-  for steps in teacher_config.pipeline.teacher_steps:
+  rerun computes only the missing ones. The configs may be given resolved
+  (`run.Run`). Returns the rows."""
+  teacher, student = run_lib.of(teacher_config), run_lib.of(student)
+  cfg = student.config
+  runs = [(f'student ({cfg.stage.upper()}, S={cfg.student_steps})',
+           student, student_dir, student.stage.sampler(cfg))]
+  cfg = teacher.config
+  for steps in cfg.pipeline.teacher_steps:
     for kind in TEACHER_KINDS:
-      runs.append((f'teacher {kind} {steps}', teacher_config, teacher_dir,
-                   teacher.sampler(teacher_config, kind, steps)))
+      runs.append((f'teacher {kind} {steps}', teacher, teacher_dir,
+                   teacher.stage.sampler(cfg, kind, steps)))
   return table(runs, workdir, 'comparison')
 
 
 def table(runs, workdir, stem, per_row=None, notes=''):
   """The rows of `runs`, (name, config, workdir, SamplerSpec) each scored by
   the quick evaluation of that workdir's newest checkpoint with the same
-  seeds, plus the floor: WORKDIR/STEM.md, and STEM.png with their grids side
+  seeds, plus the floor (each config resolved once; or given resolved, as
+  a `run.Run`): WORKDIR/STEM.md, and STEM.png with their grids side
   by side. Each row is stored once computed (STEM.json and its grid), so a
   rerun computes only the missing ones. `per_row`: panels to a row of the
   PNG; `notes`: markdown written under the table. Returns the rows."""
   workdir = epath.Path(workdir)
   path = workdir / f'{stem}.json'
   rows = json.loads(path.read_text()) if path.exists() else []
-  config = runs[0][1]
-  scorer = scoring.get(config, quick=True)
+  resolved = {}
+  for _, cfg, _, _ in runs:
+    if id(cfg) not in resolved:
+      resolved[id(cfg)] = run_lib.of(cfg)
+  runs = [(name, resolved[id(cfg)], directory, spec)
+          for name, cfg, directory, spec in runs]
+  first = runs[0][1]
+  scorer = scoring.get(first, quick=True)
   grids = {}
-  for name, cfg, directory, spec in runs:
+  for name, run, directory, spec in runs:
     grid_path = _grid_path(workdir, stem, name)
     if name in {r['name'] for r in rows} and grid_path.exists():
       grids[name] = _load_grid(grid_path)
       continue
-    _, samples, scores, _ = quick.from_checkpoint(cfg, directory,
+    _, samples, scores, _ = quick.from_checkpoint(run, directory,
                                                   quick.SEED_TABLES, spec)
     row = {'name': name, 'sampler': spec.kind, 'steps': spec.steps,
-           'nfe': spec.nfe(datasets.get(cfg).condition), **scores}
+           'nfe': spec.nfe(run.condition), **scores}
     rows = [r for r in rows if r['name'] != name] + [row]
-    grids[name] = samples[:cfg.train_eval.grid_size]
+    grids[name] = samples[:run.config.train_eval.grid_size]
     if jax.process_index() == 0:
       _save_grid(grid_path, grids[name])
       path.write_text(json.dumps(rows, indent=1))
@@ -79,7 +88,7 @@ def table(runs, workdir, stem, per_row=None, notes=''):
   if jax.process_index() == 0:
     (workdir / f'{stem}.md').write_text(text + '\n' + notes)
     side_by_side(workdir / f'{stem}.png', grids,
-                 datasets.get(config).grid_columns, per_row)
+                 first.dataset.grid_columns, per_row)
   print('\n' + text + '\n', flush=True)
   return order
 

@@ -25,7 +25,7 @@ import dataclasses
 from absl import logging
 import numpy as np
 
-from multistep_cm import datasets
+from multistep_cm import weights as weights_lib
 from multistep_cm.datasets import captioned_digits
 from multistep_cm.evaluation import clip
 from multistep_cm.evaluation import digits_classifier
@@ -49,7 +49,8 @@ class Metric:
 class Scorer:
   """Scores a set of generated samples; this base scores nothing.
 
-  Built as `Scorer(config, mesh)`. `score(outputs, labels)` reads the
+  Built as `Scorer(run)` (the resolved config, `run.Run`: its config, mesh
+  and dataset). `score(outputs, labels)` reads the
   generator outputs named in `inputs` ('samples': floats in [-1, 1] or uint8
   images, or 2-D points; 'features', 'logits': what `features` computed on
   the devices); `labels` are the dataset's `eval_labels`, sample i first.
@@ -65,8 +66,8 @@ class Scorer:
   features = None
   feature_params = None
 
-  def __init__(self, config=None, mesh=None):
-    del config, mesh
+  def __init__(self, run=None):
+    del run
 
   def score(self, outputs, labels):
     del outputs, labels
@@ -139,9 +140,8 @@ class Toy2d(Scorer):
              Metric('log_density', 'mean true log-density', False))
   floor_label = 'true samples'
 
-  def __init__(self, config, mesh=None):
-    del mesh
-    self.floor_samples = config.train_eval.num_samples
+  def __init__(self, run):
+    self.floor_samples = run.config.train_eval.num_samples
 
   def score(self, outputs, labels):
     del labels  # The mixture's components are equally likely.
@@ -163,7 +163,8 @@ class Inception(Scorer):
              Metric('recall', 'recall', False))
   inputs = ('features', 'logits')
 
-  def __init__(self, config, mesh):
+  def __init__(self, run):
+    config, mesh = run.config, run.mesh
     ev = config.evaluate
     self.detectors = fid.Detectors(config)
     self.feature_params = self.detectors.params
@@ -209,9 +210,9 @@ class TextImages(Inception):
   must hold the evaluation captions in order. Without clip_weights, no CLIP
   score (one log line)."""
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
-    ev = config.evaluate
+  def __init__(self, run):
+    super().__init__(run)
+    ev = run.config.evaluate
     self.clip_sha256 = None
     if not ev.get('clip_weights'):
       logging.info('No CLIP score: set config.evaluate.clip_weights and '
@@ -219,12 +220,12 @@ class TextImages(Inception):
       return
     weights = clip.load_weights(ev.clip_weights, ev.clip_sha256)
     prompts, tokens = clip.load_tokens(ev.clip_tokens)
-    captions = datasets.get(config).eval_captions()
+    captions = run.dataset.eval_captions()
     expected = captions.captions(range(len(captions)))
     if prompts != expected:
       first = next((i for i, (a, b) in enumerate(zip(prompts, expected))
                     if a != b), min(len(prompts), len(expected)))
-      raise clip.ClipWeightsError(
+      raise weights_lib.WeightsError(
           f'The CLIP tokens in {ev.clip_tokens} are of other captions than '
           f'the evaluation captions ({len(prompts)} vs {len(expected)}; they '
           f'differ first at caption {first}): tokenize those captions with '
@@ -262,32 +263,33 @@ def register(name, cls):
   SCORERS[name] = cls
 
 
-def scorer_class(config):
-  """The scorer class the config's dataset names."""
-  name = datasets.get(config).scorer
+def scorer_class(run):
+  """The scorer class the run's dataset names."""
+  name = run.dataset.scorer
   if name not in SCORERS:
-    raise KeyError(f'Dataset {config.dataset.name!r} names scorer {name!r}, '
-                   f'which is not in the table ({", ".join(SCORERS)}).')
+    raise KeyError(f'Dataset {run.config.dataset.name!r} names scorer '
+                   f'{name!r}, which is not in the table '
+                   f'({", ".join(SCORERS)}).')
   return SCORERS[name]
 
 
-def get(config, mesh=None, quick=False):
+def get(run, quick=False):
   """The dataset's scorer. `quick`: for the few samples of the quick
   evaluation, where a scorer that needs many samples scores nothing (FID
   comes from --mode=evaluate and `training_fid`)."""
-  cls = scorer_class(config)
+  cls = scorer_class(run)
   if quick and cls.needs_many_samples:
     return Scorer()
-  return cls(config, mesh)
+  return cls(run)
 
 
-def training_fid(config, network, param_shardings, mesh, spec):
+def training_fid(run, param_shardings, spec):
   """FID during training, where the dataset's scorer is the Inception's and
   its weights and reference are configured; else None."""
-  if not scorer_class(config).needs_many_samples:
+  if not scorer_class(run).needs_many_samples:
     return None
-  if not fid.TrainingFID.enabled(config):
+  if not fid.TrainingFID.enabled(run.config):
     logging.info('No FID during training: set config.evaluate.'
                  'inception_weights and config.evaluate.reference for it.')
     return None
-  return fid.TrainingFID(config, network, param_shardings, mesh, spec)
+  return fid.TrainingFID(run, param_shardings, spec)

@@ -21,16 +21,13 @@ SHA-256 is printed.
 
 import argparse
 import json
-import sys
 
 from etils import epath
 import numpy as np
 
 from multistep_cm import adm
-from multistep_cm.core import imported
-from multistep_cm.tools import convert_inception
-
-ADMWeightsError = imported.ADMWeightsError
+from multistep_cm import weights
+from multistep_cm.tools import converting
 
 # OpenAI's flags for the published models: consistency_models' scripts/
 # launch.sh (the EDM teachers and their CD/CT students).
@@ -77,10 +74,10 @@ _WEIGHTS = ('diffusion_pytorch_model.safetensors',
 
 
 def config_from_diffusers(cfg, source):
-  """UNet2DModel's config dict -> ADMConfig; ADMWeightsError for an option
+  """UNet2DModel's config dict -> ADMConfig; weights.WeightsError for an option
   this network does not implement."""
   def refuse(what):
-    raise ADMWeightsError(f'{source}: {what} is unsupported.')
+    raise weights.WeightsError(f'{source}: {what} is unsupported.')
 
   for key, value in cfg.items():
     if key.startswith('_') or key in _DIFFUSERS_USED:
@@ -92,7 +89,7 @@ def config_from_diffusers(cfg, source):
     down, up = list(cfg['down_block_types']), list(cfg['up_block_types'])
     size = cfg['sample_size']
   except KeyError as e:
-    raise ADMWeightsError(f'{source}: no {e} in the config.') from None
+    raise weights.WeightsError(f'{source}: no {e} in the config.') from None
   if isinstance(size, (list, tuple)):
     if len(set(size)) != 1:
       refuse(f'non-square sample_size {size}')
@@ -142,7 +139,7 @@ def config_from_diffusers(cfg, source):
         resblock_updown=resampling != {'conv'},
         use_scale_shift_norm=shift == 'scale_shift')
   except ValueError as e:
-    raise ADMWeightsError(f'{source}: {e}') from None
+    raise weights.WeightsError(f'{source}: {e}') from None
 
 
 def config_from_openai(flags):
@@ -155,8 +152,8 @@ def config_from_openai(flags):
   elif size in _OPENAI_MULT:
     mult = _OPENAI_MULT[size]
   else:
-    raise ADMWeightsError(f'No default channel_mult for image_size {size}: '
-                          'give --channel_mult.')
+    raise weights.WeightsError(
+        f'No default channel_mult for image_size {size}: give --channel_mult.')
   try:
     return adm.ADMConfig(
         image_size=size, out_channels=6 if f['learn_sigma'] else 3,
@@ -170,7 +167,7 @@ def config_from_openai(flags):
         resblock_updown=f['resblock_updown'],
         use_scale_shift_norm=f['use_scale_shift_norm'])
   except ValueError as e:
-    raise ADMWeightsError(str(e)) from None
+    raise weights.WeightsError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------
@@ -297,7 +294,7 @@ def _convert(kind, leaf, value, heads, legacy):
 def convert_state_dict(state_dict, config, source, where,
                        legacy_attention_order=False):
   """{name: array} of a `source` ('diffusers' or 'openai') state dict ->
-  this network's parameters for `config`; ADMWeightsError naming the first
+  this network's parameters for `config`; weights.WeightsError naming the first
   tensor that is missing, of the wrong shape, or unexpected."""
   want = adm.param_shapes(config)
   out, used = {}, set()
@@ -305,7 +302,7 @@ def convert_state_dict(state_dict, config, source, where,
     for leaf, src_leaf in _LEAVES[kind]:
       key = f'{src}.{src_leaf}'
       if key not in state_dict:
-        raise ADMWeightsError(
+        raise weights.WeightsError(
             f'{where} is not a {source} ADM state dict for this config: no '
             f'{key!r}.')
       used.add(key)
@@ -321,26 +318,21 @@ def convert_state_dict(state_dict, config, source, where,
       for name, array in zip(names, arrays):
         name = f'{name}/{leaf}'
         if array is None or array.shape != want[name]:
-          raise ADMWeightsError(
+          raise weights.WeightsError(
               f'{where}: {key!r} has shape {value.shape}, which does not give '
               f'{name} of shape {want[name]}: a different config?')
         out[name] = array
   extra = sorted(set(state_dict) - used)
   if extra:
-    raise ADMWeightsError(f'{where}: unexpected tensor {extra[0]!r} '
+    raise weights.WeightsError(f'{where}: unexpected tensor {extra[0]!r} '
                           f'({len(extra)} in all): a different config?')
-  imported.check_adm_arrays(out, config, where)
+  adm.FORMAT.check(out, config, where)
   return out
 
 
 # ----------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------
-
-
-def read_state_dict(path):
-  """{name: float32 array} of a .safetensors or torch-saved state dict."""
-  return convert_inception.read_state_dict(path, ADMWeightsError)
 
 
 def read_diffusers(directory):
@@ -352,42 +344,35 @@ def read_diffusers(directory):
   try:
     cfg = json.loads((directory / 'config.json').read_text())
   except (OSError, ValueError) as e:
-    raise ADMWeightsError(
+    raise weights.WeightsError(
         f'Cannot read {directory / "config.json"} ({type(e).__name__}): not '
         'a diffusers model directory.') from None
   if cfg.get('_class_name', 'UNet2DModel') != 'UNet2DModel':
-    raise ADMWeightsError(
+    raise weights.WeightsError(
         f'{directory} holds a {cfg["_class_name"]}, not a UNet2DModel.')
   config = config_from_diffusers(cfg, directory / 'config.json')
   for name in _WEIGHTS:
     if (directory / name).exists():
-      return config, read_state_dict(directory / name), directory / name
-  raise ADMWeightsError(f'{directory} has none of {", ".join(_WEIGHTS)}.')
-
-
-def write(arrays, config, out):
-  """Writes the parameters and the config to the .npz `out`; returns its
-  SHA-256."""
-  arrays = {**arrays, imported.CONFIG_KEY: np.array([config.to_json()])}
-  epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  convert_inception.write_npz(out, arrays)
-  return convert_inception.sha256_of(out)
+      return (config, converting.read_state_dict(directory / name),
+              directory / name)
+  raise weights.WeightsError(f'{directory} has none of {", ".join(_WEIGHTS)}.')
 
 
 def convert_diffusers(directory, out):
   """Returns (ADMConfig, SHA-256 of the written .npz)."""
   config, state, where = read_diffusers(directory)
   arrays = convert_state_dict(state, config, 'diffusers', where)
-  return config, write(arrays, config, out)
+  return config, adm.FORMAT.write(out, arrays, config)
 
 
 def convert_openai(pt, flags, out, legacy_attention_order=False):
   """`flags`: OpenAI's create_model arguments (see OPENAI_DEFAULTS).
   Returns (ADMConfig, SHA-256 of the written .npz)."""
   config = config_from_openai(flags)
-  arrays = convert_state_dict(read_state_dict(pt), config, 'openai', pt,
+  arrays = convert_state_dict(converting.read_state_dict(pt), config,
+                              'openai', pt,
                               legacy_attention_order)
-  return config, write(arrays, config, out)
+  return config, adm.FORMAT.write(out, arrays, config)
 
 
 def _bool(text):
@@ -398,13 +383,11 @@ def _bool(text):
   raise argparse.ArgumentTypeError(f'expected True or False, not {text!r}')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def _flags(parser):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--diffusers', help='A UNet2DModel (or pipeline) '
                       'directory.')
   source.add_argument('--openai', help='An OpenAI state dict (.pt).')
-  parser.add_argument('--out', required=True, help='The .npz to write.')
   parser.add_argument('--preset', choices=sorted(PRESETS),
                       help='--openai: the flags of a published model.')
   parser.add_argument('--legacy_attention_order', action='store_true',
@@ -415,21 +398,24 @@ def main(argv=None):
     parser.add_argument(f'--{name}', type=types[type(default)],
                         help=f'--openai: as OpenAI\'s flag (default: preset, '
                         f'else {default!r}).')
-  args = parser.parse_args(argv)
+
+
+def _run(parser, args):
   flags = {k: getattr(args, k) for k in OPENAI_DEFAULTS
            if getattr(args, k) is not None}
   if args.diffusers and (flags or args.preset or args.legacy_attention_order):
     parser.error('--diffusers reads its config.json: no OpenAI flags.')
-  try:
-    if args.diffusers:
-      config, digest = convert_diffusers(args.diffusers, args.out)
-    else:
-      config, digest = convert_openai(
-          args.openai, {**PRESETS.get(args.preset, {}), **flags}, args.out,
-          args.legacy_attention_order)
-  except ADMWeightsError as e:
-    sys.exit(f'error: {e}')
-  print(f'wrote {args.out}\n{config}\nSHA-256 {digest}')
+  if args.diffusers:
+    config, digest = convert_diffusers(args.diffusers, args.out)
+  else:
+    config, digest = convert_openai(
+        args.openai, {**PRESETS.get(args.preset, {}), **flags}, args.out,
+        args.legacy_attention_order)
+  return digest, config
+
+
+def main(argv=None):
+  converting.main(argv, __doc__, _flags, _run)
 
 
 if __name__ == '__main__':

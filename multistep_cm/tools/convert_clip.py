@@ -20,19 +20,17 @@ their open_clip token ids (needs open_clip_torch), so that evaluation needs no
 BPE tokenizer. Nothing is downloaded.
 """
 
-import argparse
 import importlib.util
-import io
 import json
-import pickle
 import sys
 import types
 
 from etils import epath
 import numpy as np
 
+from multistep_cm import weights
 from multistep_cm.evaluation import clip
-from multistep_cm.tools import convert_inception
+from multistep_cm.tools import converting
 
 _LAYER_NORMS = ('ln_1', 'ln_2', 'ln_pre', 'ln_post', 'ln_final')
 _LINEARS = ('c_fc', 'c_proj', 'out_proj')
@@ -69,13 +67,13 @@ _DEFAULTS = {
 def _square(value, what):
   if isinstance(value, (list, tuple)):
     if len(set(value)) != 1:
-      raise clip.ClipWeightsError(f'Non-square {what} {value} is unsupported.')
+      raise weights.WeightsError(f'Non-square {what} {value} is unsupported.')
     value = value[0]
   return int(value)
 
 
 def config_from_open_clip(cfg, source):
-  """open_clip's model config dict -> CLIPConfig; ClipWeightsError for any
+  """open_clip's model config dict -> CLIPConfig; WeightsError for any
   option this network does not implement."""
   preprocess_cfg = cfg.get('preprocess_cfg', {})
   cfg = cfg.get('model_cfg', cfg)  # HF hub's open_clip_config.json.
@@ -92,15 +90,15 @@ def config_from_open_clip(cfg, source):
       if key in used[part] or key in _HARMLESS[part] or (
           key in defaults and value in (defaults[key], 'default')):
         continue
-      raise clip.ClipWeightsError(
+      raise weights.WeightsError(
           f'{source}: open_clip option {part}.{key}={value!r} is unsupported '
           '(only ViT image towers with the standard text transformer).')
   if isinstance(vision.get('layers', 12), (list, tuple)):
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         f'{source}: ResNet image towers are unsupported, only ViTs.')
   if (tuple(preprocess_cfg.get('mean', clip.MEAN)) != clip.MEAN or
       tuple(preprocess_cfg.get('std', clip.STD)) != clip.STD):
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         f'{source}: only OpenAI\'s normalisation mean/std is supported.')
   width = vision.get('width', 768)
   try:
@@ -118,7 +116,7 @@ def config_from_open_clip(cfg, source):
         text_mlp_ratio=float(text.get('mlp_ratio', 4.)),
         quick_gelu=bool(cfg.get('quick_gelu', False)))
   except KeyError as e:
-    raise clip.ClipWeightsError(f'{source}: no {e} in the config.') from None
+    raise weights.WeightsError(f'{source}: no {e} in the config.') from None
 
 
 def model_config(name):
@@ -126,13 +124,13 @@ def model_config(name):
   JSON, without importing the package (and torchvision with it)."""
   spec = importlib.util.find_spec('open_clip')
   if spec is None:
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         'open_clip model names need `pip install open_clip_torch`; or pass '
         'a JSON config with --config.')
   path = epath.Path(spec.submodule_search_locations[0], 'model_configs',
                     f'{name}.json')
   if not path.exists():
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         f'{name!r} is not an open_clip model name (no {path}).')
   return config_file(path, f'open_clip model {name}')
 
@@ -142,7 +140,7 @@ def config_file(path, source=None):
   try:
     cfg = json.loads(epath.Path(path).read_text())
   except (OSError, ValueError) as e:
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         f'Cannot read the open_clip model config {path} '
         f'({type(e).__name__}).') from None
   return config_from_open_clip(cfg, source or path)
@@ -182,55 +180,18 @@ def convert_state_dict(state_dict, config):
                   'text_projection'):
       name = [*scope, owner, leaf]
     else:
-      raise clip.ClipWeightsError(
+      raise weights.WeightsError(
           f'Unexpected entry {key!r}: not an open_clip ViT CLIP state dict.')
     out['/'.join(n for n in name if n)] = value
-  clip.check_arrays(out, config, 'The state dict')
+  clip.FORMAT.check(out, config)
   return out
 
 
-def read_state_dict(path):
-  """{name: float32 array} of a .safetensors or torch-saved state dict."""
-  if not epath.Path(path).exists():
-    raise clip.ClipWeightsError(f'{path} does not exist.')
-  blob = epath.Path(path).read_bytes()
-  try:
-    if str(path).endswith('.safetensors'):
-      from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-      try:
-        return st_numpy.load(blob)
-      except KeyError:  # bfloat16, which numpy lacks: torch reads it.
-        from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
-        return {k: v.float().numpy() for k, v in st_torch.load(blob).items()}
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise clip.ClipWeightsError(
-        f'Reading {path} needs `pip install {e.name.split(".")[0]}`.'
-    ) from None
-  try:
-    state = torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
-  except RuntimeError as e:
-    if 'TorchScript' not in str(e):
-      raise clip.ClipWeightsError(
-          f'{path}: unreadable ({str(e).splitlines()[0]}).') from None
-    # OpenAI's own checkpoints are TorchScript archives.
-    state = torch.jit.load(io.BytesIO(blob), map_location='cpu').state_dict()
-  except (pickle.UnpicklingError, EOFError, ValueError) as e:
-    raise clip.ClipWeightsError(
-        f'{path}: not a torch state dict ({type(e).__name__}).') from None
-  state = state.get('state_dict', state)  # open_clip training checkpoints.
-  return {k: v.float().numpy() if hasattr(v, 'float') else v
-          for k, v in state.items()}
-
-
-def convert(weights, config, out):
-  """Writes `weights` (a state dict file) with `config` (a CLIPConfig) to the
+def convert(path, config, out):
+  """Writes the state dict file `path` with `config` (a CLIPConfig) to the
   .npz `out`; returns its SHA-256."""
-  arrays = convert_state_dict(read_state_dict(weights), config)
-  arrays[clip.CONFIG_KEY] = np.array([config.to_json()])
-  epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  convert_inception.write_npz(out, arrays)
-  return convert_inception.sha256_of(out)
+  arrays = convert_state_dict(converting.read_state_dict(path), config)
+  return clip.FORMAT.write(out, arrays, config)
 
 
 def past_cuda_torchvision(package, load):
@@ -259,7 +220,7 @@ def import_open_clip():
     return past_cuda_torchvision(
         'open_clip', lambda: importlib.import_module('open_clip'))
   except ImportError:
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         'Tokenizing needs `pip install open_clip_torch`.') from None
 
 
@@ -268,21 +229,20 @@ def tokenize(prompts_file, model, out):
   open_clip model `model` to the .npz `out`; returns its SHA-256."""
   path = epath.Path(prompts_file)
   if not path.exists():
-    raise clip.ClipWeightsError(f'{prompts_file} does not exist.')
+    raise weights.WeightsError(f'{prompts_file} does not exist.')
   prompts = path.read_text(encoding='utf-8').splitlines()
   if not prompts or any(not p.strip() for p in prompts):
-    raise clip.ClipWeightsError(
+    raise weights.WeightsError(
         f'{prompts_file}: expected one non-empty prompt a line.')
   model_config(model)  # Tokens only for a model this network implements.
   tokens = import_open_clip().get_tokenizer(model)(prompts)
   epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  convert_inception.write_npz(out, {'prompts': np.array(prompts),
-                  'tokens': np.asarray(tokens, np.int32)})
-  return convert_inception.sha256_of(out)
+  weights.write_npz(out, {'prompts': np.array(prompts),
+                          'tokens': np.asarray(tokens, np.int32)})
+  return weights.sha256_of(out)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def _flags(parser):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--weights', help='An open_clip state dict: .safetensors'
                       ', .bin, .pt or .pth.')
@@ -292,22 +252,22 @@ def main(argv=None):
                       'ViT-B-32 (ViT-B-32-quickgelu for OpenAI\'s weights).')
   parser.add_argument('--config', help='Instead of --model for --weights: '
                       'an open_clip model config .json.')
-  parser.add_argument('--out', required=True, help='The .npz to write.')
-  args = parser.parse_args(argv)
+
+
+def _run(parser, args):
   if args.weights and bool(args.model) == bool(args.config):
     parser.error('--weights needs one of --model and --config.')
   if args.prompts and not args.model:
     parser.error('--prompts needs --model (for its tokenizer).')
-  try:
-    if args.weights:
-      config = (config_file(args.config) if args.config
-                else model_config(args.model))
-      digest = convert(args.weights, config, args.out)
-    else:
-      digest = tokenize(args.prompts, args.model, args.out)
-  except clip.ClipWeightsError as e:
-    sys.exit(f'error: {e}')
-  print(f'wrote {args.out}\nSHA-256 {digest}')
+  if args.prompts:
+    return tokenize(args.prompts, args.model, args.out), None
+  config = (config_file(args.config) if args.config
+            else model_config(args.model))
+  return convert(args.weights, config, args.out), config
+
+
+def main(argv=None):
+  converting.main(argv, __doc__, _flags, _run)
 
 
 if __name__ == '__main__':

@@ -19,16 +19,14 @@ holds the config too, is byte-for-byte reproducible, and its SHA-256 is
 printed, for the evaluation config to check. Nothing is downloaded.
 """
 
-import argparse
 import math
 import re
-import sys
 
-from etils import epath
 import numpy as np
 
+from multistep_cm import weights
 from multistep_cm.evaluation import dinov2
-from multistep_cm.tools import convert_inception
+from multistep_cm.tools import converting
 
 HEAD_WIDTH = 64  # Every DINOv2 release: S/14 384/6, B 768/12, L 1024/16.
 _BLOCK = re.compile(r'blocks\.(?:\d+\.)?(\d+)\.(.+)')  # Chunked or not.
@@ -38,23 +36,23 @@ _LINEARS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 def _unchunk(state_dict):
   """{torch name: array} with 'blocks.C.N.' renamed 'blocks.N.' and the
   original's `mask_token` (for masked training only) dropped; a one-line
-  DINOv2WeightsError for what this network lacks."""
+  WeightsError for what this network lacks."""
   out = {}
   for key, value in state_dict.items():
     if key == 'mask_token':
       continue
     if key in ('register_tokens', 'reg_token'):
-      raise dinov2.DINOv2WeightsError(
+      raise weights.WeightsError(
           f'{key!r}: DINOv2 with register tokens (the _reg4 models) is '
           'unsupported; use the release without registers.')
     m = _BLOCK.fullmatch(key)
     if m:
       if m.group(2).startswith(('mlp.w12', 'mlp.w3')):
-        raise dinov2.DINOv2WeightsError(
+        raise weights.WeightsError(
             f'{key!r}: SwiGLU MLPs (ViT-g/14) are unsupported.')
       key = f'blocks.{m.group(1)}.{m.group(2)}'
     if key in out:
-      raise dinov2.DINOv2WeightsError(f'{key!r} appears twice.')
+      raise weights.WeightsError(f'{key!r} appears twice.')
     out[key] = value
   return out
 
@@ -68,16 +66,16 @@ def config_from_state_dict(state_dict, heads=0):
     hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
     positions = state['pos_embed'].shape[-2] - 1
   except (KeyError, IndexError) as e:
-    raise dinov2.DINOv2WeightsError(
+    raise weights.WeightsError(
         f'No usable {e} entry: not a DINOv2 ViT state dict.') from None
   depth = len({_BLOCK.fullmatch(k).group(1) for k in state
                if _BLOCK.fullmatch(k)})
   grid = math.isqrt(max(positions, 0))
   if grid * grid != positions:
-    raise dinov2.DINOv2WeightsError(
+    raise weights.WeightsError(
         f'pos_embed has {positions} patch positions: not a square grid.')
   if not heads and width % HEAD_WIDTH:
-    raise dinov2.DINOv2WeightsError(
+    raise weights.WeightsError(
         f'Width {width} is not a multiple of {HEAD_WIDTH}: give --heads.')
   return dinov2.DINOv2Config(
       patch_size=patch, embed_dim=width, depth=depth,
@@ -120,46 +118,39 @@ def convert_state_dict(state_dict, config):
     elif m and owner in ('ls1', 'ls2') and leaf == 'gamma':
       name = f'{scope}{owner}/gamma'
     else:
-      raise dinov2.DINOv2WeightsError(
+      raise weights.WeightsError(
           f'Unexpected entry {key!r}: not a DINOv2 ViT backbone state dict '
           '(a classifier head, or another model?).')
     out[name] = value
-  dinov2.check_arrays(out, config, 'The state dict')
+  dinov2.FORMAT.check(out, config)
   return out
 
 
-def read_state_dict(path):
-  """{name: float32 array} of a .safetensors or torch-saved state dict."""
-  return convert_inception.read_state_dict(path, dinov2.DINOv2WeightsError)
-
-
-def convert(weights, out, heads=0):
-  """Writes `weights` (a state dict file) to the .npz `out`; returns
-  (config, SHA-256 of the .npz)."""
-  state = read_state_dict(weights)
+def convert(path, out, heads=0):
+  """Writes the state dict file `path` to the .npz `out`; returns (config,
+  SHA-256 of the .npz)."""
+  state = converting.read_state_dict(path)
   config = config_from_state_dict(state, heads)
-  arrays = convert_state_dict(state, config)
-  arrays[dinov2.CONFIG_KEY] = np.array([config.to_json()])
-  epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  convert_inception.write_npz(out, arrays)
-  return config, convert_inception.sha256_of(out)
+  return config, dinov2.FORMAT.write(out, convert_state_dict(state, config),
+                                     config)
+
+
+def _flags(parser):
+  parser.add_argument('--weights', required=True, help='The original '
+                      'release\'s .pth, or timm\'s .safetensors or .bin.')
+  parser.add_argument('--heads', type=int, default=0, help='Attention heads, '
+                      f'when not width / {HEAD_WIDTH}.')
+
+
+def _run(unused_parser, args):
+  config, digest = convert(args.weights, args.out, args.heads)
+  return digest, config
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--weights', required=True, help='The original '
-                      'release\'s .pth, or timm\'s .safetensors or .bin.')
-  parser.add_argument('--out', required=True, help='The .npz to write.')
-  parser.add_argument('--heads', type=int, default=0, help='Attention heads, '
-                      f'when not width / {HEAD_WIDTH}.')
-  args = parser.parse_args(argv)
-  try:
-    config, digest = convert(args.weights, args.out, args.heads)
-  except dinov2.DINOv2WeightsError as e:
-    sys.exit(f'error: {e}')
-  print(f'wrote {args.out} ({config})\nSHA-256 {digest}\nUse it with '
-        f'--config.evaluate.dinov2_weights={args.out} '
-        f'--config.evaluate.dinov2_sha256={digest}')
+  converting.main(
+      argv, __doc__, _flags, _run,
+      use_with=('evaluate.dinov2_weights', 'evaluate.dinov2_sha256'))
 
 
 if __name__ == '__main__':

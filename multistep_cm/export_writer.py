@@ -1,4 +1,5 @@
-"""--mode=export: a stage's sampler as one portable program, for serving.
+"""--mode=export: a stage's sampler as one portable program, for serving
+(this module writes it; `exported.py` reads it).
 
   python -m multistep_cm.main --config=configs/digits.py:stage=cd \
       --workdir=/tmp/digits/cd_s8 --mode=export
@@ -37,24 +38,22 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from multistep_cm import conditioning
-from multistep_cm import datasets
-from multistep_cm import exported
-from multistep_cm import schedules
 from multistep_cm import errors
+from multistep_cm import exported
+from multistep_cm import run as run_lib
+from multistep_cm import weights as weights_lib
 from multistep_cm.core import generation
-from multistep_cm.core import imported
 from multistep_cm.core import stages
 from multistep_cm.core import state
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
-def check_exportable(config):
+def check_exportable(run):
   """Raises ConfigError, before anything is loaded, for a dataset whose
   samples the exported program cannot take or give: it takes class labels
   or nothing, and gives uint8 images."""
-  dataset = datasets.get(config)
-  condition = dataset.condition
+  config, dataset, condition = run.config, run.dataset, run.condition
   if condition.conditional and not isinstance(condition,
                                               conditioning.ClassLabels):
     raise errors.ConfigError(
@@ -95,14 +94,12 @@ def prng_impl():
   return str(jax.random.key_impl(jax.random.key(0)))
 
 
-def program(config, spec, treedef, impl):
+def program(run, spec, treedef, impl):
   """`(weights, noise, labels[, step key data]) -> uint8 images`: the
-  sampler `spec` of the config's network whose parameters are `weights`,
+  sampler `spec` of the run's network whose parameters are `weights`,
   flattened as `treedef`, followed by the uint8 conversion, as a
   `generation.Generator` with `uint8` runs them after drawing its noise."""
-  network = state.network(config)
-  logsnr = schedules.get_logsnr_fn(**config.schedule)
-  condition = datasets.get(config).condition
+  network, logsnr, condition = run.network, run.logsnr_fn, run.condition
 
   def sample(weights, noise, labels, *step_keys):
     params = jax.tree.unflatten(treedef, weights)
@@ -113,14 +110,14 @@ def program(config, spec, treedef, impl):
   return sample
 
 
-def export_program(config, spec, params):
+def export_program(run, spec, params):
   """(jax.export.Exported, {weight name: array} in the order it takes
   them): the sampler over weights shaped as `params`, for every batch size
   and PLATFORMS."""
-  flat = imported.flatten(params)
+  flat = weights_lib.flatten(params)
   impl = prng_impl()
   (batch,) = jax.export.symbolic_shape('batch')
-  shape = datasets.get(config).shape
+  shape = run.shape
   args = [tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype)
                 for a in flat.values()),
           jax.ShapeDtypeStruct((batch,) + shape, np.float32),
@@ -128,7 +125,7 @@ def export_program(config, spec, params):
   if spec.stochastic:
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     args.append(jax.ShapeDtypeStruct((batch,) + key_shape, np.uint32))
-  fn = program(config, spec, jax.tree.structure(params), impl)
+  fn = program(run, spec, jax.tree.structure(params), impl)
   # Source locations name each operation's line only, not the whole Python
   # stack that led to it: the same checkpoint and code then give the same
   # bytes whoever calls this (the command, a test, a notebook).
@@ -148,11 +145,10 @@ def _host(x):
   return np.asarray(x)
 
 
-def manifest(config, spec, step, exp, names):
+def manifest(run, spec, step, exp, names):
   """What the artifact is, for its reader and for people; `files` (their
   hashes) is added once they are written."""
-  stage = stages.get(config.stage)
-  dataset = datasets.get(config)
+  config, stage, dataset = run.config, run.stage, run.dataset
   return {
       'format': exported.FORMAT,
       'format_version': exported.FORMAT_VERSION,
@@ -223,25 +219,27 @@ def _replace(tmp, final):
 
 def run(config, workdir):
   """Exports the newest checkpoint of `workdir` (see the module docstring);
-  returns the artifact's directory."""
-  check_exportable(config)
+  returns the artifact's directory. `config`: or its `run.Run`."""
+  resolved = run_lib.of(config)
+  check_exportable(resolved)
+  config = resolved.config
   spec = stages.evaluation_sampler(config)
-  config = portable(config)
-  mesh = state.make_mesh(config)
-  params, _, step = state.load_for_sampling(config, workdir, mesh,
+  if config.model.get('attention', 'xla') != 'xla':
+    resolved = run_lib.resolve(portable(config))
+  params, _, step = state.load_for_sampling(resolved, workdir,
                                             config.evaluate.ema)
   params = jax.tree.map(_host, params)
   final = epath.Path(workdir) / 'export' / f'step{step}_{spec.name}'
   if jax.process_index() == 0:
-    exp, weights = export_program(config, spec, params)
+    exp, weights = export_program(resolved, spec, params)
     tmp = final.parent / (final.name + '.tmp')
     if tmp.exists():
       tmp.rmtree()  # Left by an export that did not finish.
     sizes = _write(tmp, exp, weights,
-                   manifest(config, spec, step, exp, list(weights)))
+                   manifest(resolved, spec, step, exp, list(weights)))
     _replace(tmp, final)
     logging.info('Exported %s (%s, NFE %d, for %s) to %s: %s.', config.stage,
-                 spec.name, spec.nfe(datasets.get(config).condition),
+                 spec.name, spec.nfe(resolved.condition),
                  ', '.join(PLATFORMS), final, ', '.join(
                      f'{k} {v / 1e3:.1f} kB' for k, v in sorted(sizes.items())))
   multihost_utils.sync_global_devices('export written')

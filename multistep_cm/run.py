@@ -1,0 +1,88 @@
+"""A run resolved once: what every mode builds from its config, built in one
+place at the top of the mode and passed down.
+
+  run = run_lib.resolve(config)
+  run.dataset, run.condition, run.shape   the dataset's row and what it
+                                          conditions on
+  run.logsnr_fn                           the noise schedule
+  run.network_row, run.model, run.network the network's row, its Linen
+                                          module, the plain function
+  run.stage                               the stage's row
+  run.mesh                                the device mesh
+
+Each way the config fails to resolve is one ConfigError line. Nothing below
+a mode looks the dataset, schedule, network or stage up again.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+
+from multistep_cm import datasets
+from multistep_cm import errors
+from multistep_cm import models
+from multistep_cm import networks
+from multistep_cm import schedules
+from multistep_cm.core import stages
+from multistep_cm.core import state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  config: Any
+  stage: stages.Stage
+  dataset: Any  # datasets.base.Dataset
+  logsnr_fn: Callable
+  network_row: networks.Network
+  model: Any  # flax.linen.Module
+  mesh: jax.sharding.Mesh
+
+  @property
+  def condition(self):
+    """What the network is conditioned on: the dataset's `Condition`."""
+    return self.dataset.condition
+
+  @property
+  def shape(self):
+    """Shape of one example: (H, W, C) images, or (C,) points."""
+    return self.dataset.shape
+
+  @functools.cached_property
+  def network(self):
+    """The model as the plain function losses and samplers take."""
+    return models.network_fn(self.model)
+
+  def with_model(self, model):
+    """The same run with another module of the same network (another
+    parameter layout)."""
+    return dataclasses.replace(self, model=model)
+
+
+def resolve(config):
+  """The Run of `config`: its stage, dataset, schedule, network and mesh."""
+  stage = stages.get(config.stage)
+  dataset = datasets.get(config)
+  try:
+    logsnr_fn = schedules.get_logsnr_fn(**config.schedule)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f'config.schedule: {e}') from None
+  fields = dict(config.model)
+  fields['out_channels'] = config.dataset.channels
+  try:
+    row = networks.get(fields['name'])
+    model = networks.create_model(fields, dataset.condition, logsnr_fn)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f'config.model: {e}') from None
+  return Run(config, stage, dataset, logsnr_fn, row, model,
+             state.make_mesh(config))
+
+
+def of(config_or_run):
+  """`config_or_run` if it is already resolved, else its Run: a mode called
+  by another that has resolved its config (the command line, a pipeline)
+  does not resolve it again."""
+  if isinstance(config_or_run, Run):
+    return config_or_run
+  return resolve(config_or_run)
