@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -144,10 +146,14 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
   weights = _perturbed(jax.jit(reference.init)(jax.random.key(1), z, t,
                                                labels)['params'])
 
-  def loss(m, p):
-    return jnp.sum(m.apply({'params': p}, z, t, labels) ** 2)
-  out = jax.jit(reference.apply)({'params': weights}, z, t, labels)
-  grads = jax.jit(jax.grad(lambda p: loss(reference, p)))(weights)
+  def out_and_grads(m, p):
+    # One program per model: compiling is most of this test's time.
+    def loss(p):
+      out = m.apply({'params': p}, z, t, labels)
+      return jnp.sum(out ** 2), out
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(p)
+    return out, grads
+  out, grads = jax.jit(functools.partial(out_and_grads, reference))(weights)
   for scan, remat in [(False, 'full'), (True, 'none'), (True, 'full'),
                       (True, 'dots_saveable')]:
     model = _uvit(scan, remat)
@@ -156,12 +162,10 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
     assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
         lambda m=model: m.init(jax.random.key(1), z, t, labels))['params'])
     assert (models.SCANNED in params) == scan
-    assert _close(jax.jit(model.apply)({'params': params}, z, t, labels),
-                  out, 1e-5)
-    assert _close(models.relayout(
-        jax.jit(jax.grad(lambda p, m=model: loss(m, p)))(params),
-        reference.config),
-                  grads, 1e-5), (scan, remat)
+    out_m, grads_m = jax.jit(functools.partial(out_and_grads, model))(params)
+    assert _close(out_m, out, 1e-5)
+    assert _close(models.relayout(grads_m, reference.config), grads,
+                  1e-5), (scan, remat)
 
 
 def test_relayout_round_trip_is_exact():
