@@ -11,7 +11,8 @@ place at the top of the mode and passed down.
   run.mesh                                the device mesh
 
 Each way the config fails to resolve is one ConfigError line. Nothing below
-a mode looks the dataset, schedule, network or stage up again.
+a mode looks the dataset, schedule or network up again
+(tests/test_architecture.py).
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ from multistep_cm.core import state
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
+  """A config and what it resolves to; `resolve` builds it."""
   config: Any
   stage: stages.Stage
   dataset: Any  # datasets.base.Dataset

@@ -171,8 +171,8 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
 def test_relayout_round_trip_is_exact():
   model = _uvit(True, 'none')
   z = jnp.zeros((1, 8, 8, 1))
-  params = _perturbed(model.init(jax.random.key(0), z, jnp.zeros(1),
-                                 jnp.zeros(1, jnp.int32))['params'])
+  params = _perturbed(jax.jit(model.init)(
+      jax.random.key(0), z, jnp.zeros(1), jnp.zeros(1, jnp.int32))['params'])
   stacked = params[models.SCANNED]['block']['Dense_0']['kernel']
   assert stacked.shape[0] == 3
   flat = models.relayout(params, _uvit(False, 'none').config)
