@@ -107,11 +107,13 @@ def eigen_frechet(monkeypatch):
   monkeypatch.setattr(metrics, 'frechet_distance', frechet.independent_fd)
 
 
-# Modules with tests of a minute or more (on the 2-core CI machine). They
-# start first: collected last, they would keep one worker busy long after
-# the other has run out of tests.
+# Modules with tests of a minute or more (on the 2-core CI machine), and
+# test_readme, whose tests run as one group of over a minute on one worker.
+# They start first: collected last, they would keep one worker busy long
+# after the other has run out of tests.
 SLOW_MODULES = ('test_imported_teacher.py', 'test_toy2d_distillation.py',
-                'test_text2image.py', 'test_evaluation.py', 'test_pipeline.py')
+                'test_text2image.py', 'test_readme.py', 'test_evaluation.py',
+                'test_pipeline.py', 'test_multihost.py')
 
 
 def pytest_collection_modifyitems(items):
