@@ -311,19 +311,6 @@ def load_weights(path, sha256=''):
   return loaded.config, loaded.params
 
 
-def network_params(path, abstract_params, sha256=''):
-  """The parameters of a `Network` from a `convert_adm` .npz: the U-Net's,
-  under UNET, checked name by name and shape by shape against
-  `abstract_params`, those of the network the config builds."""
-  params = {UNET: load_weights(path, sha256)[1]}
-  mismatch = weights.describe_mismatch(weights.flatten(params),
-                                       weights.shapes(abstract_params))
-  if mismatch:
-    raise weights.WeightsError(
-        f'{path} does not fit config.model: {mismatch}.')
-  return params
-
-
 class Network(nn.Module):
   """The ADM U-Net as this framework's network: `(z_t, t, cond, train) -> v`
   over the logSNR schedule `logsnr_fn`, through the Karras-form denoiser

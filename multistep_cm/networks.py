@@ -20,8 +20,8 @@ from multistep_cm import conditioning
 from multistep_cm import models
 
 
-def _no_check(fields):
-  del fields
+def _nothing(arg):
+  del arg
 
 
 def _always(module):
@@ -36,7 +36,7 @@ class Network:
   build: Callable
   # (fields) -> None, or ValueError for fields this network cannot run with
   # on these devices (a config check, before anything is built).
-  check: Callable = _no_check
+  check: Callable = _nothing
   # (module) -> the module of the same weights in another parameter layout,
   # which `relayout(params, module)` turns into `module`'s: a checkpoint
   # saved in either layout loads into both. None: one layout only.
@@ -46,12 +46,13 @@ class Network:
   # need one.
   has_null: Callable = _always
   # (config.model) -> None: shrinks it to run in seconds on a CPU.
-  smoke: Callable = _no_check
+  smoke: Callable = _nothing
   # A network imported from elsewhere: the `weights.Format` of its converted
-  # weights, and (path, sha256, abstract params) -> its parameters, checked
-  # against those of the module the config builds.
+  # weights, and the scope of the module that holds them ('' for the
+  # module's own parameters); `core.state` checks them against the module
+  # the config builds.
   weights: Any = None
-  load_weights: Optional[Callable] = None
+  weights_scope: str = ''
 
 
 def _uvit(fields, condition, logsnr_fn):
@@ -123,7 +124,7 @@ TABLE = {
                     smoke=_smoke_uvit),
     'mlp': Network(_mlp, smoke=_smoke_mlp),
     'adm': Network(_adm, has_null=lambda module: module.has_null_condition,
-                   weights=adm.FORMAT, load_weights=adm.network_params),
+                   weights=adm.FORMAT, weights_scope=adm.UNET),
 }
 
 DEFAULT = 'uvit'  # The base config's network.

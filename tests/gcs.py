@@ -254,6 +254,11 @@ _REASONS = {304: 'notModified', 400: 'invalid', 404: 'notFound',
             412: 'conditionNotMet', 416: 'requestedRangeNotSatisfiable'}
 
 
+def _precondition_failed(response, status):
+  return _error(response, status, 'At least one of the pre-conditions you '
+                'specified did not hold.')
+
+
 def _error(response, status, message=''):
   from http import HTTPStatus  # pylint: disable=g-import-not-at-top
   response.status = HTTPStatus(status)
@@ -414,20 +419,27 @@ def _patch_emulator():
           page[-1].encode()).decode()
     response.json(result)
 
-  def _write_guard(handler, target):
-    """Wraps a writing handler: the request's conditions are checked against
-    the live object named by `target(request)` first."""
+  def _guard(handler, failed):
+    """Wraps a writing handler: `failed(request, storage)`, the status of
+    the request's conditions that do not hold (None when all do), is
+    answered first."""
     def guarded(request, response, storage, *args, **kwargs):
-      bucket, name = target(request)
-      if name is not None:
-        status = _check_write(_conditions(request),
-                              _live(storage, bucket, name))
-        if status:
-          return _error(response, status, 'At least one of the pre-conditions '
-                        'you specified did not hold.')
+      status = failed(request, storage)
+      if status:
+        return _precondition_failed(response, status)
       return handler(request, response, storage, *args, **kwargs)
     guarded.__name__ = handler.__name__
     return guarded
+
+  def _write_guard(handler, target):
+    """`_guard` of the request's conditions against the live object named
+    by `target(request)`."""
+    def failed(request, storage):
+      bucket, name = target(request)
+      if name is None:
+        return None
+      return _check_write(_conditions(request), _live(storage, bucket, name))
+    return _guard(handler, failed)
 
   def insert_target(request):
     name = request.query.get('name', [None])[0]
@@ -453,30 +465,19 @@ def _patch_emulator():
   def storage_of(request):
     return request._request_handler.storage  # pylint: disable=protected-access
 
-  def copy_guard(handler):
-    def guarded(request, response, storage, *args, **kwargs):
-      p = request.params
-      status = _check_write(_conditions(request, 'Source'),
-                            _live(storage, p['bucket_name'], p['object_id']))
-      if status is None:
-        status = _check_write(_conditions(request), _live(
-            storage, p['dest_bucket_name'], p['dest_object_id']))
-      if status:
-        return _error(response, status, 'At least one of the pre-conditions '
-                      'you specified did not hold.')
-      return handler(request, response, storage, *args, **kwargs)
-    guarded.__name__ = handler.__name__
-    return guarded
-
-  def delete(request, response, storage, *args, **kwargs):
+  def copy_failed(request, storage):
+    """The source's conditions, then the destination's."""
     p = request.params
-    obj = _live(storage, p['bucket_name'], p['object_id'])
-    if obj is not None:
-      status = _check_write(_conditions(request), obj)
-      if status:
-        return _error(response, status, 'At least one of the pre-conditions '
-                      'you specified did not hold.')
-    return original['delete'](request, response, storage, *args, **kwargs)
+    return _check_write(
+        _conditions(request, 'Source'),
+        _live(storage, p['bucket_name'], p['object_id'])) or _check_write(
+            _conditions(request),
+            _live(storage, p['dest_bucket_name'], p['dest_object_id']))
+
+  def delete_failed(request, storage):
+    """A missing object is the handler's 404, whatever the conditions."""
+    obj = _live(storage, *same(request))
+    return None if obj is None else _check_write(_conditions(request), obj)
 
   def same(request):
     return request.params['bucket_name'], request.params['object_id']
@@ -497,8 +498,7 @@ def _patch_emulator():
     status = _check_write(_conditions(request, 'Source'), source) or (
         _check_write(_conditions(request), _live(storage, bucket, dst)))
     if status:
-      return _error(response, status, 'At least one of the pre-conditions '
-                    'you specified did not hold.')
+      return _precondition_failed(response, status)
     moved = objects._copy(request.base_url, storage, bucket, src, bucket, dst)  # pylint: disable=protected-access
     storage.delete_file(bucket, src)
     response.json(moved)
@@ -510,9 +510,9 @@ def _patch_emulator():
       original['insert']: _write_guard(insert, insert_target),
       original['upload_partial']: _write_guard(original['upload_partial'],
                                                upload_target),
-      original['delete']: delete,
-      original['copy']: copy_guard(original['copy']),
-      original['rewrite']: copy_guard(original['rewrite']),
+      original['delete']: _guard(original['delete'], delete_failed),
+      original['copy']: _guard(original['copy'], copy_failed),
+      original['rewrite']: _guard(original['rewrite'], copy_failed),
       original['compose']: _write_guard(original['compose'], same),
       original['patch']: _write_guard(original['patch'], same),
   }

@@ -248,20 +248,10 @@ def convert_foreign(state_dict, path):
       hidden=state_dict['fc1.weight'].shape[0]))
 
 
-def _foreign_params(path, abstract_params, sha256=''):
-  params = {'net': FOREIGN.load(path, sha256).params}
-  mismatch = weights.describe_mismatch(weights.flatten(params),
-                                       weights.shapes(abstract_params))
-  if mismatch:
-    raise weights.WeightsError(f'{path} does not fit config.model: '
-                               f'{mismatch}.')
-  return params
-
-
 FOREIGN_ROW = networks.Network(
     lambda fields, condition, logsnr_fn: Imported(
         ForeignConfig(fields['hidden']), logsnr_fn),
-    weights=FOREIGN, load_weights=_foreign_params)
+    weights=FOREIGN, weights_scope='net')
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 laid out as shapes, then shardings, then arrays; restoring it, or only its
 parameters (laid out by an abstract initialisation of the network alone)."""
 
+import functools
 from typing import Any
 
 from absl import logging
@@ -45,28 +46,32 @@ def make_mesh(config):
     raise errors.ConfigError(f'config.mesh: {e}') from None
 
 
+def _init_params(run, rng):
+  """The network's parameters as a fresh run initialises them."""
+  return run.model.init(rng, jnp.zeros((1,) + run.shape), jnp.zeros((1,)),
+                        run.condition.example(1))['params']
+
+
+def _fresh_state(params, tx):
+  """Step 0 of a run starting from `params` (its EMA too)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params))
+
+
 def param_layout(run):
   """(abstract parameters, their shardings) of the run's network: an abstract
   initialisation of the network alone, no optimizer, nothing allocated."""
-  abstract = jax.eval_shape(
-      lambda rng: run.model.init(rng, jnp.zeros((1,) + run.shape),
-                                 jnp.zeros((1,)),
-                                 run.condition.example(1))['params'],
-      jax.random.key(run.config.seed))
+  abstract = jax.eval_shape(functools.partial(_init_params, run),
+                            jax.random.key(run.config.seed))
   return abstract, sharding.tree_shardings(abstract, run.mesh)
 
 
 def state_layout(run, tx):
   """(init, abstract state, shardings): the state's shapes, then shardings,
   without allocating anything."""
-  shape = (1,) + run.shape
-
   def init(rng):
-    params = run.model.init(rng, jnp.zeros(shape), jnp.zeros((1,)),
-                            run.condition.example(1))['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=tx.init(params))
+    return _fresh_state(_init_params(run, rng), tx)
 
   abstract = jax.eval_shape(init, jax.random.key(run.config.seed))
   return init, abstract, sharding.tree_shardings(abstract, run.mesh)
@@ -85,19 +90,17 @@ def restore_or_init(run, tx, ckpt, init_params=None):
   """The newest checkpoint in the workdir if there is one; else a fresh state,
   whose parameters (and EMA) are `init_params` when given (a student starts
   as its teacher)."""
-  _, abstract, shardings = state_layout(run, tx)
+  init, abstract, shardings = state_layout(run, tx)
   state, step = ckpt.restore_latest_intact(
       checkpoint.abstract_like(abstract, shardings))
   if state is not None:
     logging.info('Resuming from the checkpoint of step %d.', step)
-    return state, shardings
-  if init_params is None:
-    return init_state(run, tx)
-  state = jax.jit(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                           ema_params=jax.tree.map(jnp.copy, p),
-                           opt_state=tx.init(p)),
-      out_shardings=shardings)(init_params)
+  elif init_params is None:
+    state = jax.jit(init, out_shardings=shardings)(
+        jax.random.key(run.config.seed))
+  else:
+    state = jax.jit(functools.partial(_fresh_state, tx=tx),
+                    out_shardings=shardings)(init_params)
   return state, shardings
 
 
@@ -130,12 +133,19 @@ def load_imported(run, path, sha256=''):
   """(params, their shardings) of the run's network from its converted
   weights (e.g. an .npz of `tools/convert_adm.py`)."""
   row = run.network_row
-  if row.load_weights is None:
+  if row.weights is None:
     raise errors.ConfigError(
         f'config.model {run.config.model.name!r} is not a network imported '
         f'from elsewhere: {path} cannot be its weights.')
   abstract, shardings = param_layout(run)
-  params = row.load_weights(path, abstract, sha256)
+  params = row.weights.load(path, sha256).params
+  if row.weights_scope:
+    params = {row.weights_scope: params}
+  mismatch = weights.describe_mismatch(weights.flatten(params),
+                                       weights.shapes(abstract))
+  if mismatch:
+    raise weights.WeightsError(f'{path} does not fit config.model: '
+                               f'{mismatch}.')
   return jax.device_put(params, shardings), shardings
 
 
