@@ -41,8 +41,8 @@ mkdir -p "$out"
   echo
   "$python" -c 'import jax; d = jax.devices()[0]; print(f"{jax.device_count()} x {d.device_kind}, jax {jax.__version__}")'
   echo
-  echo '| run | program | ms/call | images/s per chip | GFLOP per image | TFLOP/s per chip | MFU | compile s | scratch GiB | peak GiB |'
-  echo '|---|---|---|---|---|---|---|---|---|---|'
+  echo '| run | program | ms/call | bound ms | images/s per chip | GFLOP per image | TFLOP/s per chip | MFU | compile s | scratch GiB | peak GiB |'
+  echo '|---|---|---|---|---|---|---|---|---|---|---|'
 } > "$table"
 
 start=$SECONDS

@@ -6,7 +6,9 @@
 For the teacher, CD, CT and PD train steps (the project's own
 `train.make_train_step`, on random data; a student's teacher is the network
 itself, which costs the same) and for the 8-step student and the config's
-aDDIM sampler: ms per call, images/s per chip, model FLOPs, achieved TFLOP/s
+aDDIM sampler: ms per call, the compute bound on it (model FLOPs at the
+chip's bf16 peak: the roofline `--mode=describe --target` gives), images/s
+per chip, model FLOPs, achieved TFLOP/s
 per chip, MFU against the chip's bf16 dense peak, compile time, the compiled
 program's scratch memory (activations: what remat saves) and the device's
 peak memory so far (where the backend reports it). Also a bare jitted
@@ -253,9 +255,9 @@ def main(argv):
         f'chip; attention {model.get("attention", "xla")}, scan '
         f'{model.get("scan", False)}, remat {model.get("remat", "none")}, '
         f'float32 norm statistics {model.get("norm_float32", True)}\n')
-  print('| program | ms/call | images/s per chip | GFLOP per image | '
+  print('| program | ms/call | bound ms | images/s per chip | GFLOP per image | '
         'TFLOP/s per chip | MFU | compile s | scratch GiB | peak GiB |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for row in rows:
     print(_row(row, chips, peak))
 
@@ -264,8 +266,12 @@ def _row(row, chips, peak):
   name, n, flops, compile_s, sec, scratch, mem = row
   achieved = flops / sec / chips / 1e12
   mfu = f'{100 * achieved / peak:.0f} %' if peak and flops else '-'
+  # The compute roofline --mode=describe --target gives before booking the
+  # chip: the model FLOPs at its dense bf16 peak.
+  bound = (f'{1e3 * flops / chips / (peak * 1e12):.1f}' if peak and flops
+           else '-')
   gib = lambda x: '-' if x is None else f'{x:.3g}'
-  return (f'| {name} | {1e3 * sec:.1f} | {n / sec / chips:.1f} | '
+  return (f'| {name} | {1e3 * sec:.1f} | {bound} | {n / sec / chips:.1f} | '
           f'{flops / n / 1e9:.3g} | {achieved:.3g} | {mfu} | {compile_s:.1f} | '
           f'{gib(scratch)} | {gib(mem)} |')
 

@@ -50,7 +50,8 @@ def build(arg):
   c.model.head_dim = 64
   c.model.emb_dim = 2048
   c.model.dtype = 'bfloat16'
-  # cuDNN flash attention on NVIDIA GPUs, XLA's elsewhere; or xla / cudnn.
+  # Flash attention: cuDNN's on NVIDIA GPUs, splash on TPUs, XLA's on the
+  # CPU; or xla / cudnn / splash.
   c.model.attention = 'auto'
   # The 16 middle blocks as one scan: compile time stops growing with depth.
   # Checkpoints of the unscanned layout load too (models.relayout).

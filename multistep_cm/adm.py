@@ -174,7 +174,7 @@ class AttentionBlock(nn.Module):
   heads: int
   dtype: jnp.dtype
   norm_float32: bool = True
-  attention: str = 'xla'  # A resolved implementation: xla or cudnn.
+  attention: str = 'xla'  # A resolved implementation: xla, cudnn, splash.
 
   @nn.compact
   def __call__(self, x):
@@ -185,9 +185,8 @@ class AttentionBlock(nn.Module):
       return nn.Dense(c, dtype=self.dtype, name=name)(h).reshape(
           b, hh * ww, self.heads, c // self.heads)
 
-    h = jax.nn.dot_product_attention(project('query'), project('key'),
-                                     project('value'),
-                                     implementation=self.attention)
+    h = models.dot_product_attention(project('query'), project('key'),
+                                     project('value'), self.attention)
     h = nn.Dense(c, dtype=self.dtype, name='out')(h.reshape(b, hh * ww, c))
     return x + h.reshape(x.shape)
 

@@ -44,10 +44,21 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate',
                   'config\'s variants, fields, parameter count and train-step '
                   'memory per device, then exit (needs no --workdir).')
 flags.DEFINE_integer('num_samples', 100, 'Samples to write in sample mode.')
+flags.DEFINE_string('target', None, 'With --mode=describe: compile for this '
+                    'TPU slice or GPU node instead of this host (v5p-64, '
+                    'v6e-64, v5litepod-64, v4-32, 2xv5p-64, 8xh100, 8xh200, '
+                    '8xb200, 8xa100; `python -m multistep_cm.targets` lists '
+                    'them) and say whether it fits and how fast it can be.')
+flags.DEFINE_bool('fit', False, 'With --mode=describe --target: also find the '
+                  'largest per-device batch whose train step fits.')
 flags.mark_flags_as_required(['config'])
 flags.register_multi_flags_validator(
     ['mode', 'workdir'], lambda f: f['mode'] == 'describe' or f['workdir'],
     message='--workdir is required (except with --mode=describe).')
+flags.register_multi_flags_validator(
+    ['mode', 'target', 'fit'],
+    lambda f: f['mode'] == 'describe' or not (f['target'] or f['fit']),
+    message='--target and --fit go with --mode=describe.')
 
 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
@@ -228,7 +239,8 @@ def main(argv):
   if FLAGS.mode == 'describe':
     from multistep_cm import describe  # pylint: disable=g-import-not-at-top
     try:
-      describe.run(config, config_flags.get_config_filename(FLAGS['config']))
+      describe.run(config, config_flags.get_config_filename(FLAGS['config']),
+                   FLAGS.target, FLAGS.fit)
     except errors.UserError as e:
       sys.exit(f'error: {e}')
     return

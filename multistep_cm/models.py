@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from multistep_cm import conditioning
+from multistep_cm import targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ class UViTConfig:
   condition: conditioning.Condition = conditioning.UNCONDITIONAL
   out_channels: int = 3
   dtype: str = 'bfloat16'
-  attention: str = 'auto'  # auto, xla or cudnn: see attention_implementation.
+  # auto, xla, cudnn or splash: see attention_implementation.
+  attention: str = 'auto'
   # The middle blocks as one nn.scan: one block to compile whatever the depth;
   # their parameters gain a leading axis (`relayout` converts checkpoints).
   scan: bool = False
@@ -59,7 +61,7 @@ class UViTConfig:
   norm_float32: bool = True
 
 
-ATTENTION = ('auto', 'xla', 'cudnn')
+ATTENTION = ('auto', 'xla', 'cudnn', 'splash')
 # What a rematerialised block keeps for its backward pass: nothing ('full'),
 # or the results of its matrix multiplications ('dots_saveable').
 REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
@@ -68,19 +70,75 @@ SCANNED = 'mid_blocks'  # The scanned middle stack, in the parameter tree.
 
 
 def attention_implementation(name, dtype, head_dim, backend=None):
-  """The kernel of `jax.nn.dot_product_attention` for config.model.attention:
-  'auto' is cuDNN's flash attention on GPUs, where its shape and dtype rules
-  allow it (16-bit inputs, head_dim a multiple of 8 up to 128), and XLA's
-  elsewhere (the CPU, TPU); 'xla' and 'cudnn' force one."""
+  """The attention kernel for config.model.attention: 'auto' is cuDNN's
+  flash attention on GPUs, where its shape and dtype rules allow it (16-bit
+  inputs, head_dim a multiple of 8 up to 128), the TPU's flash attention
+  ('splash', Pallas) on TPUs, and XLA's elsewhere (the CPU); 'xla', 'cudnn'
+  and 'splash' force one. The platform is `targets.platform()`: the host's,
+  or a target's being compiled for."""
   if name not in ATTENTION:
     raise ValueError(f'Unknown attention {name!r}: expected one of '
                      f'{", ".join(ATTENTION)}.')
   if name != 'auto':
     return name
-  backend = backend or jax.default_backend()
+  backend = backend or targets.platform()
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
+  if backend == 'tpu':
+    return 'splash'
   return 'cudnn' if backend == 'gpu' and fits else 'xla'
+
+
+# Splash attention's key blocks are a multiple of this (the TPU's lanes).
+SPLASH_BLOCK = 128
+
+
+def _splash_kernel(q_len, kv_len, heads, interpret):
+  # Built in each trace: the kernel holds its mask's arrays, made in it.
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len))] * heads)
+  q, kv = min(512, q_len), min(512, kv_len)
+  blocks = splash.BlockSizes(
+      block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=q,
+      block_kv_dkv=kv, block_kv_dkv_compute=kv, block_q_dq=q, block_kv_dq=kv)
+  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                block_sizes=blocks, interpret=interpret)
+
+
+def _splash(q, k, v):
+  """Attention of (batch, length, heads, head_dim) inputs by the TPU's
+  Pallas flash attention, each device on its own rows of the batch; off a
+  TPU (the CPU) in Pallas's interpret mode."""
+  heads, head_dim = q.shape[2:]
+  kernel = _splash_kernel(q.shape[1], k.shape[1], heads,
+                          targets.platform() != 'tpu')
+  to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # The kernel's (H, L, D).
+
+  def attend(q, k, v):
+    out = jax.vmap(kernel)(to_heads(q * head_dim ** -0.5).astype(k.dtype),
+                           to_heads(k), to_heads(v))
+    return to_heads(out)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or q.shape[0] % mesh.size:
+    return attend(q, k, v)
+  # A Pallas kernel is one opaque call to XLA's partitioner, which would
+  # gather its inputs whole: each device runs it on its own rows.
+  rows = jax.P(tuple(mesh.axis_names))
+  return jax.shard_map(attend, mesh=mesh, in_specs=(rows,) * 3,
+                       out_specs=rows, check_vma=False)(q, k, v)
+
+
+def dot_product_attention(q, k, v, implementation):
+  """`jax.nn.dot_product_attention` of self-attention, by `implementation`
+  (attention_implementation's): 'splash' where both lengths are multiples
+  of SPLASH_BLOCK, XLA's for other lengths."""
+  if implementation == 'splash':
+    if q.shape[1] % SPLASH_BLOCK or k.shape[1] % SPLASH_BLOCK:
+      implementation = 'xla'
+    else:
+      return _splash(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def constrain_batch(x):
@@ -161,7 +219,7 @@ class TransformerBlock(nn.Module):
   mlp_ratio: int
   dropout: float
   dtype: jnp.dtype
-  attention: str = 'xla'  # A resolved implementation: xla or cudnn.
+  attention: str = 'xla'  # A resolved implementation: xla, cudnn, splash.
   norm_float32: bool = True
 
   @nn.compact
@@ -179,7 +237,7 @@ class TransformerBlock(nn.Module):
     h = h * (1 + s1) + b1
     qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype)(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
+    h = dot_product_attention(q, k, v, self.attention)
     h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
                         kernel_init=nn.initializers.zeros)(h)
     x = x + drop(h)

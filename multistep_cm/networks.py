@@ -13,11 +13,10 @@ elsewhere, its converted weights. A new network is one row.
 import dataclasses
 from typing import Any, Callable, Optional
 
-import jax
-
 from multistep_cm import adm
 from multistep_cm import conditioning
 from multistep_cm import models
+from multistep_cm import targets
 
 
 def _nothing(arg):
@@ -70,10 +69,21 @@ def _check_uvit(fields):
   if remat not in models.REMAT:
     raise ValueError(f'remat is {remat!r}: expected one of '
                      f'{", ".join(models.REMAT)}.')
-  if attention == 'cudnn' and jax.default_backend() != 'gpu':
+  check_attention(attention)
+
+
+# Where a forced kernel runs: cuDNN's on NVIDIA GPUs; splash on TPUs, and on
+# the CPU in Pallas's interpret mode (slowly: to check its numerics).
+KERNEL_PLATFORMS = {'cudnn': ('gpu',), 'splash': ('tpu', 'cpu')}
+KERNEL_NEEDS = {'cudnn': 'an NVIDIA GPU', 'splash': 'a TPU'}
+
+
+def check_attention(attention):
+  platforms = KERNEL_PLATFORMS.get(attention)
+  if platforms and targets.platform() not in platforms:
     raise ValueError(
-        "attention 'cudnn' needs an NVIDIA GPU; this run's devices are "
-        f"{jax.default_backend()}: use 'auto' or 'xla'.")
+        f"attention {attention!r} needs {KERNEL_NEEDS[attention]}; this "
+        f"run's devices are {targets.platform()}: use 'auto' or 'xla'.")
 
 
 def _uvit_other_layout(module):
@@ -123,7 +133,9 @@ TABLE = {
                         params, module.config),
                     smoke=_smoke_uvit),
     'mlp': Network(_mlp, smoke=_smoke_mlp),
-    'adm': Network(_adm, has_null=lambda module: module.has_null_condition,
+    'adm': Network(_adm, check=lambda fields: check_attention(
+        fields.get('attention', 'auto')),
+                   has_null=lambda module: module.has_null_condition,
                    weights=adm.FORMAT, weights_scope=adm.UNET),
 }
 

@@ -62,8 +62,10 @@ class Run:
     return dataclasses.replace(self, model=model)
 
 
-def resolve(config):
-  """The Run of `config`: its stage, dataset, schedule, network and mesh."""
+def resolve(config, devices=None):
+  """The Run of `config`: its stage, dataset, schedule, network and mesh
+  (over `devices`, default this process's: a target's compile-only devices
+  for `--mode=describe --target`)."""
   stage = stages.get(config.stage)
   dataset = datasets.get(config)
   try:
@@ -78,7 +80,7 @@ def resolve(config):
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f'config.model: {e}') from None
   return Run(config, stage, dataset, logsnr_fn, row, model,
-             state.make_mesh(config))
+             state.make_mesh(config, devices))
 
 
 def of(config_or_run):

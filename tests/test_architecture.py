@@ -22,8 +22,9 @@ PACKAGE = ROOT / 'multistep_cm'
 # of it (and only jax, numpy and the standard library, tested below).
 STANDALONE = {'exported'}
 # 'base' is what every layer may raise or read: the errors a user can fix,
-# and the converted-weights format of imported networks.
-BASE = {'errors', 'weights'}
+# the converted-weights format of imported networks, and the accelerator
+# targets (the platform backend-dependent choices follow).
+BASE = {'errors', 'weights', 'targets'}
 PAPER = {'schedules', 'ddim', 'conditioning', 'guidance', 'losses',
          'samplers', 'models', 'toy2d', 'karras', 'adm', 'networks'}
 # 'datasets' is the dataset table, above what every mode shares ('core');

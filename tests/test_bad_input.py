@@ -140,7 +140,7 @@ def test_command_line_partial_multi_host_settings(tmp_path):
 @pytest.mark.parametrize('attention,phrase', [
     ('cudnn', "'cudnn' needs an NVIDIA GPU; this run's devices are cpu"),
     ('flash', "config.model: attention is 'flash': expected one of auto, xla, "
-              'cudnn.'),
+              'cudnn, splash.'),
 ])
 def test_attention_the_devices_cannot_run(attention, phrase, used_workdir):
   config = digits.get_config('smoke,stage=teacher')

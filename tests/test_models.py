@@ -104,7 +104,7 @@ def test_attention_auto_is_xla_on_the_cpu():
   assert pick('auto', jnp.bfloat16, 64, backend='gpu') == 'cudnn'
   assert pick('auto', jnp.float32, 64, backend='gpu') == 'xla'
   assert pick('auto', jnp.bfloat16, 256, backend='gpu') == 'xla'
-  assert pick('auto', jnp.bfloat16, 64, backend='tpu') == 'xla'
+  assert pick('auto', jnp.bfloat16, 64, backend='tpu') == 'splash'
   assert pick('cudnn', jnp.float32, 64) == 'cudnn'
   with pytest.raises(ValueError, match='Unknown attention'):
     pick('flash', jnp.bfloat16, 64)

@@ -89,7 +89,8 @@ def test_the_readme_keeps_the_quickstart_and_the_ci_test_command():
   with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
     ci = [line for line in f.read().splitlines()
           if line.startswith('pip install -e ')]
-  assert ci == ["pip install -e '.[test]' && python -m pytest -q tests"]
+  assert ci == ["pip install -e '.[test]' && python -m multistep_cm.targets "
+                "install && python -m pytest -q tests"]
   quickstart = _read('README.md').split('\n## ')[1]
   assert quickstart.startswith('Quickstart\n')
   assert re.findall(r'```bash\n(.*?)\n```', quickstart, re.S)[:2] == [

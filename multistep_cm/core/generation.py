@@ -99,6 +99,16 @@ class Generator:
                                          replicated, batch),
                        out_shardings=batch)
 
+  def lower(self, params, cond):
+    """The sampler lowered for abstract `params` and `cond` (one batch, a
+    multiple of the mesh's devices), as `batches` calls it: to compile
+    ahead of time."""
+    if self.per_example_noise:
+      rng = jax.ShapeDtypeStruct((2,), np.int32)
+    else:
+      rng = jax.eval_shape(lambda: jax.random.key(0))
+    return self._fn.lower(params, None, rng, cond)
+
   def batches(self, params, cond, seed, batch_size, start=0,
               feature_params=None):
     """Yields (outputs as batch-sharded arrays, real rows) for `cond`, the

@@ -39,9 +39,9 @@ def make_optimizer(optim):
                   eps=optim.eps, weight_decay=optim.weight_decay))
 
 
-def make_mesh(config):
+def make_mesh(config, devices=None):
   try:
-    return sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    return sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
   except ValueError as e:
     raise errors.ConfigError(f'config.mesh: {e}') from None
 
