@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from multistep_cm import conditioning
 from multistep_cm import run as run_lib
 from multistep_cm import samplers
+from multistep_cm import targets
 from multistep_cm import train
 from multistep_cm import errors
 from multistep_cm.core import generation
@@ -58,14 +59,10 @@ flags.DEFINE_bool('bare', True, 'Also time a bare forward and backward pass.')
 flags.DEFINE_string('label', '', 'Names this run in the table header.')
 FLAGS = flags.FLAGS
 
-# bf16 dense peak, TFLOP/s per chip, by a substring of `device_kind`.
-PEAK_TFLOPS = (('H100', 989.), ('H200', 989.), ('A100', 312.),
-               ('TPU v5 lite', 197.), ('TPU v5e', 197.), ('TPU v5p', 459.),
-               ('TPU v5', 459.), ('TPU v6', 918.))
-
-
 def peak_tflops(device_kind):
-  return next((p for k, p in PEAK_TFLOPS if k in device_kind), None)
+  """bf16 dense peak, TFLOP/s per chip, from the targets' table."""
+  chip = targets.chip_of(device_kind)
+  return chip.peak_flops / 1e12 if chip else None
 
 
 def _flops(lowered):

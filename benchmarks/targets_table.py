@@ -116,8 +116,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--results', required=True,
                       help='JSON lines, appended to; pairs in it are skipped.')
-  parser.add_argument('--configs', default=','.join(CONFIGS))
-  parser.add_argument('--targets', default=','.join(TARGETS))
+  parser.add_argument('--configs', nargs='+', default=CONFIGS,
+                      help='path:argument of each config (space-separated).')
+  parser.add_argument('--targets', nargs='+', default=TARGETS)
   parser.add_argument('--fit', action='store_true',
                       help='Also search the largest per-device batch.')
   parser.add_argument('--table', action='store_true',
@@ -131,8 +132,8 @@ def main():
     print(table(rows))
     return
   done = {(r['config'], r['target']) for r in rows}
-  for config_file in args.configs.split(','):
-    for name in args.targets.split(','):
+  for config_file in args.configs:
+    for name in args.targets:
       if (config_file, name) in done:
         continue
       print(f'{config_file} on {name} ...', flush=True)
@@ -142,6 +143,7 @@ def main():
         row = {'config': config_file, 'target': name, 'error': str(e)}
       with open(args.results, 'a', encoding='utf-8') as f:
         f.write(json.dumps(row) + '\n')
+      done.add((config_file, name))
       print(table([row]).splitlines()[-1], flush=True)
 
 

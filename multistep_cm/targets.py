@@ -119,6 +119,12 @@ CHIPS = {
                  compute_capability=(8, 0), shared_per_sm=167936,
                  fpus_per_sm=64, l2_bytes=40 * 2**20, clock_ghz=1.41),
 }
+# The chip of a jax device, by a substring of its `device_kind`, the more
+# specific first.
+DEVICE_KINDS = (('H100', 'h100'), ('H200', 'h200'), ('B200', 'b200'),
+                ('A100', 'a100'), ('TPU v5 lite', 'v5litepod'),
+                ('TPU v5e', 'v5litepod'), ('TPU v6', 'v6e'),
+                ('TPU v5', 'v5p'), ('TPU v4', 'v4'))
 GPUS_PER_NODE = 8
 # jax preallocates this share of a GPU's memory unless
 # XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (the launchers keep it).
@@ -157,6 +163,12 @@ class Target:
             f'(topology {self.topology}), {self.chip.memory_bytes / GIB:.1f} '
             f'GiB each{usable}, {self.chip.peak_flops / 1e12:g} TFLOP/s '
             f'bf16, {self.chip.bandwidth / 1e9:g} GB/s')
+
+
+def chip_of(device_kind):
+  """The Chip of a jax device's `device_kind`, or None (the CPU)."""
+  return next((CHIPS[key] for kind, key in DEVICE_KINDS
+               if kind in device_kind), None)
 
 
 def gpu_mem_fraction():

@@ -42,8 +42,8 @@ def test_targets_by_the_names_users_book_them(name, devices, topology,
   # The TPU compiler knows the topology, and gives one device per chip.
   found = targets.devices(target)
   assert len(found) == devices
-  assert {d.platform for d in found} == {
-      target.platform}
+  assert {d.platform for d in found} == {target.platform}
+  assert targets.chip_of(found[0].device_kind) is target.chip
 
 
 @pytest.mark.parametrize('name', ['v9-8', 'v5p-12', 'v5p-2', 'h100', '9xh100',
@@ -206,28 +206,6 @@ def test_the_fit_search(monkeypatch, per_image, start, expected):
     # The next batch on the search's grain does not fit.
     assert not compile_train_step(None, target, (best + (
         8 if best >= 8 else 1)) * target.devices).fits(target)
-
-
-def _describe(*flags, env=None):
-  return subprocess.run(
-      [sys.executable, '-m', 'multistep_cm.main', '--mode=describe', *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-      env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='1',
-               **(env or {})))
-
-
-def test_describe_for_a_tpu_slice_on_the_command_line():
-  proc = _describe('--config=configs/digits.py:smoke', '--target=v5p-8')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
-  assert 'v5p-8: 4 TPU v5p devices (topology v5p:2x2x1), 95.0 GiB' in out
-  assert "mesh {'data': 4, 'fsdp': 1}" in out
-  # The train step and the sampler, each with its verdict and bound.
-  assert out.count('Per device, as the TPU compiler compiles it for v5p-8'
-                   ) == 2
-  assert 'Train step: fits, ' in out and 'Sampler: fits, ' in out
-  assert out.count('Roofline: at least ') == 2
-  assert 'Involuntary full rematerializations: 0' in out
 
 
 def test_wrong_starts_are_one_line(monkeypatch, tmp_path):
