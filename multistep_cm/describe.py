@@ -280,10 +280,11 @@ MAX_PER_DEVICE_BATCH = 2 ** 14  # Where the search stops doubling.
 
 def fit(config, target, compiled=None):
   """(the largest per-device batch whose train step fits the target, 0 if
-  none, up to MAX_PER_DEVICE_BATCH and from 8 up to a multiple of 8; its
+  none, up to MAX_PER_DEVICE_BATCH and from 8 up to the grain of 8; its
   Compiled; every per-device batch tried -> Compiled): doubling or halving
-  from the config's, then bisection, each batch compiled once. `compiled`:
-  batches already compiled."""
+  from the config's, then a search between the last batch that fits and
+  the first that does not (`_next_batch`), each batch compiled once.
+  `compiled`: batches already compiled."""
   tried = dict(compiled or {})
 
   def fits(per_device):
@@ -305,12 +306,26 @@ def fit(config, target, compiled=None):
     if not fits(low):
       return 0, None, tried
   while high - low > (grain := 8 if low >= 8 else 1):
-    middle = low + max(grain, (high - low) // 2 // grain * grain)
+    middle = _next_batch(tried[low], tried[high], low, high, grain,
+                         target.usable_bytes)
     if fits(middle):
       low = middle
     else:
       high = middle
   return low, tried.get(low), tried
+
+
+def _next_batch(at_low, at_high, low, high, grain, usable):
+  """The batch to compile next between `low` (fits) and `high` (does not):
+  where the line through their peaks meets the usable memory (memory grows
+  about linearly with the batch, so this is close in one or two steps),
+  else the middle; on the grain, strictly inside."""
+  step = (high - low) // 2
+  if not at_high.refused and at_high.peak > at_low.peak:
+    per_image = (at_high.peak - at_low.peak) / (high - low)
+    step = int((usable - at_low.peak) / per_image)
+  step = min(max(grain, step // grain * grain), high - low - 1)
+  return low + max(grain, step // grain * grain)
 
 
 def _say(line):
@@ -396,9 +411,10 @@ def _program_lines(what, compiled, target, flops, images):
   return lines
 
 
-def _target_lines(config, target, fit_batch):
+def _target_lines(config, target, fit_batch, fit_remat):
   """The report for `target`: the train step and the sampler, and with
-  `fit_batch` the largest per-device batch that fits."""
+  `fit_batch` the largest per-device batch that fits (`fit_remat`: with
+  each remat policy)."""
   params = models.count_params(
       state_lib.param_layout(run_lib.resolve(
           _counting_config(config), jax.devices('cpu')[:1]))[0])
@@ -427,31 +443,47 @@ def _target_lines(config, target, fit_batch):
   if fit_batch:
     _say('\n### Largest batch that fits\n')
     per_device = batch // target.devices
-    best, compiled, _ = fit(config, target, {per_device: step}
-                            if batch % target.devices == 0 else None)
-    remat = config.model.get('remat', 'none')
-    if not best:
-      out = [f'No per-device batch fits {target.name}, 1 included, with remat '
-             f'{remat!r}.']
-    else:
-      bound, limit, _ = roofline(flops['train step'] * best, compiled,
-                                 target.chip)
-      capped = (f' (the search stops at {MAX_PER_DEVICE_BATCH})'
-                if best >= MAX_PER_DEVICE_BATCH else '')
-      out = [f'Largest per-device batch that fits: {best}{capped} (global '
-             f'{best * target.devices}), peak {_gib(compiled.peak)} of '
-             f'{_gib(target.usable_bytes)}, with remat {remat!r}; roofline '
-             f'{bound * 1e3:.4g} ms per step ({limit}-bound).']
-    _say('\n'.join(out))
+    out = []
+    remats = [config.model.get('remat', 'none')]
+    if fit_remat and 'remat' in config.model:
+      remats += [r for r in models.REMAT if r not in remats]
+    best = 0
+    for remat in remats:
+      tuned = config.copy_and_resolve_references()
+      if 'remat' in tuned.model:
+        tuned.model.remat = remat
+      known = None
+      if remat == remats[0] and batch % target.devices == 0:
+        known = {per_device: step}
+      elif best:  # Another policy: from the batch the last one reached.
+        tuned.batch_size = best * target.devices
+      best, compiled, _ = fit(tuned, target, known)
+      out.append(_fit_line(best, compiled, target, remat,
+                           flops['train step']))
+      _say(out[-1])
     lines += ['', '### Largest batch that fits', ''] + out
   return lines
 
 
-def run(config, config_file, target=None, fit_batch=False):
+def _fit_line(best, compiled, target, remat, flops_per_image):
+  if not best:
+    return (f'With remat {remat!r}: no per-device batch fits {target.name}, '
+            '1 included.')
+  bound, limit, _ = roofline(flops_per_image * best, compiled, target.chip)
+  capped = (f' (the search stops at {MAX_PER_DEVICE_BATCH})'
+            if best >= MAX_PER_DEVICE_BATCH else '')
+  return (f'With remat {remat!r}: largest per-device batch that fits '
+          f'{best}{capped} (global {best * target.devices}), peak '
+          f'{_gib(compiled.peak)} of {_gib(target.usable_bytes)}; roofline '
+          f'{bound * 1e3:.4g} ms per step ({limit}-bound, '
+          f'{best / bound:.4g} images/s per device).')
+
+
+def run(config, config_file, target=None, fit_batch=False, fit_remat=False):
   """Prints the description; returns it as text. `target`: a name of
   `targets.get`, to compile for it; `fit_batch`: also search the largest
-  per-device batch that fits it."""
-  if fit_batch and not target:
+  per-device batch that fits it, `fit_remat` with each remat policy too."""
+  if (fit_batch or fit_remat) and not target:
     raise errors.ConfigError('--fit searches a target\'s largest batch: give '
                              '--target too.')
   if target:
@@ -460,7 +492,7 @@ def run(config, config_file, target=None, fit_batch=False):
     lines = [f'# {config_file}', '', variants(config_file) or
              '(no docstring)', '', '## Resolved fields', '', *fields(config)]
     _say('\n'.join(lines))
-    lines += _target_lines(config, target, fit_batch)
+    lines += _target_lines(config, target, fit_batch or fit_remat, fit_remat)
     return '\n'.join(lines)
   run = run_lib.resolve(config)
   params, remats, memory = train_step_memory(run)

@@ -51,14 +51,17 @@ flags.DEFINE_string('target', None, 'With --mode=describe: compile for this '
                     'them) and say whether it fits and how fast it can be.')
 flags.DEFINE_bool('fit', False, 'With --mode=describe --target: also find the '
                   'largest per-device batch whose train step fits.')
+flags.DEFINE_bool('fit_remat', False, 'As --fit, with each remat policy of the '
+                  'network (none, dots_saveable, full) in turn.')
 flags.mark_flags_as_required(['config'])
 flags.register_multi_flags_validator(
     ['mode', 'workdir'], lambda f: f['mode'] == 'describe' or f['workdir'],
     message='--workdir is required (except with --mode=describe).')
 flags.register_multi_flags_validator(
-    ['mode', 'target', 'fit'],
-    lambda f: f['mode'] == 'describe' or not (f['target'] or f['fit']),
-    message='--target and --fit go with --mode=describe.')
+    ['mode', 'target', 'fit', 'fit_remat'],
+    lambda f: f['mode'] == 'describe' or not (
+        f['target'] or f['fit'] or f['fit_remat']),
+    message='--target, --fit and --fit_remat go with --mode=describe.')
 
 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
@@ -240,7 +243,7 @@ def main(argv):
     from multistep_cm import describe  # pylint: disable=g-import-not-at-top
     try:
       describe.run(config, config_flags.get_config_filename(FLAGS['config']),
-                   FLAGS.target, FLAGS.fit)
+                   FLAGS.target, FLAGS.fit, FLAGS.fit_remat)
     except errors.UserError as e:
       sys.exit(f'error: {e}')
     return

@@ -175,18 +175,20 @@ def test_the_verdict_flips_where_the_batch_outgrows_the_chip():
   assert 0 < small.peak < 2 ** 19 < large.peak
 
 
-@pytest.mark.parametrize('per_image, start, expected', [
-    (1.0, 4, 96),  # Doubling from 4 to 128, then bisection to a multiple
-    (1.0, 256, 96),  # of 8 past 8; halving from 256 first.
-    (20.0, 16, 5),  # Below 8: to the image.
-    (200.0, 4, 0),  # Not one image.
-    (1e-4, 4, describe.MAX_PER_DEVICE_BATCH),  # The search's cap.
+@pytest.mark.parametrize('per_image, start, expected, compiles_at_most', [
+    (1.0, 4, 96, 8),  # Doubling from 4 to 128, then to a multiple of 8
+    (1.0, 256, 96, 5),  # past 8; halving from 256 first.
+    (20.0, 16, 5, 5),  # Below 8: to the image.
+    (200.0, 4, 0, 3),  # Not one image.
+    (1e-4, 4, describe.MAX_PER_DEVICE_BATCH, 13),  # The search's cap.
 ])
-def test_the_fit_search(monkeypatch, per_image, start, expected):
+def test_the_fit_search(monkeypatch, per_image, start, expected,
+                        compiles_at_most):
   """On a chip of 105 MiB, with a program of 4 MiB plus `per_image` MiB an
   image per device (a model of the compiler: the search is what is
   tested), the largest per-device batch that fits is found, each batch
-  compiled once."""
+  compiled once, and few compiled: the search aims where the line through
+  the last two peaks meets the chip's memory."""
   target = _small(targets.get('v5p-8'), 105)
   compiles = []
 
@@ -200,6 +202,7 @@ def test_the_fit_search(monkeypatch, per_image, start, expected):
   config.batch_size = start * target.devices
   best, compiled, tried = describe.fit(config, target)
   assert best == expected and len(compiles) == len(set(compiles))
+  assert len(compiles) <= compiles_at_most, compiles
   if best:
     assert compiled is tried[best] and compiled.fits(target)
   if 0 < best < describe.MAX_PER_DEVICE_BATCH:
