@@ -89,12 +89,21 @@ def measure(config_file, name, fit_batch):
 
 
 def table(rows):
+  """The markdown table of `rows`, one per (config, target): a row with a
+  fit search wins over one without."""
+  best = {}
+  for r in rows:
+    key = (r['config'], r['target'])
+    if key not in best or 'fit_batch' in r:
+      best[key] = r
+  rows = list(best.values())
   lines = ['| config | target | per-device batch | peak GiB (usable) | fits '
            '| largest batch that fits | roofline ms/step (bound) | compile s |',
            '|---|---|---|---|---|---|---|---|']
   for r in rows:
     if 'error' in r:
-      lines.append(f"| {r['config']} | {r['target']} | {r['error']} |||||| ")
+      lines.append(f"| {r['config']} | {r['target']} | - | {r['error']} | "
+                   'no | - | - | - |')
       continue
     # The verdict against the table's usable memory now.
     usable = targets.get(r['target']).usable_bytes / describe.GIB
@@ -141,6 +150,11 @@ def main():
         row = measure(config_file, name, args.fit)
       except errors.UserError as e:  # E.g. a mesh the devices cannot fill.
         row = {'config': config_file, 'target': name, 'error': str(e)}
+      except Exception as e:  # pylint: disable=broad-except
+        # Recorded, so that one pair's failure does not end a long run.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        row = {'config': config_file, 'target': name,
+               'error': f'{type(e).__name__}: {first}'}
       with open(args.results, 'a', encoding='utf-8') as f:
         f.write(json.dumps(row) + '\n')
       done.add((config_file, name))

@@ -14,6 +14,15 @@ per scale); `teacher=PATH` (a teacher workdir); `smoke` for a few CPU steps.
 Expected (paper Table 1): teachers FID 1.5 (small) / 1.4 (large) with 512
 aDDIM steps; 8-step CD students 1.6 / 1.4, CT 1.5 / 1.5. The teacher's own
 training length is not in the paper, so its `total_steps` is our choice.
+
+Hardware, as the chips' compilers see it (`--mode=describe --target=...`,
+docs/targets.md): at batch 2048 the small teacher and CD student fit a
+v5p-64 (64 images per chip; 54.8 and 55.6 of 95.7 GiB); the large CD
+student does too (84.1 GiB), but the large teacher needs
+`--config.model.remat=dots_saveable` there (96.3 GiB without, 40.1 with).
+Batch 2048 fits neither 64 v6e nor 64 v5e chips (32 per chip) nor an 8-GPU
+node (256 per GPU): use more chips, or a smaller `--config.batch_size`
+(`--fit` finds the largest).
 """
 
 from multistep_cm.core import config as common

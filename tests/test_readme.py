@@ -319,3 +319,17 @@ def test_every_page_of_docs_is_linked_from_the_readme_or_the_index():
   linked |= set(re.findall(r'\]\(([^)#/]+\.md)', _read('docs/README.md')))
   pages = {os.path.basename(p) for p in PAGES if p.startswith('docs')}
   assert pages - {'README.md'} <= linked, pages - linked
+
+
+def test_the_front_page_s_hardware_figures_are_the_table_s():
+  """The front page's compiled ImageNet64 figures, as docs/targets.md's
+  table (benchmarks/targets_table.py's output) has them."""
+  readme = _read('README.md').split('### Before booking hardware')[1]
+  table = _read('docs/targets.md')
+  rows = re.findall(r'\| (small|large) \([\d.]+[MB]\) \| (\S+) \| (\d+) \| '
+                    r'([\d.]+) of ([\d.]+) GiB', readme)
+  assert len(rows) == 4, rows
+  for size, target, per_chip, peak, usable in rows:
+    target = {'8×H100': '8xh100'}.get(target, target)
+    assert (f'| configs/imagenet64.py:{size} | {target} | {per_chip} | '
+            f'{peak} ({usable}) |') in table, (size, target)

@@ -270,3 +270,15 @@ def test_a_tpu_chip_s_usable_memory_is_its_compiler_s(name):
   assert (f'exceeds available HBM ({target.usable_bytes / 2**30:.2f}G)'
           in compiled.refused), compiled.refused
   assert not compiled.fits(target)
+
+
+def test_a_mesh_whose_axes_split_a_tpu_torus():
+  """text2image's FSDP axis of 16 over a v6e-64's 8x8 chips: jax.make_mesh
+  splits physical axes only on v5e, the project's mesh on any TPU."""
+  devices = targets.devices(targets.get('v6e-64'))
+  with pytest.raises(NotImplementedError):
+    jax.make_mesh((4, 16), ('data', 'fsdp'), devices=devices)
+  mesh = describe.sharding.make_mesh(('data', 'fsdp'), (-1, 16), devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 16}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(
+      d.id for d in devices)

@@ -9,6 +9,7 @@ split along its largest divisible dimension) and replicated over 'data'.
 import math
 
 import jax
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding
@@ -40,8 +41,15 @@ def make_mesh(axes, shape, devices=None):
   # where propagation alone goes wrong (models.constrain_batch,
   # conditioning.Embed), under the mesh the jitted function puts in context.
   auto = (jax.sharding.AxisType.Auto,) * len(axes)
-  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto,
-                       devices=devices)
+  try:
+    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto,
+                         devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose sides no axis matches (16 over a v6e-64's 8x8):
+    # jax.make_mesh splits a physical axis only on v5e; any TPU can.
+    grid = mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, tuple(axes), axis_types=auto)
 
 
 def batch_spec(mesh):
