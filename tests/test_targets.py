@@ -282,3 +282,14 @@ def test_a_mesh_whose_axes_split_a_tpu_torus():
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 16}
   assert sorted(d.id for d in mesh.devices.flat) == sorted(
       d.id for d in devices)
+
+
+def test_a_mesh_over_two_slices():
+  """Two v5p-8 slices: 'data' spans them, 'fsdp' stays within each."""
+  devices = targets.devices(targets.get('2xv5p-8'))
+  mesh = describe.sharding.make_mesh(('data', 'fsdp'), (-1, 2), devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2}
+  slices = [{d.slice_index for d in row} for row in mesh.devices]
+  assert slices == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ValueError, match='spans the 2 slices'):
+    describe.sharding.make_mesh(('data', 'fsdp'), (1, 8), devices)

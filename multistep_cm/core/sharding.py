@@ -41,6 +41,9 @@ def make_mesh(axes, shape, devices=None):
   # where propagation alone goes wrong (models.constrain_batch,
   # conditioning.Embed), under the mesh the jitted function puts in context.
   auto = (jax.sharding.AxisType.Auto,) * len(axes)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:
+    return _multislice_mesh(axes, shape, devices, slices, auto)
   try:
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto,
                          devices=devices)
@@ -50,6 +53,21 @@ def make_mesh(axes, shape, devices=None):
     grid = mesh_utils.create_device_mesh(shape, devices,
                                          allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, tuple(axes), axis_types=auto)
+
+
+def _multislice_mesh(axes, shape, devices, slices, axis_types):
+  """The mesh over several TPU slices (joined by the data-center network,
+  slower than the chips' own links): the first axis ('data') spans the
+  slices and every other axis stays within one, so that only the
+  gradients' reduction crosses between slices."""
+  if shape[0] % slices:
+    raise ValueError(f'mesh shape {shape}: its first axis, {axes[0]}, spans '
+                     f'the {slices} slices, and {shape[0]} is not a multiple '
+                     'of them.')
+  grid = mesh_utils.create_hybrid_device_mesh(
+      [shape[0] // slices] + shape[1:], [slices] + [1] * (len(shape) - 1),
+      devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, tuple(axes), axis_types=axis_types)
 
 
 def batch_spec(mesh):
