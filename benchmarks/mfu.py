@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from multistep_cm import conditioning
+from multistep_cm import describe
 from multistep_cm import run as run_lib
 from multistep_cm import samplers
 from multistep_cm import targets
@@ -63,12 +64,6 @@ def peak_tflops(device_kind):
   """bf16 dense peak, TFLOP/s per chip, from the targets' table."""
   chip = targets.chip_of(device_kind)
   return chip.peak_flops / 1e12 if chip else None
-
-
-def _flops(lowered):
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
 
 
 def _peak_memory_gb():
@@ -112,7 +107,7 @@ def _step_flops(config, batch):
   _, abstract, shardings = state_lib.state_layout(run, tx)
   teacher = abstract.params if run.stage.runs_teacher else None
   step_fn = train.make_train_step(run, tx, shardings)
-  return _flops(step_fn.lower(abstract, batch, teacher))
+  return describe.lowered_flops(step_fn.lower(abstract, batch, teacher))
 
 
 def _train_step(config, stage, batch_size):
@@ -164,7 +159,7 @@ def _bare_step(config, batch_size):
   compiled = grad(network).lower(state.params).compile()
   compile_s = time.perf_counter() - t0
   counting, abstract = _model_network(config)
-  return (_flops(grad(counting).lower(abstract)), compile_s,
+  return (describe.lowered_flops(grad(counting).lower(abstract)), compile_s,
           timing.seconds_per_call(lambda: compiled(state.params),
                                   FLAGS.repeats), _temp_gb(compiled))
 
@@ -207,7 +202,7 @@ def _sampler(config, spec, batch_size):
   t0 = time.perf_counter()
   jax.block_until_ready(sample())  # Compiles.
   compile_s = time.perf_counter() - t0
-  return (_flops(forward) * spec.nfe(), compile_s,
+  return (describe.lowered_flops(forward) * spec.nfe(), compile_s,
           timing.seconds_per_call(sample, FLAGS.repeats, warmup=0), None)
 
 

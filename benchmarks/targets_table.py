@@ -59,7 +59,7 @@ def measure(config_file, name, fit_batch):
   per_device = config.batch_size / target.devices
   row = {'config': config_file, 'target': name,
          'per_device_batch': per_device,
-         'attention': describe._attention(config, target),  # pylint: disable=protected-access
+         'attention': describe.attention_kernels(config, target),
          'remat': config.model.get('remat', 'none'),
          'usable_gib': target.usable_bytes / describe.GIB,
          'refused': step.refused, 'fits': step.fits(target),

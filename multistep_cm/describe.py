@@ -162,10 +162,16 @@ def _counting_config(config):
   return config
 
 
-def _flops(lowered):
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
+def _cost(analysis):
+  """A cost analysis as one dict ({} where the backend gives none): some
+  backends give a list of one."""
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return analysis or {}
+
+
+def lowered_flops(lowered):
+  """The FLOPs XLA counts in a lowered (not yet compiled) program."""
+  return float(_cost(lowered.cost_analysis())['flops'])
 
 
 def model_flops(config):
@@ -181,8 +187,8 @@ def model_flops(config):
     forward = jax.jit(run.network).lower(
         params, jax.ShapeDtypeStruct((n,) + run.shape, jax.numpy.float32),
         jax.ShapeDtypeStruct((n,), jax.numpy.float32), cond)
-    return {'train step': _flops(step_fn.lower(*inputs)) / config.batch_size,
-            'sampler': _flops(forward) * spec.nfe(run.condition) / n}
+    return {'train step': lowered_flops(step_fn.lower(*inputs)) / config.batch_size,
+            'sampler': lowered_flops(forward) * spec.nfe(run.condition) / n}
 
 
 @dataclasses.dataclass
@@ -218,8 +224,7 @@ def compile_for(lowered, names=TRAIN_STEP_MEMORY):
     return Compiled({}, None, None, None, time.perf_counter() - start,
                     refused=line)
   seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  cost = _cost(compiled.cost_analysis())
   return Compiled(_memory(compiled, names), cost.get('flops'),
                   cost.get('bytes accessed'), remats, seconds)
 
@@ -234,7 +239,7 @@ CUDNN_NOTE = ('compiled here with XLA\'s attention: jax reads libcudnn\'s '
               'upper bound')
 
 
-def _attention(config, target):
+def attention_kernels(config, target):
   """(the attention kernel the config's network uses on the target, the one
   compiled here)."""
   model = config.model
@@ -251,7 +256,7 @@ def _target_run(config, target, batch_size=None):
   config = config.copy_and_resolve_references()
   if batch_size is not None:
     config.batch_size = batch_size
-  _, compiled = _attention(config, target)
+  _, compiled = attention_kernels(config, target)
   if compiled:
     config.model.attention = compiled
   with targets.compiling_for(target):
@@ -324,8 +329,7 @@ def _next_batch(at_low, at_high, low, high, grain, usable):
   if not at_high.refused and at_high.peak > at_low.peak:
     per_image = (at_high.peak - at_low.peak) / (high - low)
     step = int((usable - at_low.peak) / per_image)
-  step = min(max(grain, step // grain * grain), high - low - 1)
-  return low + max(grain, step // grain * grain)
+  return low + min(max(step, grain), high - low - 1) // grain * grain
 
 
 def _say(line):
@@ -415,12 +419,12 @@ def _target_lines(config, target, fit_batch, fit_remat):
   """The report for `target`: the train step and the sampler, and with
   `fit_batch` the largest per-device batch that fits (`fit_remat`: with
   each remat policy)."""
-  params = models.count_params(
-      state_lib.param_layout(run_lib.resolve(
-          _counting_config(config), jax.devices('cpu')[:1]))[0])
+  run = _target_run(config, target)
+  with targets.compiling_for(target):
+    params = models.count_params(state_lib.param_layout(run)[0])
+  mesh = dict(run.mesh.shape)
   flops = model_flops(config)
-  mesh = dict(_target_run(config, target).mesh.shape)
-  chosen, compiled = _attention(config, target)
+  chosen, compiled = attention_kernels(config, target)
   attention = ('' if chosen is None else f'; attention {chosen} (config '
                f'{config.model.attention!r} on {target.platform})' +
                ('' if chosen == compiled else f', {CUDNN_NOTE}'))

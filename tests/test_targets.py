@@ -108,8 +108,8 @@ def test_the_attention_kernel_follows_the_target():
   gpu, tpu = targets.get('8xh100'), targets.get('v5p-8')
   # cuDNN's on a GPU (compiled as XLA's, without libcudnn); the TPU's flash
   # attention on a TPU; XLA's on this CPU.
-  assert describe._attention(config, gpu) == ('cudnn', 'xla')  # pylint: disable=protected-access
-  assert describe._attention(config, tpu) == ('splash', 'splash')  # pylint: disable=protected-access
+  assert describe.attention_kernels(config, gpu) == ('cudnn', 'xla')
+  assert describe.attention_kernels(config, tpu) == ('splash', 'splash')
   assert models.attention_implementation('auto', 'bfloat16', 64) == 'xla'
   for target, kernel, wrong in ((gpu, 'cudnn', 'splash'),
                                 (tpu, 'splash', 'cudnn')):
@@ -139,7 +139,7 @@ def test_model_flops_count_the_scanned_blocks_in_full():
   # The scanned program's own count has the loop's body once: one block.
   run = run_lib.resolve(scanned, jax.devices()[:8])
   step_fn, inputs, _ = describe._train_inputs(run)  # pylint: disable=protected-access
-  own = describe._flops(step_fn.lower(*inputs)) / scanned.batch_size  # pylint: disable=protected-access
+  own = describe.lowered_flops(step_fn.lower(*inputs)) / scanned.batch_size
   assert own == pytest.approx(one['train step'], rel=2e-3)
 
 
