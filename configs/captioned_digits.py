@@ -24,7 +24,7 @@ slant with the trait its prompt names. The guided table also has the
 teacher's guided ancestral (DDPM) sampler, Table 6's teacher row.
 
 Arguments: those of configs/digits.py (`stage=` including `gd`, `steps=S`,
-`smoke`) and `guidance=w` (a single stage's guidance scale).
+`any`, `smoke`) and `guidance=w` (a single stage's guidance scale).
 """
 
 from configs import digits
@@ -34,9 +34,11 @@ from multistep_cm.core import stages
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, {'stage': ('pipeline',) + stages.NAMES},
-                         stage='pipeline', steps=8, guidance=0., smoke=False)
+                         stage='pipeline', steps=8, any=False, guidance=0.,
+                         smoke=False)
   c = digits.get_config(f'stage={arg.stage},steps={arg.steps}' +
-                        (',smoke' if arg.smoke else ''))
+                        (',smoke' if arg.smoke else '') +
+                        (',any' if arg.any else ''))
   c.dataset.name = 'captioned_digits'
   c.dataset.num_classes = 0  # Conditioned on captions alone.
   c.dataset.text_len = 8

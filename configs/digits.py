@@ -12,7 +12,9 @@ held-out digits score FD-digits 4.51 and 98.1% accuracy.
 
 Arguments: `stage=teacher|cd|ct|pd` runs that stage alone in WORKDIR (a
 student needs --config.teacher_checkpoint), `steps=S` sets the student's
-steps, `smoke` shrinks everything to run in seconds.
+steps, `any` trains one any-S student for S in {1, 2, 4, 8, 16} instead
+(WORKDIR/cd_any; `steps=S` then picks the S it samples with), `smoke`
+shrinks everything to run in seconds.
 """
 
 from multistep_cm.core import config as common

@@ -11,6 +11,7 @@ imported, and multistep students distilled from it.
       --workdir=/tmp/edm64_cd_s4
 
 Arguments: `teacher` (default), `cd`, `ct` or `pd`; `steps=S` (1, 2, 4, 8);
+`any` (with `cd` or `ct`): one any-S student of S in {1, 2, 4, 8, 16};
 `teacher=PATH.npz`, the converted teacher: students start from it and
 distil it; the `teacher` stage samples and evaluates it; `student=PATH.npz`,
 a converted OpenAI CD/CT student (e.g. openai/diffusers-cd_imagenet64_l2),
@@ -40,9 +41,10 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.  # EDM's sampling range.
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, common.STAGE_ARG, stage='teacher', steps=8,
-                         teacher='', student='', smoke=False)
+                         any=False, teacher='', student='', smoke=False)
   c = imagenet64.build(imagenet64.parse(
-      f'{arg.stage},steps={arg.steps}' + (',smoke' if arg.smoke else '')))
+      f'{arg.stage},steps={arg.steps}' + (',smoke' if arg.smoke else '') +
+      (',any' if arg.any else '')))
   c.dataset.flip = False
   c.loss.label_dropout = 0.  # The network has no null class to train.
 

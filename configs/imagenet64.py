@@ -9,7 +9,8 @@
 Needs tfds `imagenet_resized/64x64` prepared under TFDS_DATA_DIR. Arguments:
 `small` (~405M parameters here, the paper's 394M) or `large` (~1.26B, the
 paper's 1.23B); `teacher` (default), `cd`, `ct` or `pd`; `steps=S` for the
-student (1, 2, 4, 8, 16); `guidance=w` for a guided CD/PD teacher (one student
+student (1, 2, 4, 8, 16); `any` (with `cd` or `ct`) for one any-S student of
+S in {1, 2, 4, 8, 16}, sampled with `steps=S`; `guidance=w` for a guided CD/PD teacher (one student
 per scale); `teacher=PATH` (a teacher workdir); `smoke` for a few CPU steps.
 Expected (paper Table 1): teachers FID 1.5 (small) / 1.4 (large) with 512
 aDDIM steps; 8-step CD students 1.6 / 1.4, CT 1.5 / 1.5. The teacher's own
@@ -33,7 +34,7 @@ ARGS = {'size': ('small', 'large'), **common.STAGE_ARG}
 def parse(arg):
   """The argument of this file and of imagenet128.py."""
   return common.parse_arg(arg, ARGS, size='small', stage='teacher', steps=8,
-                          guidance=0., teacher='', smoke=False)
+                          any=False, guidance=0., teacher='', smoke=False)
 
 
 def get_config(arg=None):

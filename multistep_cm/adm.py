@@ -199,7 +199,8 @@ class ADMUNet(nn.Module):
   config: ADMConfig
 
   @nn.compact
-  def __call__(self, x, noise_input, class_labels=None, train=False):
+  def __call__(self, x, noise_input, class_labels=None, train=False,
+               extra_emb=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     if (class_labels is not None) != bool(cfg.num_classes):
@@ -215,6 +216,8 @@ class ADMUNet(nn.Module):
     if cfg.num_classes:
       emb += conditioning.Embed(cfg.num_classes + cfg.null_class, emb_dim,
                                 name='label_embed')(class_labels)
+    if extra_emb is not None:  # An any-S student's boundary embedding.
+      emb += extra_emb
     # Every block's embedding projection starts with this SiLU.
     emb = nn.silu(emb)
 
@@ -328,10 +331,15 @@ class Network(nn.Module):
     return self.config.null_class or not self.condition.conditional
 
   @nn.compact
-  def __call__(self, z, t, cond, train=False):
+  def __call__(self, z, t, cond, train=False, boundary=None):
     unet = ADMUNet(self.config, name=UNET)
     labels = cond if self.condition.conditional else None
+    # Beside the U-Net, so that its imported weights keep their names; in
+    # float32, like the U-Net's own embedding path.
+    extra = models.boundary_embedding(boundary, z.shape[0],
+                                      4 * self.config.model_channels,
+                                      jnp.float32)
     denoiser = karras.denoiser(
-        lambda _, x, time, c, __: unet(x, time, c, train),
+        lambda _, x, time, c, __: unet(x, time, c, train, extra),
         karras.SCALINGS[self.preconditioning], self.time_input)
     return karras.v_network(denoiser, self.logsnr_fn)(None, z, t, labels)

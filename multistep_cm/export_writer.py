@@ -4,13 +4,17 @@
   python -m multistep_cm.main --config=configs/digits.py:stage=cd \
       --workdir=/tmp/digits/cd_s8 --mode=export
 
-writes WORKDIR/export/step<N>_<sampler><steps>/ for the newest checkpoint
+writes WORKDIR/export/step<N>_<sampler><steps>/ (an any-S student's:
+step<N>_any_student/, every S in one artifact) for the newest checkpoint
 (EMA weights unless config.evaluate.ema is False), with the stage's sampler
 and config.evaluate's overrides, as --mode=evaluate samples:
 
   sampler.jax_exported  noise (and a stochastic sampler's per-step keys),
                         labels -> uint8 NHWC images, serialised with
                         `jax.export` for CPU, CUDA and TPU, any batch size
+  sampler_s<S>.jax_exported  an any-S student's: the same at each other S
+                        it learned (config.any_steps); the manifest's
+                        `programs` maps each S to its file
   weights.npz           the weights it takes, in the order the manifest
                         lists them (plain arrays: no pickle)
   manifest.json         what it is: stage, sampler, S, NFE, guidance, image
@@ -26,6 +30,7 @@ one last: a reader finds a whole artifact, or none (no manifest.json), never
 a manifest whose files are still moving.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -176,12 +181,13 @@ def manifest(run, spec, step, exp, names):
   }
 
 
-def _write(directory, exp, weights, record):
-  """The artifact's files in `directory`, the manifest (with their hashes)
-  last; returns their sizes in bytes."""
+def _write(directory, programs, weights, record):
+  """The artifact's files in `directory` (`programs`: the Exported of each
+  program file), the manifest (with their hashes) last; returns their sizes
+  in bytes."""
   npz = io.BytesIO()
   np.savez(npz, **weights)
-  files = {exported.PROGRAM: bytes(exp.serialize()),
+  files = {**{name: bytes(exp.serialize()) for name, exp in programs.items()},
            exported.WEIGHTS: npz.getvalue()}
   directory.mkdir(parents=True)
   for name, data in files.items():
@@ -229,14 +235,27 @@ def run(config, workdir):
   params, _, step = state.load_for_sampling(resolved, workdir,
                                             config.evaluate.ema)
   params = jax.tree.map(_host, params)
-  final = epath.Path(workdir) / 'export' / f'step{step}_{spec.name}'
+  # An any-S student: a program for each S it learned besides its own,
+  # all over the same weights, stored once.
+  others = sorted(set(resolved.any_steps) - {spec.steps})
+  name = spec.kind if others else spec.name
+  final = epath.Path(workdir) / 'export' / f'step{step}_{name}'
   if jax.process_index() == 0:
     exp, weights = export_program(resolved, spec, params)
+    programs = {exported.PROGRAM: exp}
+    for s in others:
+      programs[exported.program_file(s)] = export_program(
+          resolved, dataclasses.replace(spec, steps=s), params)[0]
     tmp = final.parent / (final.name + '.tmp')
     if tmp.exists():
       tmp.rmtree()  # Left by an export that did not finish.
-    sizes = _write(tmp, exp, weights,
-                   manifest(resolved, spec, step, exp, list(weights)))
+    record = manifest(resolved, spec, step, exp, list(weights))
+    if others:
+      record['programs'] = {str(s): exported.program_file(s)
+                            for s in others}
+      record['programs'][str(spec.steps)] = exported.PROGRAM
+      record['trained_steps'] = list(resolved.any_steps)
+    sizes = _write(tmp, programs, weights, record)
     _replace(tmp, final)
     logging.info('Exported %s (%s, NFE %d, for %s) to %s: %s.', config.stage,
                  spec.name, spec.nfe(resolved.condition),

@@ -13,6 +13,10 @@ gcsfs, imported only then:
   sampler = exported.load('/tmp/digits/cd_s8/export/step1500_student8')
   images = sampler.sample(0, labels=np.arange(10))  # uint8 (10, 8, 8, 1)
 
+An any-S student's artifact holds a program for each of its step counts
+over one copy of the weights: `sampler.sample(0, labels, steps=4)`, any
+of `sampler.steps`.
+
 A seed draws the noise (and a stochastic sampler's per-step keys) as
 --mode=evaluate draws them, sample i of seed s from (s, start + i) alone, so
 the same seed gives the same samples here and there. This jax draws them,
@@ -46,6 +50,12 @@ STEP_NOISE = 1 << 30
 FIELDS = ('files', 'weights', 'image_shape', 'labels', 'stochastic',
           'prng_impl', 'threefry_partitionable', 'serialization_version',
           'sampler')
+
+
+def program_file(steps):
+  """The file of an any-S student's program for `steps` other than its
+  default (which is PROGRAM)."""
+  return f'sampler_s{steps}.jax_exported'
 
 
 class ArtifactError(ValueError):
@@ -146,8 +156,9 @@ def _check_files(directory, manifest):
                           f'{MANIFEST} records.')
 
 
-def _deserialize(directory, manifest):
-  """The Exported, if this jax can run its calling convention version."""
+def _deserialize(directory, manifest, name=PROGRAM):
+  """The Exported in file `name`, if this jax can run its calling
+  convention version."""
   version = manifest.get('serialization_version')
   low = jax.export.minimum_supported_calling_convention_version
   high = jax.export.maximum_supported_calling_convention_version
@@ -157,7 +168,7 @@ def _deserialize(directory, manifest):
         f'{version!r} (jax {manifest.get("jax_version")}); jax '
         f'{jax.__version__} runs versions {low} to {high}: export it again '
         'with a jax closer to this one.')
-  with open(os.path.join(directory, PROGRAM), 'rb') as f:
+  with open(os.path.join(directory, name), 'rb') as f:
     blob = f.read()
   try:
     return jax.export.deserialize(bytearray(blob))
@@ -165,14 +176,14 @@ def _deserialize(directory, manifest):
     line = _first_line(e)
     if isinstance(e, ImportError):
       # A package this Python lacks, not a fault of the artifact.
-      raise ImportError(f'{directory}/{PROGRAM} cannot be read by jax '
+      raise ImportError(f'{directory}/{name} cannot be read by jax '
                         f'{jax.__version__} here: {line} (docs/serving.md '
                         'lists what serving needs).') from None
-    raise ArtifactError(f'{directory}/{PROGRAM} cannot be deserialised by jax '
+    raise ArtifactError(f'{directory}/{name} cannot be deserialised by jax '
                         f'{jax.__version__}: {line}') from None
 
 
-def _check_program(directory, manifest, program):
+def _check_program(directory, manifest, program, name=PROGRAM):
   """The program takes what the manifest says: the weights, noise of the
   image shape, labels, and per-step keys if stochastic."""
   avals = program.in_avals
@@ -180,8 +191,21 @@ def _check_program(directory, manifest, program):
   if (not isinstance(names, list)
       or len(avals) != len(names) + 2 + bool(manifest['stochastic'])
       or list(avals[len(names)].shape[1:]) != shape):
-    raise ArtifactError(f'{directory}/{PROGRAM} does not take the inputs '
+    raise ArtifactError(f'{directory}/{name} does not take the inputs '
                         f'{MANIFEST} describes.')
+
+
+def _programs(directory, manifest):
+  """{S: file} of the programs the artifact holds: an any-S student's
+  `programs`, or its one sampler at its `steps`."""
+  default = str(manifest['sampler'].get('steps'))
+  programs = manifest.get('programs') or {default: PROGRAM}
+  if not (isinstance(programs, dict) and programs.get(default) == PROGRAM
+          and all(isinstance(f, str) and f in manifest['files'] and
+                  s.isdigit() for s, f in programs.items())):
+    raise ArtifactError(f'{directory}/{MANIFEST}: its programs are not '
+                        'among its files: damaged.')
+  return programs
 
 
 def _read_weights(directory, manifest, avals):
@@ -221,10 +245,13 @@ def load(directory):
 def _load(directory):
   manifest = _read_manifest(directory)
   _check_files(directory, manifest)
-  program = _deserialize(directory, manifest)
-  _check_program(directory, manifest, program)
+  programs = {}
+  for steps, name in _programs(directory, manifest).items():
+    programs[steps] = _deserialize(directory, manifest, name)
+    _check_program(directory, manifest, programs[steps], name)
+  program = programs[str(manifest['sampler']['steps'])]
   weights = _read_weights(directory, manifest, program.in_avals)
-  return Sampler(manifest, program, weights)
+  return Sampler(manifest, programs, weights)
 
 
 def _copy_from(url, local):
@@ -257,24 +284,30 @@ def _copy_from(url, local):
 
 class Sampler:
   """`sample(seed_or_noise, labels)` -> uint8 NHWC images, and the
-  `manifest` that says what they are."""
+  `manifest` that says what they are; `steps`, the step counts it can
+  sample with (an any-S student's artifact holds several)."""
 
-  def __init__(self, manifest, program, weights):
+  def __init__(self, manifest, programs, weights):
     self.manifest = manifest
     self._shape = tuple(manifest['image_shape'])
     self._classes = manifest['labels']['num_classes']
     self._stochastic = manifest['stochastic']
     self._impl = manifest['prng_impl']
     self._weights = jax.device_put(tuple(weights))
-    # One compiled program per batch size, kept.
-    self._call = jax.jit(program.call)
+    self._default = int(manifest['sampler']['steps'])
+    # One compiled program per S and batch size, kept.
+    self._calls = {int(s): jax.jit(p.call) for s, p in programs.items()}
+    self.steps = tuple(sorted(self._calls))
 
-  def sample(self, seed_or_noise, labels=None, *, num=None, start=0):
+  def sample(self, seed_or_noise, labels=None, *, num=None, start=0,
+             steps=None):
     """Images of `labels` (int (n,), in [0, num_classes); None for an
     unconditional sampler, then n = `num` or the noise's rows), from a seed
     (sample i from (seed, start + i), as --mode=evaluate draws it) or from
-    noise (float (n, H, W, C), standard normal). A stochastic sampler also
+    noise (float (n, H, W, C), standard normal), in `steps` steps: one of
+    `self.steps` (default the manifest's `steps`). A stochastic sampler also
     draws noise at every step, from the seed: it takes a seed only."""
+    call = self._call(steps)
     labels = self._labels(labels)
     if isinstance(seed_or_noise, (int, np.integer)):
       n = self._count(labels, num)
@@ -298,7 +331,18 @@ class Sampler:
       extra = ()
     if labels is None:
       labels = np.zeros(n, np.int32)  # The network's ignored placeholder.
-    return np.asarray(self._call(self._weights, noise, labels, *extra))
+    return np.asarray(call(self._weights, noise, labels, *extra))
+
+  def _call(self, steps):
+    if steps is None:
+      return self._calls[self._default]
+    if not isinstance(steps, (int, np.integer)) or int(
+        steps) not in self._calls:
+      held = ', '.join(map(str, self.steps))
+      raise InputError(
+          f'steps={steps!r}: this artifact holds S = {held} only (an any-S '
+          'student exports its trained S and config.student_steps).')
+    return self._calls[int(steps)]
 
   def _labels(self, labels):
     if not self._classes:

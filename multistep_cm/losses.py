@@ -5,6 +5,7 @@ Each loss checks, at trace time, that `cond` is of `condition`'s kind and
 that guidance or label dropout has a null to use: a one-line ValueError."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,8 @@ def sample_times(rng, batch, student_steps, n_seg):
   """Per example: a segment, a grid time t inside it and s = t - 1/T.
 
   Times are exact grid fractions i/T of integers, so t = k/S lands on the
-  segment boundary exactly. Returns (t, s, t_step) in float32.
+  segment boundary exactly. `student_steps` and `n_seg` may also be one
+  per example (an any-S student's). Returns (t, s, t_step) in float32.
   """
   k_step, k_n = jax.random.split(rng)
   total = (n_seg * student_steps).astype(jnp.float32)
@@ -121,6 +123,31 @@ def sample_times(rng, batch, student_steps, n_seg):
   n_rel = jax.random.randint(k_n, (batch,), 1, n_seg + 1)
   i_t = step * n_seg + n_rel
   return i_t / total, (i_t - 1) / total, (step * n_seg) / total
+
+
+def check_any_steps(steps, weights=()):
+  """Raises a one-line ValueError unless `steps` are step counts (each at
+  least 1, none twice) and `weights` is empty or one non-negative weight per
+  count, not all zero."""
+  steps, weights = tuple(steps), tuple(weights)
+  if not steps or any(int(s) != s or s < 1 for s in steps) or len(
+      set(steps)) != len(steps):
+    raise ValueError(f'any_steps {steps}: distinct step counts S >= 1, e.g. '
+                     '(1, 2, 4, 8, 16).')
+  if weights and (len(weights) != len(steps) or min(weights) < 0 or
+                  not sum(weights) > 0):
+    raise ValueError(f'any_steps_weights {weights}: one weight >= 0 per step '
+                     f'count of {steps} (not all 0), or () for uniform.')
+
+
+def draw_steps(rng, batch, steps, weights=()):
+  """Per example, a step count S of `steps` drawn with probabilities
+  proportional to `weights` (uniform when empty): (batch,) int32."""
+  check_any_steps(steps, weights)
+  p = None if not weights else jnp.asarray(weights, jnp.float32) / sum(
+      weights)
+  index = jax.random.choice(rng, len(steps), (batch,), p=p)
+  return jnp.asarray(steps, jnp.int32)[index]
 
 
 def _huber(m, delta):
@@ -191,7 +218,8 @@ def consistency_loss_terms(student, params, target_params, x, cond, eps, t,
                            teacher=None, teacher_params=None, xvar_frac=0.75,
                            huber_delta=1e-4, norm='rms',
                            weighting='snr_plus_one', guidance=0.,
-                           condition=conditioning.UNCONDITIONAL):
+                           condition=conditioning.UNCONDITIONAL,
+                           any_steps=False):
   """Per-example multistep consistency loss for given draws (Alg. 1, 4-12).
 
   `t`, `s`, `t_step` are (batch,) times with s = t - 1/T and t_step the
@@ -199,7 +227,9 @@ def consistency_loss_terms(student, params, target_params, x, cond, eps, t,
   teacher's prediction; 'ct' uses the forward process with the same eps. The
   reference comes from `target_params` (the student's own parameters, or
   their EMA) under stop-gradient, with the same dropout rng as the student
-  ("synchronized dropout"). Target construction is float32.
+  ("synchronized dropout"). Target construction is float32. `any_steps`:
+  the student is an any-S student, told t_step (its `boundary`) at both
+  of its evaluations; the teacher never is.
   """
   # CT never reaches guided_v, which checks CD's guidance and condition.
   conditioning.check_guidance(condition, guidance)
@@ -218,6 +248,8 @@ def consistency_loss_terms(student, params, target_params, x, cond, eps, t,
     raise ValueError(f'Unknown mode {mode!r}: expected cd or ct.')
   z_s = jax.lax.stop_gradient(z_s)
 
+  if any_steps:
+    student = functools.partial(student, boundary=t_step)
   x_ref = _x_pred(student, target_params, z_s, s, cond, dropout_rng,
                   logsnr_fn)
   z_ref = ddim.ddim_step(x_ref, z_s, a_s, s_s, a_0, s_0)
@@ -252,7 +284,8 @@ class ConsistencyOptions:
   `condition`; `label_dropout` replaces the condition of that fraction of
   examples by its null before any network sees it: the student, its target
   and the CD teacher alike. Both need a `condition` with a null: with
-  UNCONDITIONAL either is a ValueError.
+  UNCONDITIONAL either is a ValueError. `steps_weights`: how often an any-S
+  student draws each of its step counts (uniform when empty).
   """
   mode: str = 'cd'
   anneal_start: float = 64.
@@ -265,6 +298,7 @@ class ConsistencyOptions:
   guidance: float = 0.
   condition: conditioning.Condition = conditioning.UNCONDITIONAL
   label_dropout: float = 0.
+  steps_weights: tuple = ()
 
   def __post_init__(self):
     for name, value, allowed in (('mode', self.mode, ('cd', 'ct')),
@@ -287,6 +321,11 @@ def consistency_loss(student, params, x, cond, rng, logsnr_fn,
   """Algorithm 1: draws segments, grid times and noise, returns the batch
   mean of `consistency_loss_terms` and {'n_seg': teacher steps per segment}.
 
+  `student_steps` is S, or a sequence of step counts: one any-S student
+  learns them all, each example drawing its S (`draw_steps`, weighted by
+  `options.steps_weights`), its segment and times on that S's grid, the
+  teacher's total steps N annealed alike for every S; the student is told
+  its segment's boundary. The aux is then {'teacher_steps': N}.
   `options` is a `ConsistencyOptions`; `iteration` may be traced, so N
   anneals without recompiling. `target_params` defaults to `params` (the
   paper's stop-gradient target); the teacher is needed for CD only.
@@ -295,6 +334,11 @@ def consistency_loss(student, params, x, cond, rng, logsnr_fn,
   # Before dropout, which would fail less clearly on a cond of another kind.
   o.condition.check(cond, x.shape[0])
   k_t, k_eps, k_label, k_drop = jax.random.split(rng, 4)
+  any_steps = isinstance(student_steps, (tuple, list))
+  if any_steps:
+    # From a key of its own: the other draws are a per-S student's.
+    student_steps = draw_steps(jax.random.fold_in(k_t, 1), x.shape[0],
+                               student_steps, o.steps_weights)
   n_seg, _ = segment_grid(iteration, student_steps, o.anneal_start,
                           o.anneal_end, o.anneal_steps)
   t, s, t_step = sample_times(k_t, x.shape[0], student_steps, n_seg)
@@ -305,7 +349,11 @@ def consistency_loss(student, params, x, cond, rng, logsnr_fn,
       student, params, target, x, cond, eps, t, s, t_step, logsnr_fn,
       k_drop, mode=o.mode, teacher=teacher, teacher_params=teacher_params,
       xvar_frac=o.xvar_frac, huber_delta=o.huber_delta, norm=o.norm,
-      weighting=o.weighting, guidance=o.guidance, condition=o.condition)
+      weighting=o.weighting, guidance=o.guidance, condition=o.condition,
+      any_steps=any_steps)
+  if any_steps:
+    return jnp.mean(terms), {'teacher_steps': jnp.round(teacher_step_count(
+        iteration, o.anneal_start, o.anneal_end, o.anneal_steps))}
   return jnp.mean(terms), {'n_seg': n_seg}
 
 

@@ -166,20 +166,54 @@ TIME_EMBEDDING = 'Conditioning_0'
 
 class TimeEmbedding(nn.Module):
   """Embedding of time and the condition's vector (a class embedding, a
-  pooled caption vector, ...), shared by all blocks."""
+  pooled caption vector, ...), shared by all blocks; `extra`, a vector of
+  the same width (the boundary's embedding), joins them."""
   emb_dim: int
   condition: conditioning.Condition
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, t, cond):
+  def __call__(self, t, cond, extra=None):
     emb = timestep_embedding(t, min(self.emb_dim, 512))
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(emb)
     emb = nn.Dense(self.emb_dim, dtype=self.dtype)(nn.silu(emb))
     vector = self.condition.vector(cond, self.emb_dim, self.dtype)
     if vector is not None:
       emb += vector
+    if extra is not None:
+      emb += extra.astype(emb.dtype)
     return nn.silu(emb)
+
+
+# Where a network keeps BoundaryEmbedding's parameters: at the top of its
+# tree, the one subtree an any-S student has that its teacher lacks.
+BOUNDARY = 'boundary_embedding'
+
+
+class BoundaryEmbedding(nn.Module):
+  """The embedding of the boundary an any-S student maps to: the lower end
+  (k - 1) / S of the segment its time t is in, where DDIM from its x
+  prediction must land on the teacher's ODE. Embedded like time, and added
+  to time's embedding; the last projection starts at zero, so a network
+  given a boundary starts exactly as the network without (its teacher)."""
+  emb_dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, boundary):
+    h = timestep_embedding(boundary, min(self.emb_dim, 512))
+    h = nn.Dense(self.emb_dim, dtype=self.dtype)(h)
+    return nn.Dense(self.emb_dim, dtype=self.dtype,
+                    kernel_init=nn.initializers.zeros)(nn.silu(h))
+
+
+def boundary_embedding(boundary, batch, emb_dim, dtype):
+  """BoundaryEmbedding (named BOUNDARY) of `boundary`, broadcast over the
+  batch, or None without one. Called inside a network's compact method."""
+  if boundary is None:
+    return None
+  boundary = jnp.broadcast_to(jnp.asarray(boundary, jnp.float32), (batch,))
+  return BoundaryEmbedding(emb_dim, dtype, name=BOUNDARY)(boundary)
 
 
 def _groups(channels):
@@ -278,14 +312,16 @@ class UViT(nn.Module):
                   f'{_BLOCKS[kind].__name__}_{names[kind] - 1}')
 
   @nn.compact
-  def __call__(self, z, t, cond, train=False):
+  def __call__(self, z, t, cond, train=False, boundary=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     context = cfg.condition.context(self, cond, cfg.emb_dim, dtype,
                                     cfg.norm_float32)
     emb = TimeEmbedding(cfg.emb_dim, cfg.condition, dtype,
-                        name=TIME_EMBEDDING)(t, cond)
+                        name=TIME_EMBEDDING)(
+                            t, cond, boundary_embedding(
+                                boundary, z.shape[0], cfg.emb_dim, dtype))
     h = nn.Conv(cfg.levels[0].channels, (3, 3), dtype=dtype)(z.astype(dtype))
 
     skips, names = [], {'res': 0, 'attn': 0}
@@ -422,12 +458,14 @@ class MLP(nn.Module):
   config: MLPConfig
 
   @nn.compact
-  def __call__(self, z, t, cond, train=False):
+  def __call__(self, z, t, cond, train=False, boundary=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     emb = TimeEmbedding(cfg.emb_dim, cfg.condition, dtype,
-                        name=TIME_EMBEDDING)(t, cond)
+                        name=TIME_EMBEDDING)(
+                            t, cond, boundary_embedding(
+                                boundary, z.shape[0], cfg.emb_dim, dtype))
     h = nn.Dense(cfg.width, dtype=dtype)(z.astype(dtype))
     for _ in range(cfg.num_blocks):
       g = nn.LayerNorm(dtype=dtype)(h) + nn.Dense(cfg.width, dtype=dtype)(emb)
@@ -441,12 +479,15 @@ class MLP(nn.Module):
 
 def network_fn(model):
   """The plain function `(params, z_t, t, cond, rng) -> v_prediction` that
-  losses and samplers take. `rng=None` means evaluation mode (no dropout)."""
-  def fn(params, z_t, t, cond, rng=None):
+  losses and samplers take. `rng=None` means evaluation mode (no dropout).
+  An any-S student also takes `boundary`, the time its segment ends at
+  (`BoundaryEmbedding`); without it, it is its teacher's network."""
+  def fn(params, z_t, t, cond, rng=None, boundary=None):
     train = rng is not None
     rngs = {'dropout': rng} if train else {}
+    extra = {} if boundary is None else {'boundary': boundary}
     return model.apply({'params': params}, z_t, t, cond, train=train,
-                       rngs=rngs)
+                       rngs=rngs, **extra)
   return fn
 
 

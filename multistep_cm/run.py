@@ -9,6 +9,7 @@ place at the top of the mode and passed down.
                                           module, the plain function
   run.stage                               the stage's row
   run.mesh                                the device mesh
+  run.any_steps                           an any-S student's step counts
 
 Each way the config fails to resolve is one ConfigError line. Nothing below
 a mode looks the dataset, schedule or network up again
@@ -17,12 +18,14 @@ a mode looks the dataset, schedule or network up again
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable
 
 import jax
 
 from multistep_cm import datasets
 from multistep_cm import errors
+from multistep_cm import losses
 from multistep_cm import models
 from multistep_cm import networks
 from multistep_cm import schedules
@@ -40,6 +43,14 @@ class Run:
   network_row: networks.Network
   model: Any  # flax.linen.Module
   mesh: jax.sharding.Mesh
+  # The network is given its segment's boundary (an any-S student); False
+  # for its teacher's layout.
+  boundary: bool = False
+
+  @property
+  def any_steps(self):
+    """The step counts an any-S student learns (config.any_steps), or ()."""
+    return tuple(self.config.get('any_steps', ()))
 
   @property
   def condition(self):
@@ -79,8 +90,22 @@ def resolve(config, devices=None):
     model = networks.create_model(fields, dataset.condition, logsnr_fn)
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f'config.model: {e}') from None
+  any_steps = tuple(config.get('any_steps', ()))
+  if any_steps:
+    if not stage.any_steps:
+      raise errors.ConfigError(
+          f'config.any_steps: stage {stage.name!r} trains no any-S student; '
+          f'any_steps is for {", ".join(stages.ANY_STEPS)}.')
+    try:
+      losses.check_any_steps(any_steps, config.get('any_steps_weights', ()))
+    except ValueError as e:
+      raise errors.ConfigError(f'config.{e}') from None
+    if 'boundary' not in inspect.signature(type(model).__call__).parameters:
+      raise errors.ConfigError(
+          f'config.any_steps: network {fields["name"]!r} takes no boundary '
+          'input (an any-S student needs one).')
   return Run(config, stage, dataset, logsnr_fn, row, model,
-             state.make_mesh(config, devices))
+             state.make_mesh(config, devices), boundary=bool(any_steps))
 
 
 def of(config_or_run):

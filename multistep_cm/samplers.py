@@ -2,8 +2,8 @@
 a single compiled program whatever its step count; jit it with the batch
 sharded over the mesh to sample on many devices.
 
-`KINDS` is the table of samplers (the student's, DDIM, aDDIM, ancestral
-DDPM); `SamplerSpec` names one of them, its steps and guidance: the one value
+`KINDS` is the table of samplers (the student's, an any-S student's,
+DDIM, aDDIM, ancestral DDPM); `SamplerSpec` names one of them, its steps and guidance: the one value
 the framework passes around to say how to sample. A sampler is one row of
 `KINDS`, its step (or whole loop) and every fact the framework reads of it;
 code outside the package adds one by adding a row.
@@ -113,14 +113,18 @@ def _step_noise(rng, i, z):
 
 
 def consistency_sample(network, params, noise, cond, logsnr_fn,
-                       student_steps):
+                       student_steps, any_steps=False):
   """The multistep consistency sampler (Alg. 2): S deterministic DDIM steps
   t = k/S -> (k-1)/S on the student's x prediction, no noise injected, one
   network evaluation each. Never guided: a student distilled from a guided
   teacher has its guidance built in (one student per scale, spec A9).
-  Returns the last x prediction."""
-  return diffusion_sample(network, params, noise, cond, logsnr_fn,
-                          student_steps, 'ddim')
+  `any_steps`: the network is an any-S student, told at each step the
+  boundary (k-1)/S it steps to. Returns the last x prediction."""
+  def told_boundary(p, z, t, c, rng=None):
+    # s = t - 1/S as diffusion_sample computes it: the step's end.
+    return network(p, z, t, c, rng, boundary=t - 1. / student_steps)
+  return diffusion_sample(told_boundary if any_steps else network, params,
+                          noise, cond, logsnr_fn, student_steps, 'ddim')
 
 
 def nfe(num_steps, guidance=0., condition=conditioning.UNCONDITIONAL):
@@ -151,14 +155,19 @@ class Kind:
   evaluations: int = 1
 
 
-def _student(network, params, noise, cond, logsnr_fn, steps, guidance,
+def _student(any_steps):
+  def sample(network, params, noise, cond, logsnr_fn, steps, guidance,
              condition, rng):
-  del guidance, condition, rng  # A student is never guided.
-  return consistency_sample(network, params, noise, cond, logsnr_fn, steps)
+    del guidance, condition, rng  # A student is never guided.
+    return consistency_sample(network, params, noise, cond, logsnr_fn, steps,
+                              any_steps)
+  return sample
 
 
 KINDS = {
-    'student': Kind('student', sample=_student, guidable=False),
+    'student': Kind('student', sample=_student(False), guidable=False),
+    'any_student': Kind('any-S student', sample=_student(True),
+                        guidable=False),
     'ddim': Kind('DDIM', _ddim_step),
     'addim': Kind('aDDIM', _addim_step),
     'ddpm': Kind('DDPM', _ddpm_step, stochastic=True),
@@ -168,9 +177,9 @@ KINDS = {
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   """How to sample: a `kind` of `KINDS` ('student': `consistency_sample`,
-  S = `steps`, unguided; or a diffusion sampler, 'ddim', 'addim' with the
-  analytic variance, or the ancestral 'ddpm'), with `steps` and
-  classifier-free `guidance` w."""
+  S = `steps`, unguided; 'any_student' the same for an any-S student; or a
+  diffusion sampler, 'ddim', 'addim' with the analytic variance, or the
+  ancestral 'ddpm'), with `steps` and classifier-free `guidance` w."""
   kind: str
   steps: int
   guidance: float = 0.

@@ -554,3 +554,42 @@ def test_export_to_gs_and_load_from_it(student, artifact, loaded, gcs_bucket):
       assert sampler.manifest == loaded.manifest
       np.testing.assert_array_equal(sampler.sample(SEED, _labels(7)),
                                     loaded.sample(SEED, _labels(7)))
+
+
+def test_an_any_s_student_exports_every_s_in_one_artifact(tmp_path):
+  """One artifact, the weights once: a program per S the student learned
+  and its own S (an untrained one), each the in-process sampler bit for bit;
+  an S it does not hold is one line."""
+  config = digits.get_config('smoke,stage=cd,any,steps=3')
+  config.any_steps = (1, 2, 4)
+  workdir = tmp_path / 'cd_any'
+  _, abstract, _ = state_lib.state_layout(
+      run_lib.resolve(config), state_lib.make_optimizer(config.optim))
+  rng = np.random.default_rng(2)
+  ema = jax.tree_util.tree_map_with_path(
+      lambda path, a: _random_weight(path, a, rng), abstract.ema_params)
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', 1, 1)
+  ckpt.save(STEP, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                               abstract).replace(params=ema, ema_params=ema),
+            force=True)
+  ckpt.close()
+  directory = export_writer.run(config, str(workdir))
+  assert directory.name == f'step{STEP}_any_student'
+  sampler = exported.load(directory)
+  assert sampler.steps == (1, 2, 3, 4)
+  manifest = sampler.manifest
+  assert manifest['steps'] == 3 and manifest['trained_steps'] == [1, 2, 4]
+  assert sorted(os.listdir(directory)) == sorted(
+      [exported.MANIFEST, exported.WEIGHTS, exported.PROGRAM] +
+      [exported.program_file(s) for s in (1, 2, 4)])
+  images = {}
+  for s in (None, 1, 2, 4):
+    config.student_steps = s or 3
+    images[s] = sampler.sample(SEED, _labels(7), steps=s)
+    np.testing.assert_array_equal(
+        images[s], in_process(config, workdir, [7])[7])
+  assert len({im.tobytes() for im in images.values()}) == 4
+  for s in (8, 0, 2.):
+    with pytest.raises(exported.InputError) as e:
+      sampler.sample(SEED, _labels(7), steps=s)
+    assert 'this artifact holds S = 1, 2, 3, 4 only' in _one_line(e)

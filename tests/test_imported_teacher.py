@@ -120,6 +120,29 @@ def test_the_teacher_loader_refuses_what_does_not_fit(converted, tmp_path):
     stages.get('cd').check(run)
 
 
+def test_an_any_s_student_starts_exactly_as_the_imported_teacher(converted):
+  """The converted U-Net's weights, under their own names, and a boundary
+  embedding beside it whose output is zero: given any boundary, the any-S
+  student's network is the teacher's."""
+  npz, _ = converted
+  run = run_lib.resolve(edm_imagenet64.get_config(f'cd,any,smoke,teacher={npz}'))
+  params = state_lib.load_teacher(run)
+  assert set(params) == {adm.UNET, models.BOUNDARY}
+  teacher = adm.load_weights(npz)[1]
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(params[adm.UNET]), teacher)
+  teacher_run = run_lib.resolve(
+      edm_imagenet64.get_config(f'cd,smoke,teacher={npz}'))
+  assert set(state_lib.load_teacher(teacher_run)) == {adm.UNET}
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)
+  t, labels = np.array([0.3, 0.9], np.float32), np.array([1, 7], np.int32)
+  want = run.network({adm.UNET: params[adm.UNET]}, z, t, labels)
+  for boundary in (np.zeros(2, np.float32), t / 2):
+    np.testing.assert_array_equal(
+        run.network(params, z, t, labels, boundary=boundary), want)
+
+
 def test_openai_networks_have_no_null_class_to_guide():
   config = edm_imagenet64.get_config('cd,smoke,teacher=t.npz')
   config.consistency.guidance = 1.

@@ -51,17 +51,37 @@ def test_sweep(tmp_path, digits_teacher):
   shutil.copytree(digits_teacher[1], tmp_path / 'teacher')
   config = common.StageConfigs(digits.get_config, 'smoke')
   # A stage that starts every S from the teacher, and the chaining one (CT
-  # plans as CD does; its training: test_students.py).
+  # plans as CD does; its training: test_students.py); an any-S CD student
+  # for both S, also scored at an S it was not trained for; two seeds.
   steps, stages = [1, 2], ['cd', 'pd']
-  results = sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2)
-  assert sorted(results) == sorted(f'{m}_s{s}' for m in stages for s in steps)
+  results = sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2,
+                        any_train_steps=[2], untrained_steps=[3], seeds=2)
+  assert sorted(results) == sorted(
+      [f'{m}_s{s}' for m in stages for s in steps] +
+      [f'cd_any_t2_s{s}' for s in (1, 2, 3)])
   # The PD chain: S = 2 from the teacher, S = 1 from the S = 2 student.
   with open(tmp_path / 'sweep' / 'pd_s1' / 'config.json') as f:
     assert json.load(f)['teacher_checkpoint'].endswith('sweep/pd_s2')
   with open(tmp_path / 'sweep' / 'pd_s2' / 'config.json') as f:
     assert json.load(f)['teacher_checkpoint'].endswith('/teacher')
-  reports.sweep_report(results, str(tmp_path), steps, stages,
+  # One any-S student, trained once for both S, sampled with each S.
+  assert sorted(os.listdir(tmp_path / 'sweep')) == [
+      'cd_any_t2', 'cd_s1', 'cd_s2', 'pd_s1', 'pd_s2']
+  with open(tmp_path / 'sweep' / 'cd_any_t2' / 'config.json') as f:
+    assert json.load(f)['any_steps'] == [1, 2]
+  for key in ('cd_s1', 'cd_any_t2_s1', 'cd_any_t2_s3'):
+    first, second = results[key]['by_seed']  # Two noise seeds, two scores.
+    assert first['fd_digits'] != second['fd_digits']
+  rows = sweep.report_rows(results, steps, stages, [2], [3])
+  assert [label for label, _ in rows] == ['CD', 'CD any-S, 2 steps', 'PD']
+  reports.sweep_report(rows, str(tmp_path), steps,
                        scoring.get(run_lib.resolve(config.base), quick=True),
                        {'fd_digits': 4.5})
   assert (tmp_path / 'sweep.png').exists()
-  assert '| CD |' in (tmp_path / 'sweep.md').read_text()
+  table = (tmp_path / 'sweep.md').read_text()
+  assert '| CD |' in table and '| S=1 | S=2 | S=3* |' in table
+  assert '| CD any-S, 2 steps | ' in table and ' ±' in table
+  # A rerun finds every student trained and scored.
+  assert sweep.sweep(config, str(tmp_path), steps, stages, train_steps=2,
+                     any_train_steps=[2], untrained_steps=[3],
+                     seeds=2) == results

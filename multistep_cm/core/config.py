@@ -56,18 +56,31 @@ def parse_arg(arg, choices=None, **defaults):
 
 
 def parse_embedded_arg(arg):
-  """`stage=pipeline|teacher|cd|ct|pd`, `steps=S`, `smoke`."""
+  """`stage=pipeline|teacher|cd|ct|pd`, `steps=S`, `any`, `smoke`."""
   return parse_arg(arg, {'stage': ('pipeline',) + stages.NAMES},
-                   stage='pipeline', steps=8, smoke=False)
+                   stage='pipeline', steps=8, any=False, smoke=False)
+
+
+# The step counts an any-S student learns by default: the sweep's.
+ANY_STEPS = (1, 2, 4, 8, 16)
 
 
 def set_stage(c, arg):
   """Sets the stage the config describes (`pipeline`: its first stage, the
-  teacher) and the student's steps; returns the stage's row of the table."""
+  teacher), the student's steps and, with the argument `any`, the step
+  counts of one any-S student (a teacher, the pipeline's first stage,
+  ignores it); returns the stage's row of the table."""
   c.stage = PIPELINE_STAGES[0] if arg.stage == 'pipeline' else arg.stage
   c.pipeline.stages = PIPELINE_STAGES if arg.stage == 'pipeline' else ()
   c.student_steps = arg.steps
-  return stages.get(c.stage)
+  stage = stages.get(c.stage)
+  if arg.get('any') and stage.distilled:
+    if not stage.any_steps:
+      raise ValueError(f'Config argument any: stage {stage.name!r} trains '
+                       'no any-S student; any is for '
+                       f'{", ".join(stages.ANY_STEPS)}.')
+    c.any_steps = ANY_STEPS
+  return stage
 
 
 def smoke(c, *, batch_size, eval_samples, grid_size, steps=4):
@@ -143,6 +156,12 @@ def base():
   # twice as many) or 'gd' (guidance distillation).
   c.stage = 'teacher'
   c.student_steps = 8  # S, the student's sampling steps.
+  # One any-S student (cd, ct) for all of these step counts instead of one
+  # student per S: each example draws its S, with these weights (empty:
+  # uniform), and the network is told its segment's boundary.
+  # student_steps then says which S it samples with.
+  c.any_steps = ()
+  c.any_steps_weights = ()
   # Distilled stages start from this teacher (a workdir, its checkpoints/
   # directory or one step directory) when they train; sampling one needs
   # its own checkpoint only.

@@ -19,7 +19,9 @@ A distilled stage (cd, ct, pd, gd) starts as the teacher of
 `config.teacher_checkpoint` (to train; sampling it needs its checkpoint
 only) and is never guided at sampling: its guidance was fixed at
 distillation. cd, ct and pd sample with S = `config.student_steps` DDIM
-steps (Algorithm 2). `Stage.sampler` is the one place that resolves how a
+steps (Algorithm 2). cd and ct can instead train one any-S student for all
+the step counts of `config.any_steps` (its network told the boundary of its
+segment), sampled with any S. `Stage.sampler` is the one place that resolves how a
 stage samples, for training-time evaluation, --mode=sample,
 --mode=evaluate, the pipeline and the sweep. To add a stage: its loss in
 `multistep_cm.losses`, a builder here, a row in `STAGES`.
@@ -28,6 +30,7 @@ stage samples, for training-time evaluation, --mode=sample,
 import dataclasses
 from typing import Callable
 
+from absl import logging
 from etils import epath
 
 from multistep_cm import errors
@@ -56,6 +59,9 @@ class Stage:
   chains: bool = False
   # The label of its rows in the reports: (config) -> str.
   label: Callable = lambda config: ''
+  # It can train one any-S student for several step counts
+  # (config.any_steps) instead of one per S.
+  any_steps: bool = False
 
   def check(self, run, train=True):
     """Raises ConfigError, before anything is written or compiled, for a
@@ -85,15 +91,24 @@ class Stage:
     a negative guidance take the stage's own). A distilled stage is never
     guided; asking for guidance is a ConfigError. `field`: the config
     section errors name."""
+    any_steps = tuple(config.get('any_steps', ()))
     own = {'student': 'student', 'diffusion': 'ddim',
            'config': config.sampler.kind}[self.sampling]
     kind = kind or own
-    if kind == 'student' and self.sampling != 'student':
+    if kind in STUDENT_SAMPLERS and self.sampling != 'student':
       raise errors.ConfigError(
           f'The student sampler needs a student stage (cd, ct, pd); stage '
           f'{self.name!r} samples as a diffusion model ('
-          f'{", ".join(k for k in samplers.KINDS if k != "student")}).')
-    steps = steps or (config.student_steps if kind == 'student'
+          f'{", ".join(k for k in samplers.KINDS if k not in STUDENT_SAMPLERS)}'
+          ').')
+    if kind in STUDENT_SAMPLERS:
+      # An any-S student's sampler tells the network its boundaries.
+      if kind == 'any_student' and not any_steps:
+        raise errors.ConfigError(
+            f'{field or "config.evaluate"}: the any_student sampler needs an '
+            'any-S student (config.any_steps); this one has one S: student.')
+      kind = 'any_student' if any_steps else 'student'
+    steps = steps or (config.student_steps if kind in STUDENT_SAMPLERS
                       else config.sampler.steps)
     if self.distilled:
       if guidance > 0:
@@ -103,9 +118,12 @@ class Stage:
       guidance = 0.
     elif guidance < 0:
       guidance = config.sampler.guidance
-    field = field or ('config.student_steps' if kind == 'student' else
-                      'config.sampler')
-    return sampler_spec(kind, steps, guidance, field=field)
+    field = field or ('config.student_steps' if kind in STUDENT_SAMPLERS
+                      else 'config.sampler')
+    spec = sampler_spec(kind, steps, guidance, field=field)
+    if kind == 'any_student' and steps not in any_steps:
+      untrained_notice(steps, any_steps)
+    return spec
 
   def guidance(self, config, spec):
     """The guidance its samples carry: sampled with it (a teacher), or
@@ -114,13 +132,40 @@ class Stage:
 
   def run_key(self, config):
     """The stage's name in a pipeline's or sweep's workdir and results."""
-    return self.key(config.student_steps, config.consistency.guidance)
+    return self.key(config.student_steps, config.consistency.guidance,
+                    bool(config.get('any_steps')))
 
-  def key(self, steps=None, guidance=None):
-    """`run_key` of a config with these student steps and guidance."""
+  def key(self, steps=None, guidance=None, any_steps=False):
+    """`run_key` of a config with these student steps and guidance (an
+    any-S student: one for every S)."""
     if self.sampling == 'diffusion':
       return f'{self.name}_w{guidance:g}'
+    if any_steps:
+      return f'{self.name}_any'
     return f'{self.name}_s{steps}' if self.distilled else self.name
+
+
+# The samplers of a student stage: of a student of one S, of an any-S one.
+STUDENT_SAMPLERS = ('student', 'any_student')
+_NOTICED = set()
+
+
+def untrained_notice(steps, any_steps):
+  """One line, once per process and S: an any-S student sampled with an S
+  it was not trained for."""
+  if (steps, any_steps) not in _NOTICED:
+    _NOTICED.add((steps, any_steps))
+    logging.warning('S=%d was not among the any-S student\'s trained step '
+                    'counts (%s): its boundaries are interpolated.', steps,
+                    ', '.join(map(str, any_steps)))
+
+
+def trained(config, steps=None):
+  """Whether the student of `config` was trained for `steps` (default its
+  config.student_steps): always for a student of one S."""
+  steps = steps or config.student_steps
+  any_steps = tuple(config.get('any_steps', ()))
+  return not any_steps or steps in any_steps
 
 
 def evaluation_sampler(config):
@@ -150,7 +195,8 @@ def consistency_options(run, mode):
         mode=mode, anneal_start=cc.anneal_start, anneal_end=cc.anneal_end,
         anneal_steps=cc.anneal_steps, xvar_frac=cc.xvar_frac,
         huber_delta=cc.huber_delta, norm=cc.norm, weighting=cc.weighting,
-        guidance=cc.guidance, condition=run.condition)
+        guidance=cc.guidance, condition=run.condition,
+        steps_weights=tuple(run.config.get('any_steps_weights', ())))
   except ValueError as e:
     raise errors.ConfigError(f'config.consistency: {e}') from None
 
@@ -182,12 +228,14 @@ def _consistency_loss(mode):
     options = consistency_options(run, mode)
     ema_target = config.consistency.target == 'ema'
 
+    # An any-S student learns every S of config.any_steps at once.
+    steps = run.any_steps or config.student_steps
+
     def loss_fn(params, train_state, teacher_params, batch, rng):
       target = train_state.ema_params if ema_target else None
       return losses.consistency_loss(
           network, params, batch['x'], options.condition.from_batch(batch),
-          rng, logsnr,
-          config.student_steps, train_state.step, options, target,
+          rng, logsnr, steps, train_state.step, options, target,
           teacher=network, teacher_params=teacher_params)
     return loss_fn
   return make
@@ -223,15 +271,21 @@ def _guidance_distillation_loss(run, network):
 
 
 def _steps_label(method):
-  return lambda config: f'{method}, S={config.student_steps}'
+  def label(config):
+    if not config.get('any_steps'):
+      return f'{method}, S={config.student_steps}'
+    return (f'{method}, any-S student, S={config.student_steps}' +
+            ('' if trained(config) else ' (not trained)'))
+  return label
 
 
 STAGES = {s.name: s for s in (
     Stage('teacher', _diffusion_loss, distilled=False, sampling='config',
           label=lambda config: 'teacher'),
     Stage('cd', _consistency_loss('cd'), runs_teacher=True,
-          label=_steps_label('multistep CD')),
-    Stage('ct', _consistency_loss('ct'), label=_steps_label('multistep CT')),
+          label=_steps_label('multistep CD'), any_steps=True),
+    Stage('ct', _consistency_loss('ct'), label=_steps_label('multistep CT'),
+          any_steps=True),
     Stage('pd', _progressive_loss, runs_teacher=True, chains=True,
           label=_steps_label('progressive distillation')),
     Stage('gd', _guidance_distillation_loss, runs_teacher=True,
@@ -240,6 +294,7 @@ STAGES = {s.name: s for s in (
                                 f'{config.sampler.steps}')),
 )}
 NAMES = tuple(STAGES)
+ANY_STEPS = tuple(n for n, s in STAGES.items() if s.any_steps)
 
 
 def get(name):

@@ -2,6 +2,7 @@
 laid out as shapes, then shardings, then arrays; restoring it, or only its
 parameters (laid out by an abstract initialisation of the network alone)."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -47,9 +48,11 @@ def make_mesh(config, devices=None):
 
 
 def _init_params(run, rng):
-  """The network's parameters as a fresh run initialises them."""
+  """The network's parameters as a fresh run initialises them (an any-S
+  student's with its boundary embedding)."""
+  extra = {'boundary': jnp.zeros((1,))} if run.boundary else {}
   return run.model.init(rng, jnp.zeros((1,) + run.shape), jnp.zeros((1,)),
-                        run.condition.example(1))['params']
+                        run.condition.example(1), **extra)['params']
 
 
 def _fresh_state(params, tx):
@@ -166,14 +169,34 @@ def load_for_sampling(run, workdir, use_ema=True):
 def load_teacher(run):
   """The teacher's parameters, restored straight into the student's
   parameter shardings: from a workdir's newest checkpoint, or from converted
-  weights (an .npz of an imported network's converter)."""
+  weights (an .npz of an imported network's converter). An any-S student's
+  boundary embedding, which its teacher lacks, is added as a fresh run
+  initialises it: its last projection zero, so the student starts as the
+  teacher and the teacher's network, given any boundary, is the teacher."""
   config = run.config
+  teacher_run = dataclasses.replace(run, boundary=False)
   if weights.is_npz(config.teacher_checkpoint):
     logging.info('Teacher: imported weights %s.', config.teacher_checkpoint)
-    return load_imported(run, config.teacher_checkpoint,
-                         config.teacher_sha256)[0]
-  params, _, step = load_params(run, config.teacher_checkpoint,
-                                config.teacher_params)
-  logging.info('Teacher: %s of %s, step %d.', config.teacher_params,
-               config.teacher_checkpoint, step)
-  return params
+    params = load_imported(teacher_run, config.teacher_checkpoint,
+                           config.teacher_sha256)[0]
+  else:
+    params, _, step = load_params(teacher_run, config.teacher_checkpoint,
+                                  config.teacher_params)
+    logging.info('Teacher: %s of %s, step %d.', config.teacher_params,
+                 config.teacher_checkpoint, step)
+  return with_boundary(run, params) if run.boundary else params
+
+
+def with_boundary(run, params):
+  """`params` of the teacher's network with what an any-S student's network
+  adds to it (the modules at the top of its tree that the teacher lacks:
+  its boundary embedding) as a fresh run initialises them, in the
+  student's shardings."""
+  abstract, shardings = param_layout(run)
+  added = sorted(set(abstract) - set(params))
+
+  def init(rng):  # XLA drops the initialisation of everything else.
+    fresh = _init_params(run, rng)
+    return {k: fresh[k] for k in added}
+  init = jax.jit(init, out_shardings={k: shardings[k] for k in added})
+  return {**params, **init(jax.random.key(run.config.seed))}

@@ -21,6 +21,12 @@ from multistep_cm.evaluation import scoring
 SEED_TRAINING, SEED_SAMPLE_MODE, SEED_TABLES = 1, 2, 3
 
 
+def table_seed(i):
+  """The seed offset of a table's i-th noise seed (its spread): the first
+  is SEED_TABLES, the others clear of every use above."""
+  return SEED_TABLES if i == 0 else SEED_TABLES + 10 * i
+
+
 class QuickEval:
   """`(params) -> (samples, scores)`: `num_samples` (default
   config.train_eval.num_samples) samples of `spec` (default the stage's own

@@ -28,7 +28,8 @@ TEACHER_KINDS = ('addim', 'ddim')
 
 
 def compare(teacher_config, teacher_dir, student, student_dir, workdir):
-  """The table: the student (its config and workdir) with its S steps
+  """The table: the student (its config and workdir) with its S steps (an
+  any-S student with each S it learned, and its config.student_steps)
   against the teacher's aDDIM and DDIM at `pipeline.teacher_steps`, plus the
   floor; WORKDIR/comparison.{md,png}.
   Each row is stored once computed (comparison.json and its grid), so a
@@ -38,6 +39,11 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
   cfg = student.config
   runs = [(f'student ({cfg.stage.upper()}, S={cfg.student_steps})',
            student, student_dir, student.stage.sampler(cfg))]
+  if student.any_steps:  # One student, a row for each S.
+    runs = [(f'student ({cfg.stage.upper()} any-S, S={s}' +
+             ('' if s in student.any_steps else ', not trained') + ')',
+             student, student_dir, student.stage.sampler(cfg, steps=s))
+            for s in sorted({*student.any_steps, cfg.student_steps})]
   cfg = teacher.config
   for steps in cfg.pipeline.teacher_steps:
     for kind in TEACHER_KINDS:
@@ -153,24 +159,36 @@ def side_by_side(path, grids, columns, per_row=None):
   _save_figure(fig, path)
 
 
-def sweep_report(results, workdir, steps, stage_names, scorer, floor):
-  """WORKDIR/sweep.md (one table per metric: a row per method, a column per
+def _spread(values):
+  """'mean' of one value, 'mean ±half-range' of several."""
+  if len(values) == 1:
+    return f'{values[0]:.4g}'
+  return f'{np.mean(values):.4g} ±{(max(values) - min(values)) / 2:.2g}'
+
+
+def sweep_report(rows, workdir, steps, scorer, floor):
+  """WORKDIR/sweep.md (one table per metric: a row per student, a column per
   S) and WORKDIR/sweep.png (each metric against S, the floor dashed), from
-  `results` by run key."""
-  by_stage = {name: {s: results.get(stages.get(name).key(steps=s))
-                     for s in steps} for name in stage_names}
+  `rows`: (label, {S: its scores, one dict per noise seed}). A cell of
+  several seeds is their mean ± half their range; an S outside `steps` (an
+  any-S student's untrained S) is marked * and drawn hollow."""
+  columns = sorted({s for _, by_s in rows for s in by_s})
   metrics = [m for m in scorer.metrics
-             if any(m.key in r for r in results.values())]
+             if any(m.key in r for _, by_s in rows for rs in by_s.values()
+                    for r in rs)]
+  values = lambda rs, key: [r[key] for r in rs if key in r]  # noqa: E731
   lines = []
   for m in metrics:
-    lines.append(f'| {m.heading} | ' + ' | '.join(f'S={s}' for s in steps) +
-                 ' |')
-    lines.append('|---|' + '---|' * len(steps))
-    for stage in stage_names:
-      vals = [(by_stage[stage][s] or {}).get(m.key) for s in steps]
-      lines.append(f'| {stage.upper()} | ' + ' | '.join(
-          '-' if v is None else f'{v:.4g}' for v in vals) + ' |')
+    lines.append(f'| {m.heading} | ' + ' | '.join(
+        f'S={s}' + ('' if s in steps else '*') for s in columns) + ' |')
+    lines.append('|---|' + '---|' * len(columns))
+    for label, by_s in rows:
+      cells = [values(by_s.get(s, []), m.key) for s in columns]
+      lines.append(f'| {label} | ' + ' | '.join(
+          _spread(v) if v else '-' for v in cells) + ' |')
     lines.append('')
+  if any(s not in steps for s in columns):
+    lines.append('*: not among the step counts trained.')
   table = '\n'.join(lines)
   workdir = epath.Path(workdir)
   (workdir / 'sweep.md').write_text(table)
@@ -179,16 +197,25 @@ def sweep_report(results, workdir, steps, stage_names, scorer, floor):
   fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8),
                            dpi=100)
   for ax, m in zip(np.atleast_1d(axes), metrics):
-    for stage in stage_names:
-      pts = [(s, by_stage[stage][s][m.key]) for s in steps
-             if by_stage[stage][s]]
-      if pts:
-        ax.plot(*zip(*pts), marker='o', label=stage.upper())
+    for label, by_s in rows:
+      pts = [(s, values(by_s[s], m.key)) for s in columns
+             if values(by_s.get(s, []), m.key)]
+      if not pts:
+        continue
+      x = np.array([s for s, _ in pts])
+      mean = np.array([np.mean(v) for _, v in pts])
+      err = np.array([[np.mean(v) - min(v) for _, v in pts],
+                      [max(v) - np.mean(v) for _, v in pts]])
+      ax.errorbar(x, mean, yerr=err, marker='o', capsize=3, label=label)
+      hollow = np.array([s not in steps for s in x])
+      if hollow.any():  # White centres: the untrained S.
+        ax.plot(x[hollow], mean[hollow], 'o', color='white', ms=4, zorder=3)
     if m.key in floor:
       ax.axhline(floor[m.key], color='gray', ls='--', label=scorer.floor_label)
     ax.set(xscale='log', xlabel='student steps S', ylabel=m.heading,
            yscale='log' if m.log_scale else 'linear')
-    ax.set_xticks(steps, [str(s) for s in steps])
-    ax.legend()
+    ax.set_xticks(columns, [str(s) for s in columns])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
   fig.tight_layout()
   _save_figure(fig, workdir / 'sweep.png')
