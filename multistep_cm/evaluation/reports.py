@@ -14,7 +14,6 @@ import numpy as np
 
 from multistep_cm import run as run_lib
 from multistep_cm.core import images
-from multistep_cm.core import stages
 from multistep_cm.evaluation import quick
 from multistep_cm.evaluation import scoring
 
