@@ -112,12 +112,14 @@ def _checkpoint(config, workdir):
 @pytest.fixture(scope='module')
 def quickstart(tmp_path_factory):
   """/tmp/digits as the quickstart leaves it, in miniature: checkpoints of
-  the full-size digits teacher and of its 8-step CD student, so that the
+  the full-size digits teacher, its 8-step CD student and an any-S one
+  (docs/any_steps.md), so that the
   README's commands find the model they configure (trained or not, the
   commands run the same code)."""
   root = tmp_path_factory.mktemp('quickstart')
   _checkpoint(digits.get_config('stage=teacher'), root / 'digits' / 'teacher')
   _checkpoint(digits.get_config('stage=cd'), root / 'digits' / 'cd_s8')
+  _checkpoint(digits.get_config('stage=cd,any'), root / 'digits' / 'cd_any')
   return root
 
 

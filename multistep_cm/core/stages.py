@@ -21,8 +21,8 @@ only) and is never guided at sampling: its guidance was fixed at
 distillation. cd, ct and pd sample with S = `config.student_steps` DDIM
 steps (Algorithm 2). cd and ct can instead train one any-S student for all
 the step counts of `config.any_steps` (its network told the boundary of its
-segment), sampled with any S. `Stage.sampler` is the one place that resolves how a
-stage samples, for training-time evaluation, --mode=sample,
+segment), sampled with any S. `Stage.sampler` is the one place that
+resolves how a stage samples, for training-time evaluation, --mode=sample,
 --mode=evaluate, the pipeline and the sweep. To add a stage: its loss in
 `multistep_cm.losses`, a builder here, a row in `STAGES`.
 """
@@ -160,14 +160,6 @@ def untrained_notice(steps, any_steps):
                     ', '.join(map(str, any_steps)))
 
 
-def trained(config, steps=None):
-  """Whether the student of `config` was trained for `steps` (default its
-  config.student_steps): always for a student of one S."""
-  steps = steps or config.student_steps
-  any_steps = tuple(config.get('any_steps', ()))
-  return not any_steps or steps in any_steps
-
-
 def evaluation_sampler(config):
   """The sampler of config.stage with config.evaluate's overrides: what
   --mode=sample and --mode=evaluate draw with."""
@@ -272,10 +264,11 @@ def _guidance_distillation_loss(run, network):
 
 def _steps_label(method):
   def label(config):
-    if not config.get('any_steps'):
+    any_steps = tuple(config.get('any_steps', ()))
+    if not any_steps:
       return f'{method}, S={config.student_steps}'
     return (f'{method}, any-S student, S={config.student_steps}' +
-            ('' if trained(config) else ' (not trained)'))
+            ('' if config.student_steps in any_steps else ' (not trained)'))
   return label
 
 
