@@ -318,7 +318,9 @@ class Network(nn.Module):
   over the logSNR schedule `logsnr_fn`, through the Karras-form denoiser
   D = c_skip x + c_out F(c_in x, time) of `preconditioning` ('edm' for
   diffusion models, 'consistency' for OpenAI's CD/CT students) and
-  `time_input` ('openai': 250 ln sigma, or 'edm': ln(sigma) / 4)."""
+  `time_input` ('openai': 250 ln sigma, or 'edm': ln(sigma) / 4). An any-S
+  student also takes `boundary` (models.BoundaryEmbedding), added to the
+  U-Net's time embedding."""
   config: ADMConfig
   condition: conditioning.Condition
   logsnr_fn: Callable

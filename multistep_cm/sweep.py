@@ -12,7 +12,9 @@ WORKDIR/sweep.png. With --any_train_steps, also one any-S student of CD
 (and of CT) for all the S at once, per training length listed, in
 WORKDIR/sweep/<stage>_any_t<length>, scored at every S of --steps and of
 --untrained_steps; --seeds scores every student with several noise seeds
-(the tables then give mean ± half-range). Every run resumes after a crash
+(the tables then give mean ± half-range), and
+--config.any_steps_weights=... trains any-S students with those draw
+weights beside the uniform ones. Every run resumes after a crash
 and finished ones are skipped, so rerunning the command only does what is
 missing (more seeds only score again).
 """
@@ -64,10 +66,12 @@ def _config(configs, stage, steps, teacher_dir, train_steps=None,
   return configs(stage, steps, changes)
 
 
-def any_key(stage, train_steps, steps=None):
-  """The run key of an any-S student trained for `train_steps`, and of its
-  scores at S = `steps`."""
-  key = f'{stage.key(any_steps=True)}_t{train_steps}'
+def any_key(stage, train_steps, steps=None, weights=()):
+  """The run key of an any-S student trained for `train_steps` drawing its
+  S with `weights` (config.any_steps_weights), and of its scores at S =
+  `steps`."""
+  drawn = '_w' + '-'.join(f'{w:g}' for w in weights) if weights else ''
+  key = f'{stage.key(any_steps=True)}{drawn}_t{train_steps}'
   return key if steps is None else f'{key}_s{steps}'
 
 
@@ -95,6 +99,7 @@ def sweep(configs, workdir, steps, stage_names, train_steps=None,
   results = (json.loads(results_path.read_text()) if results_path.exists()
              else {})
   root = workdir / 'sweep'
+  weights = tuple(configs.base.get('any_steps_weights', ()))
   plan = []  # (stage, S, config to train, directory, run key)
   for name in stage_names:
     stage = stages.get(name)
@@ -114,10 +119,11 @@ def sweep(configs, workdir, steps, stage_names, train_steps=None,
       continue
     for length in any_train_steps:
       # One student for every S: trained once, sampled with each S.
-      directory = root / any_key(stage, length)
+      directory = root / any_key(stage, length, weights=weights)
       for s in sorted(set(steps) | set(untrained_steps)):
         c = _config(configs, name, s, teacher_dir, length, steps)
-        plan.append((stage, s, c, directory, any_key(stage, length, s)))
+        plan.append((stage, s, c, directory,
+                     any_key(stage, length, s, weights)))
   trained = set()  # An any-S student's directory is trained once.
   for stage, s, c, directory, key in plan:
     by_seed = _scores_by_seed(results.get(key))
@@ -134,25 +140,35 @@ def sweep(configs, workdir, steps, stage_names, train_steps=None,
                                            quick.table_seed(i))[2])
     results[key] = {'stage': stage.name, 'steps': s,
                     'any_steps': list(c.any_steps),
+                    'any_steps_weights': list(c.any_steps_weights),
                     'train_steps': c.total_steps, 'by_seed': by_seed}
     if jax.process_index() == 0:
       results_path.write_text(json.dumps(results, indent=1))
   return results
 
 
-def report_rows(results, steps, stage_names, any_train_steps=(),
-                untrained_steps=()):
-  """The rows of `reports.sweep_report`: per stage its students of one S,
-  then its any-S students, each (label, {S: scores per seed})."""
+def report_rows(results, steps, stage_names):
+  """The rows of `reports.sweep_report`: per stage its students of one S
+  (at `steps`), then every any-S student of that stage in `results` (by
+  draw weights, then training length), each (label, {S: scores per
+  seed})."""
   rows = []
   for name in stage_names:
     stage = stages.get(name)
     rows.append((name.upper(), {s: _scores_by_seed(results.get(
         stage.key(steps=s))) for s in steps}))
-    for length in any_train_steps if stage.any_steps else ():
-      rows.append((f'{name.upper()} any-S, {length} steps', {
-          s: _scores_by_seed(results.get(any_key(stage, length, s)))
-          for s in sorted(set(steps) | set(untrained_steps))}))
+    students = {}
+    for entry in results.values():
+      if entry['stage'] == name and entry.get('any_steps'):
+        student = (tuple(entry.get('any_steps_weights', ())),
+                   entry['train_steps'])
+        students.setdefault(student, {})[entry['steps']] = _scores_by_seed(
+            entry)
+    for (weights, length), by_s in sorted(students.items()):
+      drawn = (', S drawn ' + ':'.join(f'{w:g}' for w in weights)
+               if weights else '')
+      rows.append((f'{name.upper()} any-S{drawn}, {length} steps',
+                   dict(sorted(by_s.items()))))
   return rows
 
 
@@ -167,9 +183,8 @@ def main(argv):
                   FLAGS.train_steps, any_train_steps, untrained, FLAGS.seeds)
   scorer = scoring.get(run_lib.resolve(configs.base), quick=True)
   if jax.process_index() == 0:
-    reports.sweep_report(
-        report_rows(results, steps, FLAGS.stages, any_train_steps, untrained),
-        FLAGS.workdir, steps, scorer, scorer.floor())
+    reports.sweep_report(report_rows(results, steps, FLAGS.stages),
+                         FLAGS.workdir, steps, scorer, scorer.floor())
 
 
 if __name__ == '__main__':

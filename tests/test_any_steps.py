@@ -22,6 +22,8 @@ from multistep_cm.core import checkpoint
 from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
+from multistep_cm.evaluation import evaluate as evaluation
+from multistep_cm.evaluation import reports
 
 B = 64
 CONDITION = conditioning.ClassLabels(4)
@@ -294,3 +296,33 @@ def test_the_loss_reaches_the_boundary_through_a_plain_function():
     return z * (1. + jnp.reshape(b, (-1, 1)))
   per_s = functools.partial(_loss, net, None)
   assert float(per_s((8,))[0]) != float(per_s(8)[0])
+
+
+def test_an_evaluation_records_the_step_counts_learned():
+  ev = run_lib.resolve(digits.get_config('smoke,stage=cd,any,steps=5'))
+  p = evaluation.protocol(ev, 0)
+  assert (p['sampler'], p['steps'], p['trained_steps']) == (
+      'any_student', 5, [1, 2, 4, 8, 16])
+  per_s = evaluation.protocol(
+      run_lib.resolve(digits.get_config('smoke,stage=cd,steps=5')), 0)
+  assert per_s['sampler'] == 'student' and 'trained_steps' not in per_s
+
+
+def test_the_pipeline_s_table_has_a_row_per_s(digits_teacher, tmp_path):
+  """The comparison of an any-S student: a row for each S it learned and
+  one for its own S (here untrained), then the teacher's."""
+  teacher_config, teacher_dir = digits_teacher
+  config = _student(teacher_dir, ',steps=3')
+  config.any_steps = (1, 2)
+  run = run_lib.resolve(config)
+  state, _ = state_lib.init_state(run, state_lib.make_optimizer(config.optim))
+  ckpt = checkpoint.Checkpointer(tmp_path / 'cd_any' / 'checkpoints', 1, 1)
+  ckpt.save(1, state, force=True)
+  ckpt.close()
+  rows = reports.compare(teacher_config, teacher_dir, run,
+                         str(tmp_path / 'cd_any'), str(tmp_path))
+  assert [(r['name'], r['sampler'], r['nfe']) for r in rows[:3]] == [
+      ('student (CD any-S, S=1)', 'any_student', 1),
+      ('student (CD any-S, S=2)', 'any_student', 2),
+      ('student (CD any-S, S=3, not trained)', 'any_student', 3)]
+  assert rows[3]['name'].startswith('teacher')

@@ -72,7 +72,7 @@ def test_sweep(tmp_path, digits_teacher):
   for key in ('cd_s1', 'cd_any_t2_s1', 'cd_any_t2_s3'):
     first, second = results[key]['by_seed']  # Two noise seeds, two scores.
     assert first['fd_digits'] != second['fd_digits']
-  rows = sweep.report_rows(results, steps, stages, [2], [3])
+  rows = sweep.report_rows(results, steps, stages)
   assert [label for label, _ in rows] == ['CD', 'CD any-S, 2 steps', 'PD']
   reports.sweep_report(rows, str(tmp_path), steps,
                        scoring.get(run_lib.resolve(config.base), quick=True),

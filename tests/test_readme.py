@@ -335,3 +335,15 @@ def test_the_front_page_s_hardware_figures_are_the_table_s():
     target = {'8×H100': '8xh100'}.get(target, target)
     assert (f'| configs/imagenet64.py:{size} | {target} | {per_chip} | '
             f'{peak} ({usable}) |') in table, (size, target)
+
+
+def test_the_front_page_s_any_s_table_is_the_docs():
+  """The front page's FD-digits of the any-S and per-S students, as
+  docs/any_steps.md has them (one measurement, quoted twice)."""
+  section = _read('README.md').split('### One student for every step count')
+  rows = [line for line in section[1].split('\n### ')[0].splitlines()
+          if line.startswith('| CD')]
+  assert len(rows) == 3, rows
+  docs = _read('docs/any_steps.md')
+  for line in rows:
+    assert line in docs, line

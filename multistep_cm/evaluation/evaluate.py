@@ -60,6 +60,8 @@ def protocol(run, step):
       # Converted weights sampled instead of the workdir's checkpoint.
       **({'imported_weights': config.imported_weights}
          if config.get('imported_weights') else {}),
+      # An any-S student: the S it learned (`steps` may be another).
+      **({'trained_steps': list(run.any_steps)} if run.any_steps else {}),
   }
 
 

@@ -43,12 +43,15 @@ def compare(teacher_config, teacher_dir, student, student_dir, workdir):
              ('' if s in student.any_steps else ', not trained') + ')',
              student, student_dir, student.stage.sampler(cfg, steps=s))
             for s in sorted({*student.any_steps, cfg.student_steps})]
+  students = len(runs)
   cfg = teacher.config
   for steps in cfg.pipeline.teacher_steps:
     for kind in TEACHER_KINDS:
       runs.append((f'teacher {kind} {steps}', teacher, teacher_dir,
                    teacher.stage.sampler(cfg, kind, steps)))
-  return table(runs, workdir, 'comparison')
+  # An any-S student's panels in a row of their own, the teacher's below.
+  return table(runs, workdir, 'comparison',
+               per_row=students if students > 1 else None)
 
 
 def table(runs, workdir, stem, per_row=None, notes=''):
