@@ -217,7 +217,10 @@ def sweep_report(rows, workdir, steps, scorer, floor):
     ax.set(xscale='log', xlabel='student steps S', ylabel=m.heading,
            yscale='log' if m.log_scale else 'linear')
     ax.set_xticks(columns, [str(s) for s in columns])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if m.log_scale:  # Values within a decade: label the minor ticks too.
+      ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     ax.legend(fontsize=8)
   fig.tight_layout()
   _save_figure(fig, workdir / 'sweep.png')
