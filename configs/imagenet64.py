@@ -24,6 +24,12 @@ student does too (84.1 GiB), but the large teacher needs
 Batch 2048 fits neither 64 v6e nor 64 v5e chips (32 per chip) nor an 8-GPU
 node (256 per GPU): use more chips, or a smaller `--config.batch_size`
 (`--fit` finds the largest).
+
+An any-S student (`small,cd,any`; docs/any_steps.md) costs about what a
+per-S one does: 5.2M more parameters (409.9M, +1.3 %), on a v5p-64 at batch
+2048 a peak of 55.8 GiB per chip against 55.6, the same roofline bound (158
+ms per step); on a CPU, at smoke width, 1.01 times the per-S step time
+(benchmarks/any_steps.py).
 """
 
 from multistep_cm.core import config as common
