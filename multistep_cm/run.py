@@ -50,7 +50,7 @@ class Run:
   @property
   def any_steps(self):
     """The step counts an any-S student learns (config.any_steps), or ()."""
-    return tuple(self.config.get('any_steps', ()))
+    return stages.any_steps_of(self.config)
 
   @property
   def condition(self):
@@ -90,7 +90,7 @@ def resolve(config, devices=None):
     model = networks.create_model(fields, dataset.condition, logsnr_fn)
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f'config.model: {e}') from None
-  any_steps = tuple(config.get('any_steps', ()))
+  any_steps = stages.any_steps_of(config)
   if any_steps:
     if not stage.any_steps:
       raise errors.ConfigError(

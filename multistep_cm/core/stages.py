@@ -91,7 +91,7 @@ class Stage:
     a negative guidance take the stage's own). A distilled stage is never
     guided; asking for guidance is a ConfigError. `field`: the config
     section errors name."""
-    any_steps = tuple(config.get('any_steps', ()))
+    any_steps = any_steps_of(config)
     own = {'student': 'student', 'diffusion': 'ddim',
            'config': config.sampler.kind}[self.sampling]
     kind = kind or own
@@ -133,7 +133,7 @@ class Stage:
   def run_key(self, config):
     """The stage's name in a pipeline's or sweep's workdir and results."""
     return self.key(config.student_steps, config.consistency.guidance,
-                    bool(config.get('any_steps')))
+                    bool(any_steps_of(config)))
 
   def key(self, steps=None, guidance=None, any_steps=False):
     """`run_key` of a config with these student steps and guidance (an
@@ -147,6 +147,16 @@ class Stage:
 
 # The samplers of a student stage: of a student of one S, of an any-S one.
 STUDENT_SAMPLERS = ('student', 'any_student')
+
+
+def any_steps_of(config):
+  """The step counts the any-S student of `config` learns
+  (config.any_steps), or () for a student of one S (or a config from before
+  the field)."""
+  return tuple(config.get('any_steps', ()))
+
+
+# (S, step counts) pairs already noticed: the notice is once per process.
 _NOTICED = set()
 
 
@@ -264,7 +274,7 @@ def _guidance_distillation_loss(run, network):
 
 def _steps_label(method):
   def label(config):
-    any_steps = tuple(config.get('any_steps', ()))
+    any_steps = any_steps_of(config)
     if not any_steps:
       return f'{method}, S={config.student_steps}'
     return (f'{method}, any-S student, S={config.student_steps}' +

@@ -200,8 +200,7 @@ def sweep_report(rows, workdir, steps, scorer, floor):
                            dpi=100)
   for ax, m in zip(np.atleast_1d(axes), metrics):
     for label, by_s in rows:
-      pts = [(s, values(by_s[s], m.key)) for s in columns
-             if values(by_s.get(s, []), m.key)]
+      pts = [(s, v) for s in columns if (v := values(by_s.get(s, []), m.key))]
       if not pts:
         continue
       x = np.array([s for s, _ in pts])
