@@ -29,7 +29,9 @@ at the paper's settings: pseudo-Huber delta 1, a fixed 256 teacher steps,
 
 Arguments: `teacher` (default), `cd`, `ct`, `pd` or `gd` (the guidance-
 distilled teacher), `steps=S`, `guidance=w`, `data=DIR` (a directory written
-by multistep_cm.tools.write_text_data), `teacher=PATH`, `smoke`.
+by multistep_cm.tools.write_text_data), `teacher=PATH`, `fsdp=N` (the
+devices each weight is sharded over, default 16; 8 on one 8-GPU node),
+`smoke`.
 """
 
 from multistep_cm.core import config as common
@@ -40,7 +42,7 @@ ARGS = {**common.STAGE_ARG}
 def get_config(arg=None):
   arg = common.parse_arg(arg, ARGS, stage='teacher', steps=8, guidance=0.,
                          data='', teacher='', text_len=128, text_dim=4096,
-                         pooled_dim=0, smoke=False)
+                         pooled_dim=0, fsdp=16, smoke=False)
   c = common.base()
   c.dataset.name = 'captioned_images'
   c.dataset.text_dir = arg.data or None
@@ -78,7 +80,7 @@ def get_config(arg=None):
   c.model.scan = True
   c.model.remat = 'dots_saveable'  # Activations at 512x512 dominate memory.
   c.model.norm_float32 = True
-  c.mesh.shape = (-1, 16)  # FSDP: the weights and Adam do not fit one chip.
+  c.mesh.shape = (-1, arg.fsdp)  # FSDP: weights and Adam do not fit a chip.
 
   c.batch_size = 2048
   c.optim.warmup_steps = 1000

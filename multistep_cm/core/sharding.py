@@ -31,7 +31,8 @@ def make_mesh(axes, shape, devices=None):
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices do not fill mesh shape {shape}.')
+      raise ValueError(f'{len(devices)} devices do not fill mesh shape {shape}:'
+                       ' set --config.mesh.shape to sizes that divide them.')
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
     raise ValueError(f'mesh shape {shape} needs {math.prod(shape)} devices, '
