@@ -64,6 +64,7 @@ def measure(config_file, name, fit_batch):
          'usable_gib': target.usable_bytes / describe.GIB,
          'refused': step.refused, 'fits': step.fits(target),
          'compile_s': step.seconds, 'remats': step.remats,
+         'note': step.note,
          'gflop_per_image': flops / 1e9,
          'host': f'{platform.processor() or platform.machine()}, '
                  f'{os.cpu_count()} CPUs'}
@@ -110,7 +111,8 @@ def table(rows):
     if r['refused']:
       memory, bound, fits = 'refused by the compiler', '-', False
     else:
-      memory = f"{r['peak_gib']:.3g} ({usable:.3g})"
+      memory = f"{r['peak_gib']:.3g} ({usable:.3g})" + (
+          ', cuBLAS matmuls' if r.get('note') else '')
       bound = f"{r['bound_ms']:.3g} ({r['bound_by']})"
       fits = r['peak_gib'] <= usable
     fits = 'yes' if fits else 'no'

@@ -47,20 +47,20 @@ GIB = 2 ** 30
 REMAT_WARNING = 'Involuntary full rematerialization'
 
 
-def compile_counting_remats(lowered, quiet=False):
+def compile_counting_remats(lowered, quiet=False, options=None):
   """(the compiled executable, how many times XLA warned of an involuntary
   full rematerialization while compiling it, or None where its warnings are
   hidden). XLA logs from C++ to file descriptor 2, which is read back here
   and passed on (with `quiet`, only those warnings and errors: a target's
   compiler says much else at that level); a compilation cache hit would log
-  nothing, so none is used."""
+  nothing, so none is used. `options`: XLA's compiler options."""
   jax.config.update('jax_enable_compilation_cache', False)
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as log:
     os.dup2(log.fileno(), 2)
     try:
-      compiled = lowered.compile()
+      compiled = lowered.compile(compiler_options=options)
     finally:
       os.dup2(saved, 2)
       os.close(saved)
@@ -200,6 +200,7 @@ class Compiled:
   remats: int | None
   seconds: float
   refused: str = ''  # The compiler's own "does not fit", if it said so.
+  note: str = ''  # How the compile departed from the target's defaults.
 
   @property
   def peak(self):
@@ -210,23 +211,41 @@ class Compiled:
     return not self.refused and self.peak <= target.usable_bytes
 
 
+# XLA's GPU compiler sizes its Triton matmul tiles by autotuning on the GPU;
+# compiling without one it falls back to a heuristic, which finds no tiles
+# for some dots (text2image's cross-attention gradient at 256 images per
+# GPU). Such a program is compiled again with cuBLAS's matmuls, which need
+# no tiles at compile time.
+NO_TILES = "Couldn't find output tile sizes"
+NO_TILES_NOTE = ('compiled with cuBLAS\'s matmuls instead of Triton\'s '
+                 '(xla_gpu_enable_triton_gemm=false): without a GPU to '
+                 'autotune on, XLA found no Triton tiles for one of its dots')
+
+
 def compile_for(lowered, names=TRAIN_STEP_MEMORY):
   """Compiles `lowered` (for a target's devices) into a Compiled, its memory
   under `names`; a compile the compiler refuses for memory is a Compiled
   saying so."""
-  start = time.perf_counter()
+  start, note = time.perf_counter(), ''
   try:
-    compiled, remats = compile_counting_remats(lowered, quiet=True)
+    try:
+      compiled, remats = compile_counting_remats(lowered, quiet=True)
+    except jax.errors.JaxRuntimeError as e:
+      if NO_TILES not in str(e):
+        raise
+      note = NO_TILES_NOTE
+      compiled, remats = compile_counting_remats(
+          lowered, quiet=True, options={'xla_gpu_enable_triton_gemm': False})
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     line = str(e).strip().splitlines()[0]
     return Compiled({}, None, None, None, time.perf_counter() - start,
-                    refused=line)
+                    refused=line, note=note)
   seconds = time.perf_counter() - start
   cost = _cost(compiled.cost_analysis())
   return Compiled(_memory(compiled, names), cost.get('flops'),
-                  cost.get('bytes accessed'), remats, seconds)
+                  cost.get('bytes accessed'), remats, seconds, note=note)
 
 
 # jax asks libcudnn for its version while tracing cuDNN's fused attention,
@@ -411,6 +430,8 @@ def _program_lines(what, compiled, target, flops, images):
       f'{moved_bytes(compiled)[1]} at {target.chip.bandwidth / 1e9:g} '
       f'GB/s); MFU {100 * mfu:.0f} % at the bound.')
   lines.append(_remats_line(compiled.remats))
+  if compiled.note:
+    lines.append(f'Note: {compiled.note}.')
   lines.append(f'Compiled in {compiled.seconds:.1f} s on this host.')
   return lines
 

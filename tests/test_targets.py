@@ -164,6 +164,40 @@ def test_a_smoke_config_compiles_for_a_gpu_node():
   assert limit == 'compute' and mfu == 1
 
 
+def test_a_dot_xla_finds_no_gpu_tiles_for_compiles_with_cublas():
+  """XLA's GPU compiler without a GPU found no Triton tiles for a dot of
+  text2image's step; compile_for compiles such a program again with
+  cuBLAS's matmuls (an option the GPU compiler must accept) and says so."""
+  target = targets.get('8xh100')
+  mesh = jax.sharding.Mesh(targets.devices(target)[:1], ('x',))
+  replicated = jax.NamedSharding(mesh, jax.P())
+  lowered = jax.jit(lambda a: a @ a, in_shardings=replicated,
+                    out_shardings=replicated).lower(
+                        jax.ShapeDtypeStruct((256, 256), jnp.bfloat16))
+  asked = []
+
+  class NoTilesWithTriton:
+    def compile(self, compiler_options=None):
+      asked.append(compiler_options)
+      if not compiler_options:
+        raise jax.errors.JaxRuntimeError(
+            f'INTERNAL: {describe.NO_TILES} that satisfy hlo: %dot.1')
+      return lowered.compile(compiler_options=compiler_options)
+
+  compiled = describe.compile_for(NoTilesWithTriton())
+  assert asked == [None, {'xla_gpu_enable_triton_gemm': False}]
+  assert compiled.note == describe.NO_TILES_NOTE and compiled.fits(target)
+  assert compiled.memory['arguments (state, batch, teacher)'] == 256 * 256 * 2
+  assert not describe.compile_for(lowered).note
+
+  class Broken:
+    def compile(self, compiler_options=None):
+      raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    describe.compile_for(Broken())
+
+
 def test_the_verdict_flips_where_the_batch_outgrows_the_chip():
   """On GPUs of 0.5 MiB, the 2-D MLP's step fits with 1 example per device
   and not with 512."""
