@@ -27,6 +27,13 @@ schedule from noise resolution 32 to 512 with the multiscale loss down to
 at the paper's settings: pseudo-Huber delta 1, a fixed 256 teacher steps,
 30k steps at batch 2048, one per guidance scale (0.5 and 3 in Table 6).
 
+Memory: at 512 px the step holds about 14 GiB of activations per image
+per chip even with its `dots_saveable` remat. Compiled for one 8-GPU node
+(`fsdp=8`; docs/targets.md) the largest batch is 2 per H100 and 5 per
+H200, and 64-chip TPU slices refuse 32-64 per chip: the paper's batch of
+2048 would take 1024 H100s or 410 H200s at those batches. On fewer chips,
+lower `--config.batch_size`.
+
 Arguments: `teacher` (default), `cd`, `ct`, `pd` or `gd` (the guidance-
 distilled teacher), `steps=S`, `guidance=w`, `data=DIR` (a directory written
 by multistep_cm.tools.write_text_data), `teacher=PATH`, `fsdp=N` (the
