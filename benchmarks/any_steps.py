@@ -18,7 +18,6 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))  # For configs that import other configs.
@@ -27,7 +26,6 @@ from multistep_cm import models
 from multistep_cm import run as run_lib
 from multistep_cm import train
 from multistep_cm.core import config as config_lib
-from multistep_cm.core import sharding
 from multistep_cm.core import state as state_lib
 import timing
 
@@ -43,13 +41,7 @@ def _step(config):
   run = run_lib.resolve(config)
   tx = state_lib.make_optimizer(config.optim)
   state, state_sh = state_lib.init_state(run, tx)
-  # Random images: the cost does not depend on the data, which need not
-  # be on this machine (ImageNet).
-  n = config.batch_size
-  batch = sharding.global_batch({
-      'x': np.random.default_rng(0).standard_normal(
-          (n,) + run.shape).astype(np.float32),
-      'cond': np.asarray(run.condition.example(n))}, run.mesh)
+  batch = timing.random_batch(run, config.batch_size)
   teacher = jax.tree.map(jax.numpy.copy, state.params)
   step_fn = train.make_train_step(run, tx, state_sh)
   holder = [state]

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from multistep_cm import conditioning
 from multistep_cm import describe
 from multistep_cm import run as run_lib
 from multistep_cm import samplers
@@ -41,7 +40,6 @@ from multistep_cm import targets
 from multistep_cm import train
 from multistep_cm import errors
 from multistep_cm.core import generation
-from multistep_cm.core import sharding
 from multistep_cm.core import stages
 from multistep_cm.core import state as state_lib
 import timing
@@ -117,15 +115,11 @@ def _train_step(config, stage, batch_size):
   config.stage = stage
   config.batch_size = batch_size
   run = run_lib.resolve(config)
-  mesh = run.mesh
   tx = state_lib.make_optimizer(config.optim)
   state, state_sh = state_lib.init_state(run, tx)
   teacher = (jax.tree.map(jnp.copy, state.params)
              if run.stage.runs_teacher else None)
-  shape = (batch_size,) + run.shape
-  batch = {'x': jax.random.normal(jax.random.key(1), shape),
-           conditioning.KEY: run.condition.example(batch_size)}
-  batch = sharding.global_batch(jax.device_get(batch), mesh)
+  batch = timing.random_batch(run, batch_size)
   step_fn = train.make_train_step(run, tx, state_sh)
   lowered = step_fn.lower(state, batch, teacher)
   t0 = time.perf_counter()
