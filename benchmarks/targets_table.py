@@ -115,8 +115,10 @@ def table(rows):
           ', cuBLAS matmuls' if r.get('note') else '')
       bound = f"{r['bound_ms']:.3g} ({r['bound_by']})"
       fits = r['peak_gib'] <= usable
+    # Unsearched, a batch that fits is still a lower bound on the largest.
+    largest = r.get('fit_batch', f"≥ {r['per_device_batch']:g}" if fits
+                    else '-')
     fits = 'yes' if fits else 'no'
-    largest = r.get('fit_batch', '-')
     lines.append(f"| {r['config']} | {r['target']} | "
                  f"{r['per_device_batch']:g} | {memory} | {fits} | {largest} "
                  f"| {bound} | {r['compile_s']:.0f} |")

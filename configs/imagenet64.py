@@ -20,10 +20,13 @@ Hardware, as the chips' compilers see it (`--mode=describe --target=...`,
 docs/targets.md): at batch 2048 the small teacher and CD student fit a
 v5p-64 (64 images per chip; 54.8 and 55.6 of 95.7 GiB); the large CD
 student does too (84.1 GiB), but the large teacher needs
-`--config.model.remat=dots_saveable` there (96.3 GiB without, 40.1 with).
+`--config.model.remat=dots_saveable` there (96.3 GiB without, 40.1 with;
+without it 56 images per chip fit).
 Batch 2048 fits neither 64 v6e nor 64 v5e chips (32 per chip) nor an 8-GPU
-node (256 per GPU): use more chips, or a smaller `--config.batch_size`
-(`--fit` finds the largest).
+node (256 per GPU): use more chips, or a smaller `--config.batch_size`.
+The largest per chip that fit (`--fit`; small teacher, small CD, large
+teacher, large CD): v6e 24, 24, 16, 16; v5e 8, 6, 8, 8; H100 48, 48, 24,
+24; H200 96, 104, 56, 56.
 
 An any-S student (`small,cd,any`; docs/any_steps.md) costs about what a
 per-S one does: 5.2M more parameters (409.9M, +1.3 %), on a v5p-64 at batch

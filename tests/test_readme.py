@@ -329,12 +329,14 @@ def test_the_front_page_s_hardware_figures_are_the_table_s():
   readme = _read('README.md').split('### Before booking hardware')[1]
   table = _read('docs/targets.md')
   rows = re.findall(r'\| (small|large) \([\d.]+[MB]\) \| (\S+) \| (\d+) \| '
-                    r'([\d.]+) of ([\d.]+) GiB', readme)
+                    r'([\d.]+) of ([\d.]+) GiB[^|]*\| (yes|no)[^|]*\| (\d+) \|',
+                    readme)
   assert len(rows) == 4, rows
-  for size, target, per_chip, peak, usable in rows:
+  for size, target, per_chip, peak, usable, fits, largest in rows:
     target = {'8×H100': '8xh100'}.get(target, target)
     assert (f'| configs/imagenet64.py:{size} | {target} | {per_chip} | '
-            f'{peak} ({usable}) |') in table, (size, target)
+            f'{peak} ({usable}) | {fits} | {largest} |') in table, (size,
+                                                                    target)
 
 
 def test_the_front_page_s_any_s_table_is_the_docs():
