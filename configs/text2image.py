@@ -27,13 +27,14 @@ schedule from noise resolution 32 to 512 with the multiscale loss down to
 at the paper's settings: pseudo-Huber delta 1, a fixed 256 teacher steps,
 30k steps at batch 2048, one per guidance scale (0.5 and 3 in Table 6).
 
-Memory: at 512 px the step holds about 14 GiB of activations per image
-per chip even with its `dots_saveable` remat. Compiled for one 8-GPU node
-(`fsdp=8`; docs/targets.md) the largest batch is 2 per H100 and 5 per
-H200; libtpu refuses 32-64 per chip on v5p-64, v6e-64 and v5litepod-64,
-and a v5p chip holds 8 (70.7 of 95.7 GiB). The paper's batch of 2048 would
-take 1024 H100s, 410 H200s or 256 v5p chips (v5p-512) at those batches.
-On fewer chips, lower `--config.batch_size`.
+Memory (docs/targets.md): compiled for one 8-GPU node (`fsdp=8`, XLA's
+attention) the step holds about 14 GiB of activations per image per GPU
+even with its `dots_saveable` remat, and the largest batch is 2 per H100
+and 5 per H200. libtpu refuses 32-64 per chip on v5p-64, v6e-64 and
+v5litepod-64; with splash attention a v5p chip holds 8 (70.7 of 95.7 GiB).
+The paper's batch of 2048 would take 1024 H100s, 410 H200s or 256 v5p
+chips (v5p-512) at those batches. On fewer chips, lower
+`--config.batch_size`.
 
 Arguments: `teacher` (default), `cd`, `ct`, `pd` or `gd` (the guidance-
 distilled teacher), `steps=S`, `guidance=w`, `data=DIR` (a directory written
