@@ -31,9 +31,10 @@ Memory (docs/targets.md): compiled for one 8-GPU node (`fsdp=8`, XLA's
 attention) the step holds about 14 GiB of activations per image per GPU
 even with its `dots_saveable` remat, and the largest batch is 2 per H100
 and 5 per H200. libtpu refuses 32-64 per chip on v5p-64, v6e-64 and
-v5litepod-64; with splash attention a v5p chip holds 8 (70.7 of 95.7 GiB).
-The paper's batch of 2048 would take 1024 H100s, 410 H200s or 256 v5p
-chips (v5p-512) at those batches. On fewer chips, lower
+v5litepod-64; with splash attention a v5p chip holds 8 (70.7 of 95.7 GiB),
+a v6e chip 2 and a v5e chip 1. The paper's batch of 2048 would take 1024
+H100s, 410 H200s, 256 v5p chips (v5p-512), 1024 v6e chips (4xv6e-256) or
+2048 v5e chips (8xv5litepod-256) at those batches. On fewer chips, lower
 `--config.batch_size`.
 
 Arguments: `teacher` (default), `cd`, `ct`, `pd` or `gd` (the guidance-
