@@ -9,8 +9,8 @@ XLA compiles it for this process's devices and the config's mesh, with the
 number of tensors XLA's partitioner had to replicate whole to reshard them
 ("involuntary full rematerialization": a sharding that fights the mesh).
 Compiled ahead of time from abstract inputs, so nothing is allocated. That
-memory is the host's buffer assignment, which on a CPU overstates an
-accelerator's temporaries by 1.5-2.2x.
+memory is the host's buffer assignment, which on a CPU is 2-4 times what
+a TPU's or GPU's compiler assigns (docs/targets.md).
 
 With `--target` (a TPU slice or GPU node, `targets.get`), the train step and
 the sampler are compiled by the target's own compiler for its compile-only
